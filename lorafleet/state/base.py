@@ -1,0 +1,144 @@
+"""The StateStore port: run bookkeeping that must survive service restarts.
+
+Two implementations hold to one contract (tests/contract/test_state_contract.py):
+:class:`lorafleet.state.memory.InMemoryStateStore` (embedded mode) and
+:class:`lorafleet.state.redis.RedisStateStore` (Redis, atomic Lua scripts).
+
+The round protocol:
+
+1. The orchestrator ``open_round``s with the tasks it issued (task id -> device id), a quorum and a
+   deadline, then publishes the tasks.
+2. The aggregator ``record_update``s each validated update. Recording is idempotent per task id
+   and, in the same atomic step, closes the round when the quorum is reached. Exactly one call
+   over the round's life sees ``closed_now=True``.
+3. ``close_expired_rounds`` closes open rounds whose deadline passed (exactly once, whoever calls).
+4. A closed round waits in ``pending_aggregations`` until the aggregator ``mark_aggregated``s it,
+   so a crash between closing and aggregating loses nothing.
+
+Times are integer milliseconds passed in by the caller (services share one clock seam).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+RecordOutcome = Literal["counted", "duplicate", "late", "unknown_task", "wrong_device"]
+RoundStatus = Literal["open", "closed", "aggregated"]
+CloseReason = Literal["quorum", "deadline"]
+
+
+class StateStoreError(Exception):
+    """The state store could not complete an operation (after the adapter's bounded retries)."""
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    outcome: RecordOutcome
+    reported: int  # updates counted in the round so far, this one included
+    closed_now: bool  # this call closed the round
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    run_id: str
+    round: int
+    status: RoundStatus
+    tasks: dict[str, str]  # task_id -> device_id
+    quorum: int
+    deadline_ms: int
+    opened_ms: int
+    reported: int
+    closed_ms: int | None
+    close_reason: CloseReason | None
+    global_version: int | None
+
+
+class StateStore(Protocol):
+    # -- run ----------------------------------------------------------------------------------------
+    def put_run_field(self, run_id: str, name: str, value: Any) -> None:
+        """Store one JSON-serialisable field of the run record."""
+        ...
+
+    def get_run_fields(self, run_id: str) -> dict[str, Any]: ...
+
+    # -- devices ------------------------------------------------------------------------------------
+    def register_device(self, run_id: str, device_id: str, info: dict[str, Any]) -> bool:
+        """Record a device (info is JSON-serialisable); True if it was not registered before."""
+        ...
+
+    def get_devices(self, run_id: str) -> dict[str, dict[str, Any]]: ...
+    def touch_device(self, run_id: str, device_id: str, expires_ms: int) -> None:
+        """Extend a device's liveness lease to ``expires_ms``."""
+        ...
+
+    def expired_devices(self, run_id: str, now_ms: int) -> list[str]:
+        """Devices whose lease ended at or before ``now_ms``."""
+        ...
+
+    # -- rounds -------------------------------------------------------------------------------------
+    def open_round(
+        self,
+        run_id: str,
+        round_no: int,
+        tasks: dict[str, str],
+        specs: dict[str, str],
+        quorum: int,
+        deadline_ms: int,
+        now_ms: int,
+    ) -> bool:
+        """Open a round (idempotent: False and no change if it was opened before)."""
+        ...
+
+    def get_round(self, run_id: str, round_no: int) -> RoundInfo | None: ...
+    def list_rounds(self, run_id: str) -> list[int]: ...
+    def get_task_spec(self, run_id: str, round_no: int, task_id: str) -> str | None: ...
+    def record_update(
+        self, run_id: str, round_no: int, task_id: str, device_id: str, update: bytes, now_ms: int
+    ) -> RecordResult:
+        """Count an update once per task id and close the round on quorum, atomically.
+
+        Outcomes: ``counted`` (stored), ``duplicate`` (task already counted), ``late`` (round no
+        longer open), ``unknown_task`` (no such task in the round, or no such round),
+        ``wrong_device`` (task issued to another device). Every outcome increments the run counter
+        ``update_<outcome>``.
+        """
+        ...
+
+    def close_expired_rounds(self, run_id: str, now_ms: int) -> list[int]:
+        """Close open rounds whose deadline is at or before ``now_ms``; return those this call closed."""
+        ...
+
+    def pending_aggregations(self, run_id: str) -> list[int]:
+        """Closed rounds not yet aggregated, ascending."""
+        ...
+
+    def get_updates(self, run_id: str, round_no: int) -> dict[str, bytes]:
+        """The counted updates of a round: task_id -> stored bytes."""
+        ...
+
+    def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:
+        """Mark a closed round aggregated; True the first time (idempotent)."""
+        ...
+
+    # -- global adapter -----------------------------------------------------------------------------
+    def put_global_adapter(self, run_id: str, version: int, data: bytes) -> None:
+        """Store the global adapter unless a newer version is already stored."""
+        ...
+
+    def get_global_adapter(self, run_id: str) -> tuple[int, bytes] | None: ...
+
+    # -- metrics and counters ----------------------------------------------------------------------
+    def put_round_metrics(self, run_id: str, round_no: int, metrics: dict[str, Any]) -> None:
+        """Merge JSON-serialisable metrics into a round's record."""
+        ...
+
+    def get_round_metrics(self, run_id: str) -> dict[int, dict[str, Any]]: ...
+    def incr_counter(self, run_id: str, name: str, amount: int = 1) -> int: ...
+    def get_counters(self, run_id: str) -> dict[str, int]: ...
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove every record of a run."""
+        ...
+
+    def close(self) -> None: ...

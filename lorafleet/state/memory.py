@@ -1,0 +1,225 @@
+"""In-process twin of the Redis state store (the embedded mode's state).
+
+Plain dictionaries under one lock; each method is atomic, as each Lua script is in Redis.
+Values are JSON round-tripped where Redis would store JSON, so both stores return equal results.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorafleet.state.base import CloseReason, RecordOutcome, RecordResult, RoundInfo, RoundStatus
+
+
+@dataclass
+class _Round:
+    tasks: dict[str, str]
+    specs: dict[str, str]
+    quorum: int
+    deadline_ms: int
+    opened_ms: int
+    status: RoundStatus = "open"
+    updates: dict[str, bytes] = field(default_factory=dict)
+    closed_ms: int | None = None
+    close_reason: CloseReason | None = None
+    global_version: int | None = None
+
+
+@dataclass
+class _Run:
+    fields: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    leases: dict[str, int] = field(default_factory=dict)
+    rounds: dict[int, _Round] = field(default_factory=dict)
+    global_adapter: tuple[int, bytes] | None = None
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class InMemoryStateStore:
+    """Thread-safe in-process :class:`lorafleet.state.base.StateStore`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._runs: dict[str, _Run] = {}
+
+    def _run(self, run_id: str) -> _Run:
+        return self._runs.setdefault(run_id, _Run())
+
+    # -- run ----------------------------------------------------------------------------------------
+    def put_run_field(self, run_id: str, name: str, value: Any) -> None:
+        with self._lock:
+            self._run(run_id).fields[name] = json.dumps(value)
+
+    def get_run_fields(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            return {k: json.loads(v) for k, v in self._run(run_id).fields.items()}
+
+    # -- devices ------------------------------------------------------------------------------------
+    def register_device(self, run_id: str, device_id: str, info: dict[str, Any]) -> bool:
+        with self._lock:
+            devices = self._run(run_id).devices
+            new = device_id not in devices
+            devices[device_id] = json.dumps(info)
+            return new
+
+    def get_devices(self, run_id: str) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {d: json.loads(v) for d, v in self._run(run_id).devices.items()}
+
+    def touch_device(self, run_id: str, device_id: str, expires_ms: int) -> None:
+        with self._lock:
+            self._run(run_id).leases[device_id] = int(expires_ms)
+
+    def expired_devices(self, run_id: str, now_ms: int) -> list[str]:
+        with self._lock:
+            leases = self._run(run_id).leases
+            return sorted(d for d, t in leases.items() if t <= now_ms)
+
+    # -- rounds -------------------------------------------------------------------------------------
+    def open_round(
+        self,
+        run_id: str,
+        round_no: int,
+        tasks: dict[str, str],
+        specs: dict[str, str],
+        quorum: int,
+        deadline_ms: int,
+        now_ms: int,
+    ) -> bool:
+        if quorum < 1:
+            raise ValueError("quorum must be at least 1")
+        with self._lock:
+            rounds = self._run(run_id).rounds
+            if round_no in rounds:
+                return False
+            rounds[round_no] = _Round(dict(tasks), dict(specs), int(quorum), int(deadline_ms), int(now_ms))
+            return True
+
+    def get_round(self, run_id: str, round_no: int) -> RoundInfo | None:
+        with self._lock:
+            rnd = self._run(run_id).rounds.get(round_no)
+            if rnd is None:
+                return None
+            return RoundInfo(
+                run_id=run_id,
+                round=round_no,
+                status=rnd.status,
+                tasks=dict(rnd.tasks),
+                quorum=rnd.quorum,
+                deadline_ms=rnd.deadline_ms,
+                opened_ms=rnd.opened_ms,
+                reported=len(rnd.updates),
+                closed_ms=rnd.closed_ms,
+                close_reason=rnd.close_reason,
+                global_version=rnd.global_version,
+            )
+
+    def list_rounds(self, run_id: str) -> list[int]:
+        with self._lock:
+            return sorted(self._run(run_id).rounds)
+
+    def get_task_spec(self, run_id: str, round_no: int, task_id: str) -> str | None:
+        with self._lock:
+            rnd = self._run(run_id).rounds.get(round_no)
+            return None if rnd is None else rnd.specs.get(task_id)
+
+    def record_update(
+        self, run_id: str, round_no: int, task_id: str, device_id: str, update: bytes, now_ms: int
+    ) -> RecordResult:
+        with self._lock:
+            run = self._run(run_id)
+            rnd = run.rounds.get(round_no)
+            outcome: RecordOutcome
+            closed_now = False
+            if rnd is None or task_id not in rnd.tasks:
+                outcome = "unknown_task"
+            elif rnd.tasks[task_id] != device_id:
+                outcome = "wrong_device"
+            elif task_id in rnd.updates:
+                outcome = "duplicate"
+            elif rnd.status != "open":
+                outcome = "late"
+            else:
+                outcome = "counted"
+                rnd.updates[task_id] = bytes(update)
+                if len(rnd.updates) >= rnd.quorum:
+                    self._close(rnd, "quorum", now_ms)
+                    closed_now = True
+            name = f"update_{outcome}"
+            run.counters[name] = run.counters.get(name, 0) + 1
+            return RecordResult(outcome, 0 if rnd is None else len(rnd.updates), closed_now)
+
+    @staticmethod
+    def _close(rnd: _Round, reason: CloseReason, now_ms: int) -> None:
+        rnd.status = "closed"
+        rnd.close_reason = reason
+        rnd.closed_ms = int(now_ms)
+
+    def close_expired_rounds(self, run_id: str, now_ms: int) -> list[int]:
+        with self._lock:
+            closed = []
+            for round_no, rnd in sorted(self._run(run_id).rounds.items()):
+                if rnd.status == "open" and rnd.deadline_ms <= now_ms:
+                    self._close(rnd, "deadline", now_ms)
+                    closed.append(round_no)
+            return closed
+
+    def pending_aggregations(self, run_id: str) -> list[int]:
+        with self._lock:
+            return sorted(n for n, r in self._run(run_id).rounds.items() if r.status == "closed")
+
+    def get_updates(self, run_id: str, round_no: int) -> dict[str, bytes]:
+        with self._lock:
+            rnd = self._run(run_id).rounds.get(round_no)
+            return {} if rnd is None else dict(rnd.updates)
+
+    def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:
+        with self._lock:
+            rnd = self._run(run_id).rounds.get(round_no)
+            if rnd is None or rnd.status != "closed":
+                return False
+            rnd.status = "aggregated"
+            rnd.global_version = int(global_version)
+            return True
+
+    # -- global adapter -----------------------------------------------------------------------------
+    def put_global_adapter(self, run_id: str, version: int, data: bytes) -> None:
+        with self._lock:
+            run = self._run(run_id)
+            if run.global_adapter is None or run.global_adapter[0] <= version:
+                run.global_adapter = (int(version), bytes(data))
+
+    def get_global_adapter(self, run_id: str) -> tuple[int, bytes] | None:
+        with self._lock:
+            return self._run(run_id).global_adapter
+
+    # -- metrics and counters ----------------------------------------------------------------------
+    def put_round_metrics(self, run_id: str, round_no: int, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            current = self._run(run_id).metrics.setdefault(round_no, {})
+            current.update(json.loads(json.dumps(metrics)))
+
+    def get_round_metrics(self, run_id: str) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            return {n: dict(m) for n, m in sorted(self._run(run_id).metrics.items())}
+
+    def incr_counter(self, run_id: str, name: str, amount: int = 1) -> int:
+        with self._lock:
+            counters = self._run(run_id).counters
+            counters[name] = counters.get(name, 0) + int(amount)
+            return counters[name]
+
+    def get_counters(self, run_id: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._run(run_id).counters)
+
+    def delete_run(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def close(self) -> None:
+        """Nothing to release."""

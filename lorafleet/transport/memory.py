@@ -1,0 +1,320 @@
+"""In-process twin of the RabbitMQ adapter (the embedded mode's broker).
+
+:class:`InMemoryBroker` is the server: exchanges, bindings and queues with RabbitMQ's semantics
+(direct and fanout routing, at-least-once delivery, prefetch, requeue with a delivery count,
+delivery limits, dead-lettering). :class:`InMemoryTransport` is one client connection to it;
+closing a client puts its unsettled deliveries back, as a dropped AMQP connection does.
+Thread-safe, so services may run in threads over one broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lorafleet.transport.base import (
+    BROKER_DEATH_HEADER,
+    DETAIL_HEADER,
+    ORIGIN_EXCHANGE_HEADER,
+    ORIGIN_QUEUE_HEADER,
+    ORIGIN_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    ExchangeNotFound,
+    ExchangeSpec,
+    QueueNotFound,
+    QueueSpec,
+    TransportClosed,
+    TransportError,
+    Unroutable,
+)
+
+
+@dataclass(frozen=True)
+class _Message:
+    body: bytes
+    message_id: str
+    headers: dict[str, Any]
+    exchange: str
+    routing_key: str
+    delivery_count: int = 0
+    redelivered: bool = False
+
+
+@dataclass
+class _Queue:
+    spec: QueueSpec
+    ready: deque[_Message] = field(default_factory=deque)
+
+
+class InMemoryBroker:
+    """The in-process message broker shared by every :class:`InMemoryTransport` client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._exchanges: dict[str, ExchangeSpec] = {}
+        self._bindings: dict[str, list[tuple[str, str]]] = {}  # exchange -> [(routing_key, queue)]
+        self._queues: dict[str, _Queue] = {}
+        self.published = 0
+
+    # -- topology -------------------------------------------------------------------------------
+    def declare_exchange(self, spec: ExchangeSpec) -> None:
+        with self._lock:
+            existing = self._exchanges.get(spec.name)
+            if existing is not None and existing != spec:
+                raise TransportError(f"exchange {spec.name!r} redeclared with different settings")
+            self._exchanges[spec.name] = spec
+            self._bindings.setdefault(spec.name, [])
+
+    def declare_queue(self, spec: QueueSpec) -> None:
+        with self._lock:
+            if spec.name not in self._queues:
+                self._queues[spec.name] = _Queue(spec)
+            for exchange, routing_key in spec.bindings:
+                if exchange not in self._exchanges:
+                    raise ExchangeNotFound(f"no exchange {exchange!r} to bind queue {spec.name!r} to")
+                binding = (routing_key, spec.name)
+                if binding not in self._bindings[exchange]:
+                    self._bindings[exchange].append(binding)
+
+    def has_queue(self, name: str) -> bool:
+        with self._lock:
+            return name in self._queues
+
+    # -- messages -------------------------------------------------------------------------------
+    def publish(self, message: _Message) -> None:
+        with self._lock:
+            exchange = self._exchanges.get(message.exchange)
+            if exchange is None:
+                raise ExchangeNotFound(f"no exchange {message.exchange!r}")
+            targets = [
+                queue
+                for routing_key, queue in self._bindings[message.exchange]
+                if exchange.type == "fanout" or routing_key == message.routing_key
+            ]
+            if not targets:
+                raise Unroutable(f"no queue bound to {message.exchange!r} for routing key {message.routing_key!r}")
+            for queue in targets:
+                self._enqueue(queue, message)
+            self.published += 1
+            self._lock.notify_all()
+
+    def _enqueue(self, queue_name: str, message: _Message, *, front: bool = False) -> None:
+        queue = self._queues[queue_name]
+        if queue.spec.max_length is not None and len(queue.ready) >= queue.spec.max_length:
+            raise TransportError(f"queue {queue_name!r} is full (max_length {queue.spec.max_length})")
+        if front:
+            queue.ready.appendleft(message)
+        else:
+            queue.ready.append(message)
+
+    def take(self, queue_name: str, timeout: float, may_take: Any) -> _Message | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            while True:
+                queue = self._queues.get(queue_name)
+                if queue is None:
+                    raise QueueNotFound(f"no queue {queue_name!r}")
+                if queue.ready and may_take():
+                    return queue.ready.popleft()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._lock.wait(remaining)
+
+    def give_back(self, queue_name: str, message: _Message) -> None:
+        """A delivery that was not acked returns to the head of its queue, or dies past the limit."""
+        with self._lock:
+            queue = self._queues[queue_name]
+            again = replace(message, delivery_count=message.delivery_count + 1, redelivered=True)
+            limit = queue.spec.delivery_limit
+            if limit is not None and again.delivery_count > limit:
+                self._dead_letter_locked(queue_name, again, {BROKER_DEATH_HEADER: "delivery_limit",
+                                                             REASON_HEADER: "delivery_limit"})
+            else:
+                self._enqueue(queue_name, again, front=True)
+            self._lock.notify_all()
+
+    def dead_letter(self, queue_name: str, message: _Message, headers: dict[str, Any]) -> None:
+        with self._lock:
+            self._dead_letter_locked(queue_name, message, headers)
+            self._lock.notify_all()
+
+    def _dead_letter_locked(self, queue_name: str, message: _Message, headers: dict[str, Any]) -> None:
+        dlx = self._queues[queue_name].spec.dead_letter_exchange
+        if dlx is None:
+            return  # like RabbitMQ: without a DLX a rejected message is dropped
+        merged = {
+            **message.headers,
+            ORIGIN_QUEUE_HEADER: queue_name,
+            ORIGIN_EXCHANGE_HEADER: message.exchange,
+            ORIGIN_ROUTING_KEY_HEADER: message.routing_key,
+            **headers,
+        }
+        dead = _Message(message.body, message.message_id, merged, dlx, message.routing_key)
+        exchange = self._exchanges.get(dlx)
+        if exchange is None:
+            return
+        for routing_key, queue in self._bindings[dlx]:
+            if exchange.type == "fanout" or routing_key == message.routing_key:
+                self._enqueue(queue, dead)
+
+    def depth(self, queue_name: str) -> int:
+        with self._lock:
+            queue = self._queues.get(queue_name)
+            if queue is None:
+                raise QueueNotFound(f"no queue {queue_name!r}")
+            return len(queue.ready)
+
+    def purge(self, queue_name: str) -> int:
+        with self._lock:
+            queue = self._queues.get(queue_name)
+            if queue is None:
+                raise QueueNotFound(f"no queue {queue_name!r}")
+            count = len(queue.ready)
+            queue.ready.clear()
+            return count
+
+    def peek(self, queue_name: str) -> list[tuple[bytes, dict[str, Any]]]:
+        """Bodies and headers ready in a queue, without consuming them (tests, ``lorafleet dlq``)."""
+        with self._lock:
+            return [(m.body, dict(m.headers)) for m in self._queues[queue_name].ready]
+
+    def queue_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._queues)
+
+
+class _MemoryDelivery:
+    def __init__(self, subscription: _MemorySubscription, message: _Message) -> None:
+        self._subscription = subscription
+        self._message = message
+        self._settled = False
+
+    body = property(lambda self: self._message.body)
+    message_id = property(lambda self: self._message.message_id)
+    headers = property(lambda self: dict(self._message.headers))
+    exchange = property(lambda self: self._message.exchange)
+    routing_key = property(lambda self: self._message.routing_key)
+    redelivered = property(lambda self: self._message.redelivered)
+    delivery_count = property(lambda self: self._message.delivery_count)
+
+    def _settle(self) -> bool:
+        if self._settled:
+            raise TransportError("delivery already settled")  # RabbitMQ: 406 unknown delivery tag
+        self._settled = True
+        return self._subscription._release(self)
+
+    def ack(self) -> None:
+        self._settle()
+
+    def requeue(self) -> None:
+        if self._settle():
+            self._subscription._broker.give_back(self._subscription.queue, self._message)
+
+    def dead_letter(self, reason: str, detail: str = "") -> None:
+        if self._settle():
+            headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:500]}
+            self._subscription._broker.dead_letter(self._subscription.queue, self._message, headers)
+
+
+class _MemorySubscription:
+    def __init__(self, broker: InMemoryBroker, queue: str, prefetch: int) -> None:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        if not broker.has_queue(queue):
+            raise QueueNotFound(f"no queue {queue!r}")
+        self._broker = broker
+        self.queue = queue
+        self._prefetch = prefetch
+        self._open: set[_MemoryDelivery] = set()
+        self._closed = False
+        self._mutex = threading.Lock()
+
+    def get(self, timeout: float = 0.0) -> _MemoryDelivery | None:
+        if self._closed:
+            raise TransportClosed(f"subscription to {self.queue!r} is closed")
+        message = self._broker.take(self.queue, timeout, lambda: len(self._open) < self._prefetch)
+        if message is None:
+            return None
+        delivery = _MemoryDelivery(self, message)
+        with self._mutex:
+            self._open.add(delivery)
+        return delivery
+
+    def _release(self, delivery: _MemoryDelivery) -> bool:
+        """Forget an open delivery; False when the subscription already returned it (closed)."""
+        with self._mutex:
+            if delivery not in self._open:
+                return False
+            self._open.discard(delivery)
+        with self._broker._lock:
+            self._broker._lock.notify_all()  # a prefetch slot is free
+        return True
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            pending, self._open = list(self._open), set()
+        for delivery in pending:
+            self._broker.give_back(self.queue, delivery._message)
+
+
+class InMemoryTransport:
+    """One client of an :class:`InMemoryBroker`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, broker: InMemoryBroker | None = None) -> None:
+        self.broker = broker if broker is not None else InMemoryBroker()
+        self._subscriptions: list[_MemorySubscription] = []
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed("transport is closed")
+
+    def declare_exchange(self, spec: ExchangeSpec) -> None:
+        self._check_open()
+        self.broker.declare_exchange(spec)
+
+    def declare_queue(self, spec: QueueSpec) -> None:
+        self._check_open()
+        self.broker.declare_queue(spec)
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        self._check_open()
+        self.broker.publish(_Message(bytes(body), message_id, dict(headers or {}), exchange, routing_key))
+
+    def subscribe(self, queue: str, *, prefetch: int = 1) -> _MemorySubscription:
+        self._check_open()
+        subscription = _MemorySubscription(self.broker, queue, prefetch)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def queue_depth(self, queue: str) -> int:
+        return self.broker.depth(queue)
+
+    def purge(self, queue: str) -> int:
+        return self.broker.purge(queue)
+
+    def close(self) -> None:
+        """Close the client; unsettled deliveries go back to their queues."""
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in self._subscriptions:
+            subscription.close()

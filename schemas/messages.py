@@ -1,0 +1,238 @@
+"""Every message that crosses the broker, as strict pydantic models.
+
+Models are frozen, reject unknown fields, never coerce types (``strict``) and refuse NaN/Inf in
+float fields. Identifiers are restricted to a safe alphabet so they can appear in queue names,
+Redis keys and file paths. Each class has a ``KIND`` (its name in the envelope) and a
+deterministic ``message_id`` used for deduplication.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+TaskId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,191}$")]
+Round = Annotated[int, Field(ge=0, le=1_000_000)]
+Seconds = Annotated[float, Field(ge=0.0)]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class StrictModel(BaseModel):
+    """Base for every wire model: frozen, strict, no extra fields, no NaN/Inf."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class TensorPayload(StrictModel):
+    """safetensors bytes of a set of adapter tensors, with their size and sha256."""
+
+    data: bytes
+    sha256: Sha256Hex
+    nbytes: Annotated[int, Field(ge=0)]
+
+
+class LoraSpec(StrictModel):
+    """Exactly which LoRA a device trains: the blocks (0 = nearest the input) and a rank per block.
+
+    ``lora_alpha`` of a block is ``alpha_ratio * rank``, so the LoRA scaling is the same at every
+    rank, which keeps rank-index-wise averaging of heterogeneous ranks meaningful.
+    """
+
+    target_modules: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")]],
+                              Field(min_length=1, max_length=16)]
+    layer_ranks: Annotated[dict[Annotated[int, Field(ge=0, le=1023)], Annotated[int, Field(ge=1, le=512)]],
+                           Field(min_length=1)]
+    alpha_ratio: Annotated[float, Field(gt=0.0, le=64.0)] = 2.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+    @property
+    def layers(self) -> list[int]:
+        """The LoRA blocks, ascending."""
+        return sorted(self.layer_ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.layer_ranks.values())
+
+
+class TrainHyperParams(StrictModel):
+    """Local optimisation settings for one task."""
+
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
+class TrainMetrics(StrictModel):
+    """What a device measured while training one task."""
+
+    train_loss: float
+    steps: Annotated[int, Field(ge=0)]
+    examples: Annotated[int, Field(ge=0)]
+    compute_s: Seconds
+
+
+class DeviceProfile(StrictModel):
+    """Emulated device capacity (1.0 = this host)."""
+
+    speed: Annotated[float, Field(gt=0.0, le=1000.0)] = 1.0
+    uplink_mbps: Annotated[float, Field(gt=0.0)] = 100.0
+    downlink_mbps: Annotated[float, Field(gt=0.0)] = 100.0
+
+
+class DeviceRegistered(StrictModel):
+    KIND: ClassVar[str] = "device_registered"
+    run_id: RunId
+    device_id: DeviceId
+    num_samples: Annotated[int, Field(ge=0)]
+    label_histogram: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
+    profile: DeviceProfile = Field(default_factory=DeviceProfile)
+    incarnation: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "0"
+
+    @property
+    def message_id(self) -> str:
+        return f"register:{self.run_id}:{self.device_id}:{self.incarnation}"
+
+
+class Heartbeat(StrictModel):
+    KIND: ClassVar[str] = "heartbeat"
+    run_id: RunId
+    device_id: DeviceId
+    seq: Annotated[int, Field(ge=0)]
+    busy_task_id: TaskId | None = None
+
+    @property
+    def message_id(self) -> str:
+        return f"heartbeat:{self.run_id}:{self.device_id}:{self.seq}"
+
+
+class TrainTask(StrictModel):
+    KIND: ClassVar[str] = "train_task"
+    task_id: TaskId
+    run_id: RunId
+    round: Round
+    device_id: DeviceId
+    plan_version: Annotated[int, Field(ge=0)]
+    lora: LoraSpec
+    hparams: TrainHyperParams
+    adapter: TensorPayload
+    issued_at: Seconds
+    deadline_at: Seconds
+
+    @property
+    def message_id(self) -> str:
+        return f"task:{self.task_id}"
+
+
+class LoraUpdate(StrictModel):
+    KIND: ClassVar[str] = "lora_update"
+    task_id: TaskId
+    run_id: RunId
+    round: Round
+    device_id: DeviceId
+    plan_version: Annotated[int, Field(ge=0)]
+    num_samples: Annotated[int, Field(ge=1)]
+    adapter: TensorPayload
+    metrics: TrainMetrics
+
+    @property
+    def message_id(self) -> str:
+        return f"update:{self.task_id}"
+
+
+class TaskFailed(StrictModel):
+    KIND: ClassVar[str] = "task_failed"
+    task_id: TaskId
+    run_id: RunId
+    round: Round
+    device_id: DeviceId
+    reason: Annotated[str, Field(max_length=2000)]
+
+    @property
+    def message_id(self) -> str:
+        return f"failed:{self.task_id}"
+
+
+class RoundClosed(StrictModel):
+    KIND: ClassVar[str] = "round_closed"
+    run_id: RunId
+    round: Round
+    reason: Literal["quorum", "deadline"]
+    tasks_issued: Annotated[int, Field(ge=0)]
+    devices_reported: Annotated[int, Field(ge=0)]
+    bytes_up: Annotated[int, Field(ge=0)]
+    global_version: Annotated[int, Field(ge=0)]
+
+    @property
+    def message_id(self) -> str:
+        return f"closed:{self.run_id}:{self.round}"
+
+
+class RoundEvaluated(StrictModel):
+    KIND: ClassVar[str] = "round_evaluated"
+    run_id: RunId
+    round: Round
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)]
+    loss: float
+    eval_s: Seconds
+
+    @property
+    def message_id(self) -> str:
+        return f"evaluated:{self.run_id}:{self.round}"
+
+
+class ReplanRequest(StrictModel):
+    KIND: ClassVar[str] = "replan_request"
+    run_id: RunId
+    round: Round
+    reason: Annotated[str, Field(max_length=500)]
+
+    @property
+    def message_id(self) -> str:
+        return f"replan:{self.run_id}:{self.round}:{self.reason[:40]}"
+
+
+class RunFinished(StrictModel):
+    KIND: ClassVar[str] = "run_finished"
+    run_id: RunId
+    reason: Literal["max_rounds", "target_accuracy", "time_budget", "aborted"]
+    rounds_completed: Annotated[int, Field(ge=0)]
+    final_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+    @property
+    def message_id(self) -> str:
+        return f"finished:{self.run_id}"
+
+
+Message = (
+    DeviceRegistered
+    | Heartbeat
+    | TrainTask
+    | LoraUpdate
+    | TaskFailed
+    | RoundClosed
+    | RoundEvaluated
+    | ReplanRequest
+    | RunFinished
+)
+
+MESSAGE_TYPES: tuple[type[StrictModel], ...] = (
+    DeviceRegistered,
+    Heartbeat,
+    TrainTask,
+    LoraUpdate,
+    TaskFailed,
+    RoundClosed,
+    RoundEvaluated,
+    ReplanRequest,
+    RunFinished,
+)
+
+
+assert len({m.KIND for m in MESSAGE_TYPES}) == len(MESSAGE_TYPES), "message KINDs must be unique"  # type: ignore[attr-defined]
