@@ -1,0 +1,334 @@
+"""Datasets, their IID split among devices, and tokenised batches.
+
+Datasets live under a data directory (``<data_dir>/sst2/{train,dev}.tsv``,
+``<data_dir>/20newsgroups/{train,test}.jsonl.gz``); ``synthetic`` is generated in code (no files).
+Everything that shuffles takes an explicit seed, so shards and batches are reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from schemas.config import RunConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Split = Literal["train", "eval"]
+
+ENV_DATA_DIR = "LORAFLEET_DATA_DIR"
+
+#: Files of each dataset, relative to the data directory, per split.
+DATASET_FILES: dict[str, dict[str, str]] = {
+    "sst2": {"train": "sst2/train.tsv", "eval": "sst2/dev.tsv"},
+    "20newsgroups": {"train": "20newsgroups/train.jsonl.gz", "eval": "20newsgroups/test.jsonl.gz"},
+    "synthetic": {},
+}
+
+_NUM_LABELS = {"sst2": 2, "20newsgroups": 20, "synthetic": 2}
+
+#: Sizes of the generated synthetic splits.
+SYNTHETIC_SIZES = {"train": 4000, "eval": 400}
+
+
+class DataError(ValueError):
+    """The data directory or a dataset file is missing or unreadable; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Texts with integer labels in ``0..num_labels-1``."""
+
+    texts: list[str]
+    labels: list[int]
+    num_labels: int
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> TextDataset:
+        """The rows at ``indices``, in that order."""
+        return TextDataset(
+            [self.texts[i] for i in indices], [self.labels[i] for i in indices], self.num_labels, self.name
+        )
+
+
+@dataclass(frozen=True)
+class EncodedDataset:
+    """Token ids per example (no padding), labels, and the tokenizer's pad id."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def num_labels(name: str) -> int:
+    """The number of classes of dataset ``name``.
+
+    Raises:
+        DataError: unknown dataset.
+    """
+    if name not in _NUM_LABELS:
+        raise DataError(f"unknown dataset {name!r}; known: {sorted(_NUM_LABELS)}")
+    return _NUM_LABELS[name]
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _candidates(configured: str | None) -> list[tuple[str, Path]]:
+    if configured:
+        return [("data.data_dir", Path(configured))]
+    if os.environ.get(ENV_DATA_DIR):
+        return [(f"${ENV_DATA_DIR}", Path(os.environ[ENV_DATA_DIR]))]
+    return [
+        ("../shared/data relative to the working directory", Path.cwd().parent / "shared" / "data"),
+        ("../shared/data relative to the repository", _repo_root().parent / "shared" / "data"),
+    ]
+
+
+def resolve_data_dir(configured: str | None, dataset: str | None = None) -> Path:
+    """The data directory: ``configured``, else ``$LORAFLEET_DATA_DIR``, else ``../shared/data`` relative
+    to the working directory, else relative to the repository root.
+
+    With ``dataset`` given, its files must exist there too.
+
+    Raises:
+        DataError: the directory (or the dataset's files) is missing; says what was expected where.
+    """
+    tried = _candidates(configured)
+    found = next((path for _, path in tried if path.is_dir()), None)
+    if found is None:
+        where = "; ".join(f"{what}: {path}" for what, path in tried)
+        raise DataError(f"data directory not found (tried {where}). {_how_to_set()}")
+    if dataset is not None:
+        _check_files(found, dataset)
+    return found
+
+
+def _how_to_set() -> str:
+    return (
+        f"Set data.data_dir in the run configuration or the {ENV_DATA_DIR} environment variable to the "
+        "directory that holds sst2/ and 20newsgroups/."
+    )
+
+
+def _check_files(data_dir: Path, dataset: str) -> None:
+    num_labels(dataset)
+    missing = [
+        str(data_dir / rel) for rel in DATASET_FILES[dataset].values() if not (data_dir / rel).is_file()
+    ]
+    if missing:
+        raise DataError(f"dataset {dataset!r}: expected files {missing} are missing. {_how_to_set()}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_split(name: str, data_dir: str | Path | None, split: Split) -> TextDataset:
+    """The ``train`` or ``eval`` split (SST-2 dev, 20 Newsgroups test) of dataset ``name``.
+
+    ``data_dir`` is resolved with :func:`resolve_data_dir` (ignored for ``synthetic``).
+
+    Raises:
+        DataError: unknown dataset or split, missing files.
+    """
+    n_labels = num_labels(name)
+    if split not in ("train", "eval"):
+        raise DataError(f"unknown split {split!r}; use 'train' or 'eval'")
+    if name == "synthetic":
+        texts, labels = synthetic_rows(SYNTHETIC_SIZES[split], seed=0 if split == "train" else 1)
+        return TextDataset(texts, labels, n_labels, name)
+    root = resolve_data_dir(None if data_dir is None else str(data_dir), dataset=name)
+    path = root / DATASET_FILES[name][split]
+    texts, labels = _read_tsv(path) if name == "sst2" else _read_jsonl_gz(path)
+    return TextDataset(texts, labels, n_labels, name)
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[int]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header != ["sentence", "label"]:
+            raise DataError(f"{path}: expected the header 'sentence<TAB>label', got {header!r}")
+        for row in reader:
+            texts.append(row[0].strip())
+            labels.append(int(row[1]))
+    return texts, labels
+
+
+def _read_jsonl_gz(path: Path) -> tuple[list[str], list[int]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(int(row["label"]))
+    return texts, labels
+
+
+_POSITIVE = [
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "superb",
+    "delightful",
+    "brilliant",
+    "lovely",
+    "charming",
+]
+_NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "poor", "weak", "tedious", "clumsy", "dreadful"]
+_NEUTRAL = [
+    "the",
+    "film",
+    "movie",
+    "plot",
+    "story",
+    "actors",
+    "scenes",
+    "script",
+    "ending",
+    "music",
+    "camera",
+]
+_NEUTRAL += ["director", "it", "this", "was", "a"]
+
+
+def synthetic_rows(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """``n`` generated sentiment-like sentences and labels (1 = positive), deterministic given ``seed``.
+
+    Each sentence mixes 4-10 neutral words with 2-3 words of its polarity and at most one word of the
+    other, so the label is learnable from word identity alone.
+    """
+    rng = random.Random(seed)
+    texts: list[str] = []
+    labels: list[int] = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        own, other = (_POSITIVE, _NEGATIVE) if label else (_NEGATIVE, _POSITIVE)
+        words = rng.choices(_NEUTRAL, k=rng.randint(4, 10)) + rng.choices(own, k=rng.randint(2, 3))
+        words += rng.choices(other, k=rng.randint(0, 1))
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+# --------------------------------------------------------------------------- partitioning
+
+
+def partition_iid(n_items: int, n_devices: int, per_device: int | None, seed: int) -> list[list[int]]:
+    """Disjoint random shards of ``range(n_items)``, one per device, deterministic given ``seed``.
+
+    ``per_device`` items each, or (``None``) all items split evenly (sizes differ by at most one).
+
+    Raises:
+        ValueError: ``n_devices < 1``, ``per_device < 1``, or not enough items.
+    """
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    if per_device is not None and per_device < 1:
+        raise ValueError(f"per_device must be >= 1, got {per_device}")
+    needed = n_devices * (per_device if per_device is not None else 1)
+    if n_items < needed:
+        raise ValueError(
+            f"not enough items: {n_devices} devices x {per_device or 1} need {needed}, have {n_items}"
+        )
+    order = list(range(n_items))
+    random.Random(seed).shuffle(order)
+    if per_device is not None:
+        return [order[d * per_device : (d + 1) * per_device] for d in range(n_devices)]
+    base, extra = divmod(n_items, n_devices)
+    bounds = [d * base + min(d, extra) for d in range(n_devices + 1)]
+    return [order[bounds[d] : bounds[d + 1]] for d in range(n_devices)]
+
+
+def device_shard(cfg: RunConfig, device_index: int) -> TextDataset:
+    """The training rows of device slot ``device_index`` under ``cfg`` (IID, seeded by ``cfg.seed``).
+
+    Raises:
+        ValueError: ``device_index`` out of range or not enough rows; DataError: missing files.
+    """
+    if not 0 <= device_index < cfg.devices.count:
+        raise ValueError(f"device index {device_index} out of range 0..{cfg.devices.count - 1}")
+    train = load_split(cfg.data.dataset, cfg.data.data_dir, "train")
+    shards = partition_iid(len(train), cfg.devices.count, cfg.data.samples_per_device, cfg.seed)
+    return train.subset(shards[device_index])
+
+
+def eval_set(cfg: RunConfig) -> TextDataset:
+    """The evaluation split, or a seeded random subset of ``cfg.data.eval_samples`` rows (order kept)."""
+    full = load_split(cfg.data.dataset, cfg.data.data_dir, "eval")
+    wanted = cfg.data.eval_samples
+    if wanted is None or wanted >= len(full):
+        return full
+    return full.subset(sorted(random.Random(cfg.seed).sample(range(len(full)), wanted)))
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def encode_dataset(tokenizer: PreTrainedTokenizerBase, ds: TextDataset, max_len: int) -> EncodedDataset:
+    """Token ids (truncated to ``max_len``, special tokens added, no padding) and labels of ``ds``."""
+    ids = (
+        tokenizer(ds.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
+        if len(ds)
+        else []
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return EncodedDataset([list(x) for x in ids], list(ds.labels), int(pad))
+
+
+def iter_batches(encoded: EncodedDataset, batch_size: int, seed: int | None) -> Iterator[dict[str, Tensor]]:
+    """Batches of ``batch_size`` (the last may be smaller), padded to their longest example.
+
+    Yields dicts of ``input_ids``, ``attention_mask``, ``token_type_ids`` (zeros) and ``labels``;
+    ``seed=None`` keeps the order, otherwise the order is a permutation seeded by ``seed``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(encoded)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield collate(encoded, order[start : start + batch_size])
+
+
+def collate(encoded: EncodedDataset, indices: Sequence[int]) -> dict[str, Tensor]:
+    """One dynamically padded batch of the examples at ``indices``."""
+    rows = [encoded.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), encoded.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[j, : len(row)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(input_ids),
+        "labels": torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long),
+    }
