@@ -128,7 +128,7 @@ def device_id(index: int) -> str:
     return f"dev-{index:04d}"
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]
     """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
 
 

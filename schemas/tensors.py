@@ -60,3 +60,20 @@ def decode_tensors(
         if check_finite and not bool(torch.isfinite(tensor).all()):
             raise DecodeError("non_finite", f"tensor {name!r} holds NaN or Inf")
     return tensors
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of ``tensors`` (for state that is stored, not sent)."""
+    return bytes(encode_tensors(tensors).data)
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Load safetensors bytes written by :func:`tensors_to_bytes`.
+
+    Raises:
+        DecodeError: ``bad_tensor`` if the bytes do not load.
+    """
+    try:
+        return _st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise DecodeError("bad_tensor", f"stored tensors do not load: {exc}") from None

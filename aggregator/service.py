@@ -1,0 +1,227 @@
+"""The aggregator: validates updates, closes rounds exactly once, merges, checkpoints, evaluates.
+
+Every update is validated (envelope, sender, run, task, device, checksum, finiteness, shapes)
+before it is recorded; what fails is dead-lettered with its reason and never touches the global
+adapter. Recording, deduplication and quorum closing are one atomic state-store step. Closed
+rounds wait in the state store's outbox until aggregated, so a restarted aggregator resumes.
+Evaluation runs after ``RoundClosed`` is published: the next round does not wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from aggregator.fedavg import WeightedUpdate, aggregate
+from aggregator.validation import check_update_shapes
+from lorafleet import topology
+from lorafleet.adapters import Tensors, select_for_spec, shapes
+from lorafleet.clock import Clock, SystemClock, to_ms
+from lorafleet.messaging import Rejections, publish_message, receive
+from lorafleet.state.base import StateStore
+from lorafleet.transport.base import Delivery, Subscription, Transport
+from schemas.config import RunConfig
+from schemas.envelope import decode
+from schemas.errors import DecodeError
+from schemas.messages import LoraSpec, LoraUpdate, RoundClosed, RoundEvaluated, TaskFailed
+from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    def evaluate(self, spec: LoraSpec, tensors: Tensors) -> tuple[float, float]:
+        """(accuracy, mean loss) of the adapter on the evaluation set."""
+        ...
+
+
+CheckpointWriter = Callable[[LoraSpec, Tensors, Path], None]
+
+
+def checkpoint_dir(out_dir: Path, round_no: int) -> Path:
+    return out_dir / "checkpoints" / f"round-{round_no:04d}"
+
+
+class AggregatorService:
+    """``step`` handles at most one delivery, then any due closes, aggregations and evaluations."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        state: StateStore,
+        *,
+        config: RunConfig,
+        evaluator: Evaluator,
+        write_checkpoint: CheckpointWriter | None = None,
+        out_dir: Path | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.transport = transport
+        self.state = state
+        self.config = config
+        self.run_id = config.run_id
+        self.evaluator = evaluator
+        self.write_checkpoint = write_checkpoint
+        self.out_dir = out_dir
+        self.clock = clock or SystemClock()
+        self.finished = False
+        self.rejections = Rejections("aggregator", sink=lambda name: self.state.incr_counter(self.run_id, name))
+        self._subscription: Subscription | None = None
+        self._to_evaluate: list[int] = []
+        self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
+
+    def start(self) -> None:
+        self._subscription = self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def step(self, timeout: float = 0.0) -> bool:
+        if self.finished:
+            return False
+        if self._subscription is None:
+            self.start()
+        assert self._subscription is not None
+        did = False
+        delivery = self._subscription.get(timeout)
+        if delivery is not None:
+            self._handle(delivery)
+            did = True
+        if self._run_status() == "finished":
+            self._finalise()
+            return True
+        self.state.close_expired_rounds(self.run_id, to_ms(self.clock.now()))
+        for round_no in self.state.pending_aggregations(self.run_id):
+            self._aggregate(round_no)
+            did = True
+        if self._to_evaluate:
+            self._evaluate(self._to_evaluate.pop(0))
+            did = True
+        return did
+
+    def run_forever(self, stop: object | None = None, *, poll_s: float = 0.5) -> None:
+        is_set = getattr(stop, "is_set", lambda: False)
+        while not self.finished and not is_set():
+            self.step(poll_s)
+
+    def _run_status(self) -> str | None:
+        status = self.state.get_run_fields(self.run_id).get("status")
+        return None if status is None else str(status)
+
+    # -- ingress --------------------------------------------------------------------------------
+    def _handle(self, delivery: Delivery) -> None:
+        try:
+            message = receive(delivery, run_id=self.run_id, max_bytes=self.config.limits.max_message_bytes)
+            if isinstance(message, LoraUpdate):
+                self._check_update(message)
+                stored = delivery.body
+            elif isinstance(message, TaskFailed):
+                stored = b""  # the device reported: it counts toward the quorum, adds no tensors
+            else:
+                raise DecodeError("unexpected_kind", f"the aggregator does not consume {type(message).__name__}")
+            result = self.state.record_update(self.run_id, message.round, message.task_id, message.device_id,
+                                              stored, to_ms(self.clock.now()))
+            if result.outcome in ("unknown_task", "wrong_device"):
+                raise DecodeError(result.outcome, f"{message.task_id} from {message.device_id}")
+            if isinstance(message, TaskFailed):
+                self.state.incr_counter(self.run_id, "task_failed")
+            delivery.ack()
+        except DecodeError as exc:
+            self.rejections.reject(delivery, exc)
+
+    def _check_update(self, update: LoraUpdate) -> None:
+        expected = self._expected_shapes(update.round, update.task_id)
+        tensors = decode_tensors(update.adapter, max_bytes=self.config.limits.max_payload_bytes)
+        check_update_shapes(tensors, expected)
+
+    def _expected_shapes(self, round_no: int, task_id: str) -> dict[str, tuple[int, ...]]:
+        cached = self._expected.get((round_no, task_id))
+        if cached is not None:
+            return cached
+        spec_json = self.state.get_task_spec(self.run_id, round_no, task_id)
+        if spec_json is None:
+            raise DecodeError("unknown_task", f"no task {task_id} in round {round_no}")
+        spec = LoraSpec.model_validate_json(spec_json)
+        expected = shapes(select_for_spec(self._global()[1], spec))
+        if len(self._expected) > 4096:
+            self._expected.clear()
+        self._expected[(round_no, task_id)] = expected
+        return expected
+
+    def _global(self) -> tuple[int, Tensors]:
+        stored = self.state.get_global_adapter(self.run_id)
+        if stored is None:
+            raise RuntimeError(f"run {self.run_id}: no global adapter in the state store")
+        return stored[0], tensors_from_bytes(stored[1])
+
+    def _global_spec(self) -> LoraSpec:
+        return LoraSpec.model_validate_json(self.state.get_run_fields(self.run_id)["global_spec"])
+
+    # -- aggregation ----------------------------------------------------------------------------
+    def _aggregate(self, round_no: int) -> None:
+        started = time.perf_counter()
+        version, current = self._global()
+        stored = self.state.get_updates(self.run_id, round_no)
+        updates = [self._stored_update(body) for body in stored.values() if body]
+        if version >= round_no:
+            merged = current  # aggregated before a crash; the stored result stands
+        else:
+            merged = aggregate(current, [WeightedUpdate(u[0], float(u[1])) for u in updates])
+            self.state.put_global_adapter(self.run_id, round_no, tensors_to_bytes(merged))
+        if self.out_dir is not None and self.write_checkpoint is not None:
+            self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, round_no))
+        info = self.state.get_round(self.run_id, round_no)
+        assert info is not None
+        bytes_up = sum(len(body) for body in stored.values())
+        reason = info.close_reason or "deadline"
+        self.state.put_round_metrics(self.run_id, round_no, {
+            "devices_reported": len(updates),
+            "reports": len(stored),
+            "tasks_issued": len(info.tasks),
+            "bytes_up": bytes_up,
+            "close_reason": reason,
+            "closed_at": (info.closed_ms or 0) / 1000.0,
+            "aggregation_s": time.perf_counter() - started,
+        })
+        publish_message(self.transport, topology.ROUNDS_EXCHANGE, topology.ROUNDS_KEY, RoundClosed(
+            run_id=self.run_id, round=round_no, reason=reason, tasks_issued=len(info.tasks),
+            devices_reported=len(updates), bytes_up=bytes_up, global_version=round_no))
+        self.state.mark_aggregated(self.run_id, round_no, round_no)
+        self._to_evaluate.append(round_no)
+        log.info("aggregator: round %d closed (%s) with %d/%d updates", round_no, reason, len(updates),
+                 len(info.tasks))
+
+    @staticmethod
+    def _stored_update(body: bytes) -> tuple[Tensors, int]:
+        message = decode(body)  # stored only after validation
+        assert isinstance(message, LoraUpdate)
+        return decode_tensors(message.adapter, check_finite=False), message.num_samples
+
+    def _evaluate(self, round_no: int) -> None:
+        version, tensors = self._global()
+        if version != round_no:
+            return  # a newer aggregate exists already; only the latest is evaluated
+        started = time.perf_counter()
+        accuracy, loss = self.evaluator.evaluate(self._global_spec(), tensors)
+        eval_s = time.perf_counter() - started
+        self.state.put_round_metrics(self.run_id, round_no, {"accuracy": accuracy, "loss": loss, "eval_s": eval_s})
+        publish_message(self.transport, topology.ROUNDS_EXCHANGE, topology.ROUNDS_KEY, RoundEvaluated(
+            run_id=self.run_id, round=round_no, accuracy=accuracy, loss=loss, eval_s=eval_s))
+        log.info("aggregator: round %d accuracy %.4f loss %.4f", round_no, accuracy, loss)
+
+    # -- end of run -----------------------------------------------------------------------------
+    def _finalise(self) -> None:
+        """Publish the final adapter (the final round's checkpoint) as ``out_dir/adapter``."""
+        fields = self.state.get_run_fields(self.run_id)
+        final_round = int(fields.get("final_round", 0))
+        if self.out_dir is not None and self.write_checkpoint is not None and final_round > 0:
+            source = checkpoint_dir(self.out_dir, final_round)
+            target = self.out_dir / "adapter"
+            if source.is_dir():
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(source, target)
+        self.finished = True
+        log.info("aggregator: run finished; final adapter is round %d", final_round)

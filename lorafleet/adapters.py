@@ -1,0 +1,109 @@
+"""Pure helpers over adapter tensor dicts (keys as ``get_peft_model_state_dict`` returns them).
+
+A LoRA key names its transformer block, module and factor, e.g.
+``base_model.model.bert.encoder.layer.5.attention.self.query.lora_A.weight``: block 5, module
+``query``, factor A of shape (rank, d_in); factor B has shape (d_out, rank). Every other key (the
+classification head) is a *shared* tensor that every device trains.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from schemas.messages import LoraSpec
+
+_LORA_KEY = re.compile(
+    r"\.layer\.(?P<block>\d+)\.(?:.*\.)?(?P<module>[A-Za-z_][A-Za-z0-9_]*)\.lora_(?P<factor>[AB])\.weight$"
+)
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a key of an adapter state dict holds; ``block`` is None for shared (head) tensors."""
+
+    block: int | None
+    module: str | None
+    factor: Literal["A", "B"] | None
+
+    @property
+    def rank_axis(self) -> int | None:
+        """The axis that indexes LoRA rank: 0 for A (r x d_in), 1 for B (d_out x r), None otherwise."""
+        if self.factor == "A":
+            return 0
+        if self.factor == "B":
+            return 1
+        return None
+
+
+def parse_key(key: str) -> KeyInfo:
+    """Classify an adapter key."""
+    match = _LORA_KEY.search(key)
+    if match is None:
+        return KeyInfo(None, None, None)
+    factor: Literal["A", "B"] = "A" if match["factor"] == "A" else "B"
+    return KeyInfo(int(match["block"]), match["module"], factor)
+
+
+def key_rank(key: str, tensor: torch.Tensor) -> int | None:
+    """The LoRA rank a tensor carries, or None for shared tensors."""
+    axis = parse_key(key).rank_axis
+    return None if axis is None else int(tensor.shape[axis])
+
+
+def blocks_of(tensors: Tensors) -> dict[int, int]:
+    """Block -> rank of the LoRA carried in ``tensors``."""
+    out: dict[int, int] = {}
+    for key, tensor in tensors.items():
+        info = parse_key(key)
+        if info.block is not None and info.rank_axis is not None:
+            out[info.block] = max(out.get(info.block, 0), int(tensor.shape[info.rank_axis]))
+    return out
+
+
+def select_for_spec(tensors: Tensors, spec: LoraSpec) -> Tensors:
+    """The part of a global adapter a device with ``spec`` starts from.
+
+    Shared tensors are kept whole; LoRA tensors are kept for the spec's blocks and target modules
+    and truncated to the block's rank (the first ``r`` rank indices, HetLoRA-style).
+
+    Raises:
+        ValueError: a block or module of the spec is missing from ``tensors``, or the spec asks for
+            a higher rank than the global adapter carries.
+    """
+    out: Tensors = {}
+    found: set[tuple[int, str]] = set()
+    for key, tensor in tensors.items():
+        info = parse_key(key)
+        if info.block is None:
+            out[key] = tensor
+            continue
+        if info.block not in spec.layer_ranks or info.module not in spec.target_modules:
+            continue
+        rank = spec.layer_ranks[info.block]
+        axis = info.rank_axis
+        assert axis is not None and info.module is not None
+        if tensor.shape[axis] < rank:
+            raise ValueError(f"{key}: spec asks for rank {rank}, the global adapter has {tensor.shape[axis]}")
+        out[key] = tensor.narrow(axis, 0, rank).clone()
+        found.add((info.block, info.module))
+    wanted = {(b, m) for b in spec.layer_ranks for m in spec.target_modules}
+    missing = sorted(wanted - found)
+    if missing:
+        raise ValueError(f"global adapter has no LoRA for (block, module) {missing}")
+    return out
+
+
+def shapes(tensors: Tensors) -> dict[str, tuple[int, ...]]:
+    """Key -> shape."""
+    return {key: tuple(int(d) for d in t.shape) for key, t in tensors.items()}
+
+
+def nbytes(tensors: Tensors) -> int:
+    """Raw tensor bytes (no container overhead)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,170 @@
+"""The ``lorafleet`` command line.
+
+``lorafleet run CONFIG --out DIR`` runs a whole experiment (embedded by default; over RabbitMQ and
+Redis with ``--broker``/``--state``). ``lorafleet orchestrator|aggregator|worker`` run one
+service against RabbitMQ and Redis (what compose and the README's by-hand instructions start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from schemas.config import ConfigError, RunConfig, load_run_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML), e.g. examples/quickstart.yaml")]
+BrokerOpt = Annotated[str, typer.Option("--broker", envvar="LORAFLEET_BROKER_URL",
+                                        help="RabbitMQ URL, amqp://user:pass@host:5672/vhost")]
+StateOpt = Annotated[str, typer.Option("--state", envvar="LORAFLEET_STATE_URL", help="Redis URL, redis://host:6379/0")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def _load(path: Path) -> RunConfig:
+    try:
+        return load_run_config(path)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    out: OutOpt = Path("runs/latest"),
+    broker: Annotated[str | None, typer.Option("--broker", help="RabbitMQ URL: run every service as its own process")]
+    = None,
+    state: Annotated[str | None, typer.Option("--state", help="Redis URL (with --broker)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-round progress")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a whole experiment and write OUT/report.json and OUT/adapter/."""
+    _setup_logging(verbose)
+    cfg = _load(config)
+    if (broker is None) != (state is None):
+        err.print("[red]error:[/red] --broker and --state go together (distributed mode), or neither (embedded)")
+        raise typer.Exit(2)
+    if broker is not None and state is not None:
+        from lorafleet.launcher import run_distributed
+
+        report = run_distributed(cfg, config, out, broker=broker, state=state)
+    else:
+        from lorafleet.embedded import run_embedded
+
+        report = run_embedded(cfg, out, quiet=quiet)
+    err.print(f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
+              f"report: {out / 'report.json'}; adapter: {out / 'adapter'}", highlight=False)
+
+
+@app.command()
+def orchestrator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: OutOpt = Path("runs/latest"),
+                 threads: ThreadsOpt = 1, verbose: VerboseOpt = False) -> None:
+    """Run the orchestrator service against RabbitMQ and Redis."""
+    _setup_logging(verbose)
+    cfg = _load(config)
+    from lorafleet.model import configure_torch_threads
+    from lorafleet.progress import RunReporter
+    from lorafleet.wiring import build_orchestrator, build_runtime, open_state, open_transport
+
+    configure_torch_threads(threads)
+    stop = _stop_on_signals()
+    transport, store = open_transport(broker), open_state(state)
+    try:
+        service = build_orchestrator(cfg, transport, store, build_runtime(cfg), out_dir=out,
+                                     reporter=RunReporter(cfg))
+        service.start()
+        service.run_forever(stop)
+    finally:
+        transport.close()
+        store.close()
+
+
+@app.command()
+def aggregator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: OutOpt = Path("runs/latest"),
+               threads: ThreadsOpt = 0, verbose: VerboseOpt = False) -> None:
+    """Run the aggregator service against RabbitMQ and Redis."""
+    _setup_logging(verbose)
+    cfg = _load(config)
+    from lorafleet.model import configure_torch_threads
+    from lorafleet.wiring import build_aggregator, build_runtime, open_state, open_transport
+
+    configure_torch_threads(threads)
+    stop = _stop_on_signals()
+    transport, store = open_transport(broker), open_state(state)
+    try:
+        service = build_aggregator(cfg, transport, store, build_runtime(cfg), out_dir=out)
+        service.start()
+        service.run_forever(stop)
+    finally:
+        transport.close()
+        store.close()
+
+
+@app.command()
+def worker(config: ConfigArg, broker: BrokerOpt,
+           device_id: Annotated[str, typer.Option("--device-id", envvar="LORAFLEET_DEVICE_ID",
+                                                  help="The device slot to serve, e.g. dev-0003")],
+           threads: ThreadsOpt = 0, verbose: VerboseOpt = False) -> None:
+    """Run one device (worker) against RabbitMQ. It needs no state-store access."""
+    _setup_logging(verbose)
+    cfg = _load(config)
+    from lorafleet.model import configure_torch_threads
+    from lorafleet.wiring import Shards, build_runtime, build_worker, device_index, open_transport
+
+    try:
+        index = device_index(cfg, device_id)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] --device-id: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    configure_torch_threads(threads)
+    stop = _stop_on_signals()
+    transport = open_transport(broker)
+    try:
+        service = build_worker(cfg, index, transport, build_runtime(cfg), Shards.load(cfg))
+        service.start()
+        service.run_forever(stop)
+    finally:
+        transport.close()
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Check a run configuration and print it with every default filled in."""
+    cfg = _load(config)
+    Console().print_json(cfg.model_dump_json())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Embedded mode: orchestrator, aggregator and every worker in one process.
+
+The services are the same classes as in distributed mode, over the in-process transport and
+state store. One base model is shared by all workers and the evaluator (devices train one after
+another, which is also the fastest schedule on a small host). A cooperative scheduler steps every
+service until the run finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from lorafleet.model import configure_torch_threads
+from lorafleet.progress import RunReporter
+from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
+from lorafleet.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
+from schemas.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class Steppable(Protocol):
+    finished: bool
+
+    def step(self, timeout: float = 0.0) -> bool: ...
+
+
+def drive(services: Sequence[Steppable], *, until: Steppable, max_idle_s: float = 3600.0,
+          idle_sleep_s: float = 0.005) -> None:
+    """Step every service round-robin until ``until`` finishes.
+
+    Raises:
+        RuntimeError: nothing happened for ``max_idle_s`` seconds (a stuck run).
+    """
+    last_work = time.monotonic()
+    while not until.finished:
+        did = False
+        for service in services:
+            if not service.finished and service.step(0.0):
+                did = True
+        if did:
+            last_work = time.monotonic()
+        elif time.monotonic() - last_work > max_idle_s:
+            raise RuntimeError(f"embedded run made no progress for {max_idle_s:.0f} s")
+        else:
+            time.sleep(idle_sleep_s)
+
+
+def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Run a whole experiment in this process; returns the report (also written to ``out_dir``)."""
+    configure_torch_threads(config.model.torch_threads)
+    reporter = RunReporter(config, quiet=quiet)
+    broker = InMemoryBroker()
+    state = InMemoryStateStore()
+    runtime = build_runtime(config)
+    shards = Shards.load(config)
+    orchestrator = build_orchestrator(config, InMemoryTransport(broker), state, runtime, out_dir=out_dir,
+                                      reporter=reporter)
+    orchestrator.start()
+    aggregator = build_aggregator(config, InMemoryTransport(broker), state, runtime, out_dir=out_dir)
+    aggregator.start()
+    workers = [build_worker(config, i, InMemoryTransport(broker), runtime, shards)
+               for i in range(config.devices.count)]
+    for worker in workers:
+        worker.start()
+    drive([orchestrator, aggregator, *workers], until=orchestrator)
+    drive([aggregator], until=aggregator, max_idle_s=60.0)  # writes the final adapter
+    assert orchestrator.report is not None
+    return orchestrator.report

@@ -1,0 +1,57 @@
+"""What every service does with a delivery before its own logic: decode, check sender, reject.
+
+A message that fails any check is dead-lettered with its reason and counted; it never raises
+into the service loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from lorafleet.topology import ALLOWED_KINDS
+from lorafleet.transport.base import Delivery, Transport
+from schemas.envelope import decode, encode, kind_of
+from schemas.errors import DecodeError
+from schemas.messages import Message
+
+log = logging.getLogger(__name__)
+
+
+def receive(delivery: Delivery, *, run_id: str, max_bytes: int) -> Message:
+    """Decode a delivery and check that its kind may come through its exchange and its run is ours.
+
+    Raises:
+        DecodeError: any envelope/schema failure, ``wrong_sender`` or ``wrong_run``.
+    """
+    message = decode(delivery.body, max_bytes=max_bytes)
+    kind = kind_of(message)
+    if kind not in ALLOWED_KINDS.get(delivery.exchange, frozenset()):
+        raise DecodeError("wrong_sender", f"{kind} may not arrive through exchange {delivery.exchange!r}")
+    if message.run_id != run_id:
+        raise DecodeError("wrong_run", f"message of run {message.run_id!r}, this is run {run_id!r}")
+    return message
+
+
+class Rejections:
+    """Dead-letters refused deliveries and counts them per reason (locally and through ``sink``)."""
+
+    def __init__(self, service: str, sink: Callable[[str], None] | None = None) -> None:
+        self.service = service
+        self.counts: Counter[str] = Counter()
+        self._sink = sink
+
+    def reject(self, delivery: Delivery, error: DecodeError) -> None:
+        log.warning("%s: dead-lettering message %s: %s", self.service, delivery.message_id[:80], error)
+        delivery.dead_letter(error.reason, error.detail)
+        self.counts[error.reason] += 1
+        if self._sink is not None:
+            self._sink(f"rejected_{error.reason}")
+
+
+def publish_message(transport: Transport, exchange: str, routing_key: str, message: Message) -> int:
+    """Encode and publish (confirmed); returns the encoded size in bytes."""
+    body = encode(message)
+    transport.publish(exchange, routing_key, body, message_id=message.message_id)
+    return len(body)

@@ -1,0 +1,43 @@
+"""Per-round progress on the terminal (rich). Silent when ``quiet``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from schemas.config import RunConfig
+
+
+class RunReporter:
+    def __init__(self, config: RunConfig, *, quiet: bool = False, console: Console | None = None) -> None:
+        self.config = config
+        self.quiet = quiet
+        self.console = console or Console(stderr=True)
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def device_registered(self, device_id: str, count: int) -> None:
+        if count == self.config.devices.count or count % max(1, self.config.devices.count // 4) == 0:
+            self._print(f"[dim]devices registered: {count}/{self.config.devices.count}[/dim]")
+
+    def round_opened(self, round_no: int, tasks: int) -> None:
+        self._print(f"[cyan]round {round_no}/{self.config.rounds.max_rounds}[/cyan]: {tasks} tasks out")
+
+    def round_closed(self, round_no: int, metrics: dict[str, Any]) -> None:
+        self._print(
+            f"[cyan]round {round_no}[/cyan] closed ({metrics.get('close_reason')}): "
+            f"{metrics.get('devices_reported')}/{metrics.get('tasks_issued')} updates, "
+            f"{metrics.get('round_time_s', 0.0):.1f} s, up {metrics.get('bytes_up', 0) / 1e6:.2f} MB, "
+            f"down {metrics.get('bytes_down', 0) / 1e6:.2f} MB"
+        )
+
+    def round_evaluated(self, round_no: int, accuracy: float, loss: float) -> None:
+        self._print(f"[green]round {round_no}[/green] accuracy [bold]{accuracy:.4f}[/bold] loss {loss:.4f}")
+
+    def finished(self, reason: str, final_round: int, accuracy: float | None, wall_s: float) -> None:
+        acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
+        self._print(f"[bold]run finished[/bold] ({reason}) after round {final_round}: accuracy {acc}, "
+                    f"{wall_s:.1f} s")

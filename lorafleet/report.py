@@ -1,0 +1,64 @@
+"""``report.json``: what a run did, built from the state store (so any process can write it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lorafleet import __version__
+from lorafleet.state.base import StateStore
+from schemas.config import RunConfig
+
+REPORT_VERSION = 1
+
+
+def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
+    """The report of ``config.run_id`` as a JSON-serialisable dict (format in README.md)."""
+    run_id = config.run_id
+    fields = state.get_run_fields(run_id)
+    final_round = int(fields.get("final_round", 0))
+    metrics = state.get_round_metrics(run_id)
+    rounds = [_round_entry(n, m) for n, m in sorted(metrics.items()) if 0 < n <= final_round]
+    counters = state.get_counters(run_id)
+    return {
+        "report_version": REPORT_VERSION,
+        "lorafleet_version": __version__,
+        "run_id": run_id,
+        "strategy": config.strategy,
+        "config": config.model_dump(mode="json"),
+        "rounds": rounds,
+        "final_round": final_round,
+        "final_accuracy": fields.get("final_accuracy"),
+        "finish_reason": fields.get("finish_reason"),
+        "wall_time_s": fields.get("wall_time_s"),
+        "devices_registered": len(state.get_devices(run_id)),
+        "updates": {k.removeprefix("update_"): v for k, v in sorted(counters.items()) if k.startswith("update_")},
+        "rejected": {k.removeprefix("rejected_"): v for k, v in sorted(counters.items()) if k.startswith("rejected_")},
+        "tasks_failed": counters.get("task_failed", 0),
+    }
+
+
+def _round_entry(round_no: int, m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "round": round_no,
+        "accuracy": m.get("accuracy"),
+        "loss": m.get("loss"),
+        "wall_time_s": m.get("wall_time_s"),
+        "bytes_up": int(m.get("bytes_up", 0)),
+        "bytes_down": int(m.get("bytes_down", 0)),
+        "devices_reported": int(m.get("devices_reported", 0)),
+        "tasks_issued": int(m.get("tasks_issued", 0)),
+        "close_reason": m.get("close_reason"),
+        "round_time_s": m.get("round_time_s"),
+        "eval_s": m.get("eval_s"),
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

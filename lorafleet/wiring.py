@@ -1,0 +1,128 @@
+"""Builds services with their real collaborators from a run configuration.
+
+The only place that knows how URLs map to adapters and how a device slot maps to its shard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggregator.evaluation import evaluate
+from aggregator.service import AggregatorService
+from lorafleet.adapters import Tensors
+from lorafleet.clock import Clock
+from lorafleet.data import EncodedDataset, TextDataset, encode_dataset, eval_set, load_split, num_labels, partition_iid
+from lorafleet.model import AdapterRuntime, load_tokenizer
+from lorafleet.progress import RunReporter
+from lorafleet.state.base import StateStore
+from lorafleet.transport.base import Transport
+from orchestrator.service import OrchestratorService
+from schemas.config import RunConfig, device_id
+from schemas.messages import LoraSpec
+from worker.service import WorkerService
+from worker.trainer import LoraTrainer, Trainer
+
+
+def open_transport(url: str) -> Transport:
+    """A transport for ``amqp://``/``amqps://`` URLs (RabbitMQ)."""
+    if url.startswith(("amqp://", "amqps://")):
+        from lorafleet.transport.rabbitmq import PikaTransport
+
+        return PikaTransport(url)
+    raise ValueError(f"--broker must be an amqp:// or amqps:// URL, got {url!r}")
+
+
+def open_state(url: str) -> StateStore:
+    """A state store for ``redis://``/``rediss://`` URLs."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from lorafleet.state.redis import RedisStateStore
+
+        return RedisStateStore(url)
+    raise ValueError(f"--state must be a redis:// or rediss:// URL, got {url!r}")
+
+
+def device_index(config: RunConfig, device: str) -> int:
+    """The slot index of a device id (``dev-0003`` -> 3).
+
+    Raises:
+        ValueError: not a device id of this run.
+    """
+    if device not in config.device_ids():
+        raise ValueError(f"device id {device!r} is not one of this run's {config.devices.count} slots "
+                         f"({device_id(0)} .. {device_id(config.devices.count - 1)})")
+    return int(device.rsplit("-", 1)[1])
+
+
+@dataclass
+class Shards:
+    """The training rows of every device slot, loaded once."""
+
+    train: TextDataset
+    indices: list[list[int]]
+
+    @classmethod
+    def load(cls, config: RunConfig) -> Shards:
+        train = load_split(config.data.dataset, config.data.data_dir, "train")
+        indices = partition_iid(len(train), config.devices.count, config.data.samples_per_device, config.seed)
+        return cls(train, indices)
+
+    def shard(self, index: int) -> TextDataset:
+        return self.train.subset(self.indices[index])
+
+
+def label_histogram(ds: TextDataset) -> list[int]:
+    counts = Counter(ds.labels)
+    return [counts.get(c, 0) for c in range(ds.num_labels)]
+
+
+class RuntimeEvaluator:
+    """Evaluates adapters on the run's evaluation split with a shared :class:`AdapterRuntime`."""
+
+    def __init__(self, runtime: AdapterRuntime, encoded_eval: EncodedDataset) -> None:
+        self.runtime = runtime
+        self.encoded_eval = encoded_eval
+
+    def evaluate(self, spec: LoraSpec, tensors: Tensors) -> tuple[float, float]:
+        return evaluate(self.runtime, spec, tensors, self.encoded_eval)
+
+
+def build_runtime(config: RunConfig) -> AdapterRuntime:
+    return AdapterRuntime(config.model, num_labels(config.data.dataset), seed=config.seed)
+
+
+def build_orchestrator(config: RunConfig, transport: Transport, state: StateStore, runtime: AdapterRuntime, *,
+                       out_dir: Path | None, reporter: RunReporter | None = None,
+                       clock: Clock | None = None) -> OrchestratorService:
+    return OrchestratorService(
+        transport, state, config=config, num_blocks=runtime.num_blocks,
+        initial_adapter=lambda spec: runtime.initial_adapter(spec, seed=config.seed),
+        out_dir=out_dir, reporter=reporter, clock=clock,
+    )
+
+
+def build_aggregator(config: RunConfig, transport: Transport, state: StateStore, runtime: AdapterRuntime, *,
+                     out_dir: Path | None, clock: Clock | None = None) -> AggregatorService:
+    tokenizer = load_tokenizer(config.model)
+    encoded_eval = encode_dataset(tokenizer, eval_set(config), config.model.max_seq_len)
+
+    def write_checkpoint(spec: LoraSpec, tensors: Tensors, directory: Path) -> None:
+        runtime.save_peft_checkpoint(spec, tensors, directory, dataset=config.data.dataset)
+
+    return AggregatorService(transport, state, config=config, evaluator=RuntimeEvaluator(runtime, encoded_eval),
+                             write_checkpoint=write_checkpoint, out_dir=out_dir, clock=clock)
+
+
+def build_worker(config: RunConfig, index: int, transport: Transport, runtime: AdapterRuntime, shards: Shards, *,
+                 trainer: Trainer | None = None, clock: Clock | None = None) -> WorkerService:
+    shard = shards.shard(index)
+    if trainer is None:
+        tokenizer = load_tokenizer(config.model)
+        trainer = LoraTrainer(runtime, encode_dataset(tokenizer, shard, config.model.max_seq_len))
+    return WorkerService(
+        transport, trainer, run_id=config.run_id, device_id=device_id(index), num_samples=len(shard),
+        label_histogram=label_histogram(shard), profile=config.devices.profile, limits=config.limits,
+        clock=clock, incarnation=f"{os.getpid()}",
+    )

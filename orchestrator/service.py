@@ -1,0 +1,300 @@
+"""The orchestrator owns the plan: registers devices, opens rounds, publishes tasks, stops the run.
+
+Round state lives in the state store, so a restarted orchestrator resumes where it was: an open
+round's tasks are published again (duplicates are harmless: tasks and updates are idempotent by
+task id), a round that closed while it was down is picked up from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from lorafleet import topology
+from lorafleet.adapters import Tensors, select_for_spec
+from lorafleet.clock import Clock, SystemClock, to_ms
+from lorafleet.messaging import Rejections, publish_message, receive
+from lorafleet.progress import RunReporter
+from lorafleet.report import build_report, write_report
+from lorafleet.state.base import StateStore
+from lorafleet.transport.base import AccessRefused, Delivery, Subscription, Transport
+from orchestrator.planning import PLANNERS, global_spec, quorum_size, sample_devices, task_id
+from schemas.config import RunConfig
+from schemas.envelope import encode
+from schemas.errors import DecodeError
+from schemas.messages import (
+    DeviceRegistered,
+    Heartbeat,
+    LoraSpec,
+    ReplanRequest,
+    RoundClosed,
+    RoundEvaluated,
+    RunFinished,
+    TrainHyperParams,
+    TrainTask,
+)
+from schemas.tensors import encode_tensors, tensors_from_bytes, tensors_to_bytes
+
+log = logging.getLogger(__name__)
+
+Phase = Literal["registering", "running", "finishing", "finished"]
+FinishReason = Literal["max_rounds", "target_accuracy", "time_budget", "aborted"]
+LEASE_S = 30.0
+
+
+class OrchestratorService:
+    """``step`` handles at most one delivery, then checks registration and budgets."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        state: StateStore,
+        *,
+        config: RunConfig,
+        num_blocks: int,
+        initial_adapter: Callable[[LoraSpec], Tensors],
+        out_dir: Path | None = None,
+        clock: Clock | None = None,
+        reporter: RunReporter | None = None,
+    ) -> None:
+        self.transport = transport
+        self.state = state
+        self.config = config
+        self.run_id = config.run_id
+        self.num_blocks = num_blocks
+        self.initial_adapter = initial_adapter
+        self.out_dir = out_dir
+        self.clock = clock or SystemClock()
+        self.reporter = reporter or RunReporter(config, quiet=True)
+        self.planner = PLANNERS[config.strategy]
+        self.global_spec = global_spec(config, num_blocks)
+        self.phase: Phase = "registering"
+        self.round = 0
+        self.report: dict[str, object] | None = None
+        self.rejections = Rejections("orchestrator", sink=lambda name: self.state.incr_counter(self.run_id, name))
+        self._subscription: Subscription | None = None
+        self._started_at = self.clock.now()
+        self._registration_started = self.clock.now()
+        self._finishing: tuple[FinishReason, int] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == "finished"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Declare topology (where allowed), subscribe, and resume or initialise the run."""
+        try:
+            topology.declare_static_topology(self.transport)
+        except AccessRefused:
+            log.info("orchestrator: topology comes from the broker's definitions")
+        self._subscription = self.transport.subscribe(topology.ORCHESTRATOR_QUEUE, prefetch=16)
+        fields = self.state.get_run_fields(self.run_id)
+        status = fields.get("status")
+        if status == "finished":
+            self.phase = "finished"
+        elif status == "running":
+            self._resume(fields)
+        else:
+            self._initialise()
+
+    def _initialise(self) -> None:
+        self.state.put_run_field(self.run_id, "config", self.config.model_dump(mode="json"))
+        self.state.put_run_field(self.run_id, "global_spec", self.global_spec.model_dump_json())
+        if self.state.get_global_adapter(self.run_id) is None:
+            self.state.put_global_adapter(self.run_id, 0, tensors_to_bytes(self.initial_adapter(self.global_spec)))
+        self.state.put_run_field(self.run_id, "status", "registering")
+        for device_id in self.state.get_devices(self.run_id):
+            self._declare_device_queue(device_id)
+
+    def _resume(self, fields: dict[str, object]) -> None:
+        self.phase = "running"
+        self.round = int(str(fields.get("round", 0)))
+        self._started_at = float(str(fields.get("started_at", self.clock.now())))
+        for device_id in self.state.get_devices(self.run_id):
+            self._declare_device_queue(device_id)
+        info = self.state.get_round(self.run_id, self.round)
+        log.info("orchestrator: resuming run %s at round %d", self.run_id, self.round)
+        if info is not None and info.status == "open":
+            self._publish_tasks(self.round)  # tasks may not all have gone out before the crash
+        elif info is not None and info.status == "aggregated":
+            self._after_round(self.round)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def step(self, timeout: float = 0.0) -> bool:
+        if self.finished:
+            return False
+        if self._subscription is None:
+            self.start()
+        assert self._subscription is not None
+        delivery = self._subscription.get(timeout)
+        if delivery is not None:
+            self._handle(delivery)
+        self._tick()
+        return delivery is not None
+
+    def run_forever(self, stop: object | None = None, *, poll_s: float = 0.5) -> None:
+        is_set = getattr(stop, "is_set", lambda: False)
+        while not self.finished and not is_set():
+            self.step(poll_s)
+
+    def _tick(self) -> None:
+        now = self.clock.now()
+        if self.phase == "registering":
+            devices = self.state.get_devices(self.run_id)
+            waited = now - self._registration_started
+            if len(devices) >= self.config.min_devices or (
+                devices and waited > self.config.rounds.registration_timeout_s
+            ):
+                self._begin()
+            elif waited > self.config.rounds.registration_timeout_s:
+                self._finish("aborted", 0)
+        elif self.phase == "running" and self._over_time_budget():
+            info = self.state.get_round(self.run_id, self.round)
+            if info is None or info.status == "aggregated":
+                self._finish("time_budget", self.round)
+
+    def _over_time_budget(self) -> bool:
+        budget = self.config.rounds.time_budget_s
+        return budget is not None and self.clock.now() - self._started_at >= budget
+
+    # -- ingress --------------------------------------------------------------------------------
+    def _handle(self, delivery: Delivery) -> None:
+        try:
+            message = receive(delivery, run_id=self.run_id, max_bytes=self.config.limits.max_message_bytes)
+            if isinstance(message, DeviceRegistered):
+                self._on_registered(message)
+            elif isinstance(message, Heartbeat):
+                self.state.touch_device(self.run_id, message.device_id, to_ms(self.clock.now() + LEASE_S))
+            elif isinstance(message, RoundClosed):
+                self._on_round_closed(message)
+            elif isinstance(message, RoundEvaluated):
+                self._on_round_evaluated(message)
+            elif isinstance(message, ReplanRequest):
+                log.info("orchestrator: replan requested after round %d: %s", message.round, message.reason)
+            else:
+                raise DecodeError("unexpected_kind", f"the orchestrator does not consume {type(message).__name__}")
+            delivery.ack()
+        except DecodeError as exc:
+            self.rejections.reject(delivery, exc)
+
+    def _on_registered(self, message: DeviceRegistered) -> None:
+        info = message.model_dump(mode="json", exclude={"run_id", "device_id"})
+        new = self.state.register_device(self.run_id, message.device_id, info)
+        self._declare_device_queue(message.device_id)
+        self.state.touch_device(self.run_id, message.device_id, to_ms(self.clock.now() + LEASE_S))
+        if new:
+            self.reporter.device_registered(message.device_id, len(self.state.get_devices(self.run_id)))
+
+    def _declare_device_queue(self, device_id: str) -> None:
+        self.transport.declare_queue(topology.device_task_queue(device_id))
+
+    def _on_round_closed(self, message: RoundClosed) -> None:
+        if message.round != self.round or self.phase not in ("running", "finishing"):
+            return  # a duplicate, or a round we already moved past
+        metrics = self.state.get_round_metrics(self.run_id).get(message.round, {})
+        if "wall_time_s" in metrics:
+            return  # handled before (redelivered RoundClosed)
+        now = self.clock.now()
+        opened_at = float(metrics.get("opened_at", now))
+        self.state.put_round_metrics(self.run_id, message.round, {
+            "wall_time_s": now - self._started_at, "round_time_s": now - opened_at})
+        self.reporter.round_closed(message.round, self.state.get_round_metrics(self.run_id)[message.round])
+        self._after_round(message.round)
+
+    def _after_round(self, round_no: int) -> None:
+        if self.phase == "finishing":
+            return
+        if round_no >= self.config.rounds.max_rounds:
+            self._finish_after_evaluation("max_rounds", round_no)
+        elif self._over_time_budget():
+            self._finish_after_evaluation("time_budget", round_no)
+        else:
+            self._open_round(round_no + 1)
+
+    def _on_round_evaluated(self, message: RoundEvaluated) -> None:
+        self.reporter.round_evaluated(message.round, message.accuracy, message.loss)
+        target = self.config.rounds.target_accuracy
+        if target is not None and message.accuracy >= target and self.phase == "running":
+            self._finish("target_accuracy", message.round)
+        elif self._finishing is not None and message.round == self._finishing[1]:
+            self._finish(*self._finishing)
+
+    def _finish_after_evaluation(self, reason: FinishReason, round_no: int) -> None:
+        self.phase = "finishing"
+        self._finishing = (reason, round_no)
+        if "accuracy" in self.state.get_round_metrics(self.run_id).get(round_no, {}):
+            self._finish(reason, round_no)
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        self.phase = "running"
+        self._started_at = self.clock.now()
+        self.state.put_run_field(self.run_id, "started_at", self._started_at)
+        self.state.put_run_field(self.run_id, "status", "running")
+        self._open_round(1)
+
+    def _open_round(self, round_no: int) -> None:
+        devices = sample_devices(list(self.state.get_devices(self.run_id)), self.config.rounds.sample_fraction,
+                                 round_no, self.config.seed)
+        plans = self.planner(devices, self.config, self.num_blocks)
+        tasks = {task_id(self.run_id, round_no, p.device_id): p.device_id for p in plans}
+        specs = {task_id(self.run_id, round_no, p.device_id): p.lora.model_dump_json() for p in plans}
+        now = self.clock.now()
+        deadline = now + self.config.rounds.round_deadline_s
+        quorum = quorum_size(len(tasks), self.config.rounds.quorum_fraction)
+        self.state.open_round(self.run_id, round_no, tasks, specs, quorum, to_ms(deadline), to_ms(now))
+        self.state.put_run_field(self.run_id, "round", round_no)
+        self.round = round_no
+        self.state.put_round_metrics(self.run_id, round_no, {"opened_at": now, "tasks_issued": len(tasks)})
+        self._publish_tasks(round_no)
+
+    def _publish_tasks(self, round_no: int) -> None:
+        info = self.state.get_round(self.run_id, round_no)
+        assert info is not None
+        stored = self.state.get_global_adapter(self.run_id)
+        assert stored is not None
+        global_tensors = tensors_from_bytes(stored[1])
+        payloads: dict[str, object] = {}
+        bytes_down = 0
+        for tid, device_id in sorted(info.tasks.items()):
+            spec_json = self.state.get_task_spec(self.run_id, round_no, tid)
+            assert spec_json is not None
+            spec = LoraSpec.model_validate_json(spec_json)
+            if spec_json not in payloads:
+                payloads[spec_json] = encode_tensors(select_for_spec(global_tensors, spec))
+            task = TrainTask(
+                task_id=tid, run_id=self.run_id, round=round_no, device_id=device_id, plan_version=round_no,
+                lora=spec, hparams=self._hparams(), adapter=payloads[spec_json],  # type: ignore[arg-type]
+                issued_at=info.opened_ms / 1000.0, deadline_at=info.deadline_ms / 1000.0,
+            )
+            body = encode(task)
+            self.transport.publish(topology.TASKS_EXCHANGE, device_id, body, message_id=task.message_id)
+            bytes_down += len(body)
+        self.state.put_round_metrics(self.run_id, round_no, {"bytes_down": bytes_down})
+        self.reporter.round_opened(round_no, len(info.tasks))
+
+    def _hparams(self) -> TrainHyperParams:
+        t = self.config.training
+        return TrainHyperParams(local_epochs=t.local_epochs, max_steps=t.max_steps, batch_size=t.batch_size,
+                                lr=t.lr, weight_decay=t.weight_decay, seed=self.config.seed)
+
+    # -- end ------------------------------------------------------------------------------------
+    def _finish(self, reason: FinishReason, final_round: int) -> None:
+        metrics = self.state.get_round_metrics(self.run_id).get(final_round, {})
+        accuracy = metrics.get("accuracy")
+        wall = self.clock.now() - self._started_at
+        for name, value in (("final_round", final_round), ("final_accuracy", accuracy),
+                            ("finish_reason", reason), ("wall_time_s", wall), ("status", "finished")):
+            self.state.put_run_field(self.run_id, name, value)
+        finished = RunFinished(run_id=self.run_id, reason=reason, rounds_completed=final_round,
+                               final_accuracy=accuracy)
+        for device_id in sorted(self.state.get_devices(self.run_id)):
+            publish_message(self.transport, topology.TASKS_EXCHANGE, device_id, finished)
+        self.report = build_report(self.config, self.state)
+        if self.out_dir is not None:
+            write_report(self.report, self.out_dir)
+        self.phase = "finished"
+        self.reporter.finished(reason, final_round, accuracy, wall)

@@ -1,0 +1,212 @@
+"""One edge device: registers, takes its tasks, trains exactly the LoRA each names, reports.
+
+The worker knows only the broker (least privilege: no state-store credentials). The task is
+acked only after its update is confirmed by the broker, so a crash in between means a
+redelivered task and a duplicate update (which the aggregator counts once), never a lost one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from lorafleet import topology
+from lorafleet.clock import Clock, SystemClock
+from lorafleet.messaging import Rejections, publish_message, receive
+from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
+from schemas.config import LimitsConfig
+from schemas.errors import DecodeError
+from schemas.messages import (
+    DeviceProfile,
+    DeviceRegistered,
+    Heartbeat,
+    LoraUpdate,
+    RunFinished,
+    TaskFailed,
+    TrainTask,
+)
+from schemas.tensors import decode_tensors, encode_tensors
+from worker.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerService:
+    """A device's service loop. ``step`` handles at most one delivery."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        trainer: Trainer,
+        *,
+        run_id: str,
+        device_id: str,
+        num_samples: int,
+        label_histogram: list[int] | None = None,
+        profile: DeviceProfile | None = None,
+        limits: LimitsConfig | None = None,
+        clock: Clock | None = None,
+        incarnation: str = "0",
+    ) -> None:
+        self.transport = transport
+        self.trainer = trainer
+        self.run_id = run_id
+        self.device_id = device_id
+        self.num_samples = num_samples
+        self.label_histogram = list(label_histogram or [])
+        self.profile = profile or DeviceProfile()
+        self.limits = limits or LimitsConfig()
+        self.clock = clock or SystemClock()
+        self.incarnation = incarnation
+        self.finished = False
+        self.stats: Counter[str] = Counter()
+        self.rejections = Rejections(f"worker {device_id}")
+        self._subscription: Subscription | None = None
+        self._completed: dict[str, LoraUpdate] = {}  # task id -> update already published
+        self._busy_task: str | None = None
+        self._heartbeat_seq = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Announce the device to the orchestrator."""
+        publish_message(
+            self.transport,
+            topology.CONTROL_EXCHANGE,
+            topology.REGISTER_KEY,
+            DeviceRegistered(
+                run_id=self.run_id,
+                device_id=self.device_id,
+                num_samples=self.num_samples,
+                label_histogram=self.label_histogram,
+                profile=self.profile,
+                incarnation=self.incarnation,
+            ),
+        )
+
+    def heartbeat(self) -> None:
+        """Tell the orchestrator this device is alive (and what it is working on)."""
+        self._heartbeat_seq += 1
+        publish_message(
+            self.transport,
+            topology.CONTROL_EXCHANGE,
+            topology.HEARTBEAT_KEY,
+            Heartbeat(run_id=self.run_id, device_id=self.device_id, seq=self._heartbeat_seq,
+                      busy_task_id=self._busy_task),
+        )
+
+    def _subscribed(self) -> bool:
+        if self._subscription is None:
+            try:
+                self._subscription = self.transport.subscribe(topology.task_queue_name(self.device_id))
+            except QueueNotFound:
+                return False  # the orchestrator declares it when it registers us
+        return True
+
+    def step(self, timeout: float = 0.0) -> bool:
+        """Handle at most one delivery; True if there was one."""
+        if self.finished or not self._subscribed():
+            return False
+        assert self._subscription is not None
+        delivery = self._subscription.get(timeout)
+        if delivery is None:
+            return False
+        self._handle(delivery)
+        return True
+
+    def run_forever(self, stop: threading.Event | None = None, *, poll_s: float = 0.5,
+                    heartbeat_s: float = 5.0) -> None:
+        """Loop until the run finishes or ``stop`` is set, with heartbeats from a side thread."""
+        stop = stop or threading.Event()
+        beat = threading.Thread(target=self._beat, args=(stop, heartbeat_s), daemon=True,
+                                name=f"heartbeat-{self.device_id}")
+        beat.start()
+        try:
+            while not self.finished and not stop.is_set():
+                try:
+                    if not self._subscribed():
+                        stop.wait(poll_s)
+                        continue
+                    self.step(poll_s)
+                except TransportError as exc:
+                    log.warning("worker %s: transport error, retrying: %s", self.device_id, exc)
+                    self._subscription = None
+                    stop.wait(1.0)
+        finally:
+            stop.set()
+            beat.join(timeout=5)
+
+    def _beat(self, stop: threading.Event, every_s: float) -> None:
+        while not stop.wait(every_s):
+            try:
+                self.heartbeat()
+            except TransportError as exc:
+                log.warning("worker %s: heartbeat not sent: %s", self.device_id, exc)
+
+    # -- handling -------------------------------------------------------------------------------
+    def _handle(self, delivery: Delivery) -> None:
+        try:
+            message = receive(delivery, run_id=self.run_id, max_bytes=self.limits.max_message_bytes)
+            if isinstance(message, RunFinished):
+                delivery.ack()
+                self.finished = True
+                log.info("worker %s: run finished (%s)", self.device_id, message.reason)
+            elif isinstance(message, TrainTask):
+                self._handle_task(message, delivery)
+            else:
+                raise DecodeError("unexpected_kind", f"a worker does not consume {type(message).__name__}")
+        except DecodeError as exc:
+            self.rejections.reject(delivery, exc)
+
+    def _handle_task(self, task: TrainTask, delivery: Delivery) -> None:
+        if task.device_id != self.device_id:
+            raise DecodeError("wrong_device", f"task for {task.device_id} reached {self.device_id}")
+        if self.clock.now() > task.deadline_at:
+            self.stats["stale_tasks"] += 1  # its round closed already: training it helps nobody
+            delivery.ack()
+            return
+        update = self._completed.get(task.task_id) or self._train(task)
+        if update is None:
+            delivery.ack()  # a TaskFailed went out instead
+            return
+        try:
+            self.stats["bytes_up"] += publish_message(
+                self.transport, topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, update)
+        except TransportError:
+            delivery.requeue()  # not confirmed: try the task again (bounded by the delivery limit)
+            raise
+        self._completed = {task.task_id: update}
+        delivery.ack()
+        self.stats["tasks_done"] += 1
+
+    def _train(self, task: TrainTask) -> LoraUpdate | None:
+        start = decode_tensors(task.adapter, max_bytes=self.limits.max_payload_bytes)
+        self._busy_task = task.task_id
+        try:
+            outcome = self.trainer.train(task, start)
+        except Exception as exc:  # noqa: BLE001 - a failed task becomes a message, not a crash
+            log.exception("worker %s: task %s failed", self.device_id, task.task_id)
+            self._report_failure(task, f"{type(exc).__name__}: {exc}")
+            return None
+        finally:
+            self._busy_task = None
+        return LoraUpdate(
+            task_id=task.task_id,
+            run_id=task.run_id,
+            round=task.round,
+            device_id=self.device_id,
+            plan_version=task.plan_version,
+            num_samples=outcome.num_samples,
+            adapter=encode_tensors(outcome.tensors),
+            metrics=outcome.metrics,
+        )
+
+    def _report_failure(self, task: TrainTask, reason: str) -> None:
+        self.stats["tasks_failed"] += 1
+        publish_message(
+            self.transport,
+            topology.UPDATES_EXCHANGE,
+            topology.UPDATE_KEY,
+            TaskFailed(task_id=task.task_id, run_id=task.run_id, round=task.round,
+                       device_id=self.device_id, reason=reason[:2000]),
+        )
