@@ -1,0 +1,496 @@
+"""Redis adapter of the StateStore port: the only module of lorafleet that imports redis.
+
+Every multi-key decision (open a round, count an update and close on quorum, close on deadline, mark
+aggregated, store a newer global adapter) is one Lua script, so it is atomic on the server and safe under
+any number of concurrent callers, threads or processes. Keys come from :mod:`lorafleet.state.keys` only.
+
+Retries are configured on the connection pool (a hand-built pool without ``retry=`` would not retry at
+all). A retried command whose first attempt did run but whose reply was lost must not change the answer,
+so every state-changing script takes a per-call nonce and records in the round's state hash which call
+opened it (``opened_by``), counted each task (``counted_by:<task_id>``), closed it (``closed_by``) and
+aggregated it (``aggregated_by``). A replay of the same call returns the first answer instead of a second
+effect: ``counted`` stays ``counted`` (no second ``update_counted``), ``closed_now`` and the rounds a sweep
+closed are not lost, ``open_round``/``mark_aggregated`` still say True. Known limits of such a replay:
+a non-counted outcome (duplicate, late, ...) bumps its ``update_*`` counter twice, :meth:`register_device`
+may answer False for a new device, and :meth:`incr_counter` (HINCRBY) may count twice; these are
+diagnostics. Whatever the replies, the pending-aggregation ZSET (the outbox) holds every closed round.
+
+Redis exceptions never leave this module: they become :class:`lorafleet.state.base.StateStoreError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from lorafleet.state import keys
+from lorafleet.state.base import (
+    CloseReason,
+    RecordOutcome,
+    RecordResult,
+    RoundInfo,
+    RoundStatus,
+    StateStore,
+    StateStoreError,
+)
+
+__all__ = ["RedisStateStore"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_HSET_CHUNK = 1000  # ARGV items per HSET inside a script (an even number: field/value pairs)
+
+# Shared Lua helper: HSET ARGV[first..last] (field/value pairs) in chunks (unpack has a stack limit).
+_LUA_HSET_RANGE = f"""
+local function hset_range(key, first, last)
+  local i = first
+  while i <= last do
+    local j = math.min(i + {_HSET_CHUNK - 1}, last)
+    redis.call('HSET', key, unpack(ARGV, i, j))
+    i = j + 1
+  end
+end
+"""
+
+# KEYS: state, tasks, specs, rounds index, open deadlines
+# ARGV: round, quorum, deadline_ms, now_ms, nonce, n_tasks, task pairs..., spec pairs...
+_OPEN_ROUND = (
+    _LUA_HSET_RANGE
+    + """
+local opened_by = redis.call('HGET', KEYS[1], 'opened_by')
+if opened_by then
+  if opened_by == ARGV[5] then return 1 end  -- replay of this very call
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'open', 'quorum', ARGV[2], 'deadline_ms', ARGV[3],
+           'opened_ms', ARGV[4], 'reported', 0, 'opened_by', ARGV[5])
+local task_end = 6 + 2 * tonumber(ARGV[6])
+hset_range(KEYS[2], 7, task_end)
+hset_range(KEYS[3], task_end + 1, #ARGV)
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+return 1
+"""
+)
+
+# KEYS: state, tasks, updates, open deadlines, pending, counters
+# ARGV: task_id, device_id, update bytes, now_ms, round, nonce
+# Checks in the twin's order: unknown_task, wrong_device, duplicate, late, counted.
+_RECORD_UPDATE = """
+local function finish(outcome, reported, closed)
+  redis.call('HINCRBY', KEYS[6], 'update_' .. outcome, 1)
+  return {outcome, reported, closed}
+end
+local st = redis.call('HMGET', KEYS[1], 'status', 'quorum', 'reported')
+if not st[1] then return finish('unknown_task', 0, 0) end
+local reported = tonumber(st[3])
+local device = redis.call('HGET', KEYS[2], ARGV[1])
+if not device then return finish('unknown_task', reported, 0) end
+if device ~= ARGV[2] then return finish('wrong_device', reported, 0) end
+local nonce = ARGV[6]
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  local memo = redis.call('HGET', KEYS[1], 'counted_by:' .. ARGV[1])
+  if memo and string.sub(memo, 1, #nonce + 1) == nonce .. ':' then
+    -- replay of this very call (client retry after a lost reply): the first answer, no second count
+    local closer = redis.call('HGET', KEYS[1], 'closed_by')
+    local closed = 0
+    if closer == nonce then closed = 1 end
+    return {'counted', tonumber(string.sub(memo, #nonce + 2)), closed}
+  end
+  return finish('duplicate', reported, 0)
+end
+if st[1] ~= 'open' then return finish('late', reported, 0) end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+reported = reported + 1
+redis.call('HSET', KEYS[1], 'reported', reported, 'counted_by:' .. ARGV[1], nonce .. ':' .. reported)
+local closed = 0
+if reported >= tonumber(st[2]) then
+  redis.call('HSET', KEYS[1], 'status', 'closed', 'closed_ms', ARGV[4], 'close_reason', 'quorum',
+             'closed_by', nonce)
+  redis.call('ZREM', KEYS[4], ARGV[5])
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[5])
+  closed = 1
+end
+return finish('counted', reported, closed)
+"""
+
+# KEYS: open deadlines, pending, state of each candidate round   ARGV: now_ms, nonce, candidate rounds...
+_CLOSE_EXPIRED = """
+local closed = {}
+for i = 3, #KEYS do
+  local r = ARGV[i]
+  local st = redis.call('HMGET', KEYS[i], 'status', 'deadline_ms', 'closed_by')
+  if st[1] == 'open' and tonumber(st[2]) <= tonumber(ARGV[1]) then
+    redis.call('HSET', KEYS[i], 'status', 'closed', 'closed_ms', ARGV[1], 'close_reason', 'deadline',
+               'closed_by', ARGV[2])
+    redis.call('ZREM', KEYS[1], r)
+    redis.call('ZADD', KEYS[2], r, r)
+    table.insert(closed, r)
+  elseif st[1] and st[1] ~= 'open' and st[3] == ARGV[2] then
+    table.insert(closed, r)  -- replay of this very call
+  elseif st[1] ~= 'open' then
+    redis.call('ZREM', KEYS[1], r)  -- not open any more: drop a stale deadline entry
+  end
+end
+return closed
+"""
+
+# KEYS: state, pending   ARGV: round, global_version, nonce
+_MARK_AGGREGATED = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'aggregated_by')
+if st[1] == 'closed' then
+  redis.call('HSET', KEYS[1], 'status', 'aggregated', 'global_version', ARGV[2], 'aggregated_by', ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+if st[1] == 'aggregated' and st[2] == ARGV[3] then return 1 end  -- replay of this very call
+return 0
+"""
+
+# KEYS: global adapter hash   ARGV: version, data
+_PUT_GLOBAL = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'data', ARGV[2])
+return 1
+"""
+
+# KEYS: metrics hash   ARGV: round, expected JSON ('' when absent), new JSON  (compare-and-set)
+_CAS_FIELD = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if (current or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+_ROUND_FIELDS = ("status", "quorum", "deadline_ms", "opened_ms", "reported", "closed_ms", "close_reason",
+                 "global_version")  # fmt: skip
+_CAS_ATTEMPTS = 100
+
+
+def _translated(
+    method: Callable[Concatenate[RedisStateStore, P], T],
+) -> Callable[Concatenate[RedisStateStore, P], T]:
+    """Turn any redis exception into StateStoreError (after the pool's retries were spent)."""
+
+    @functools.wraps(method)
+    def wrapper(self: RedisStateStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            raise StateStoreError(f"{method.__name__}: {type(exc).__name__}: {exc}") from exc
+
+    return cast("Callable[Concatenate[RedisStateStore, P], T]", wrapper)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _opt_int(value: bytes | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _nonce() -> str:
+    return uuid.uuid4().hex
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+def _flatten(mapping: dict[str, str]) -> list[str]:
+    return [item for pair in mapping.items() for item in pair]
+
+
+class RedisStateStore:
+    """:class:`lorafleet.state.base.StateStore` on Redis (one instance per process; thread-safe)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 2.0,
+        health_check_interval: int = 30,
+        max_connections: int = 32,
+        retries: int = 5,
+        backoff_base: float = 0.01,
+        backoff_cap: float = 1.0,
+    ) -> None:
+        # Retry lives ON THE POOL: a retry= given to Redis(connection_pool=...) is ignored.
+        pool = redis.ConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            health_check_interval=health_check_interval,
+            retry=Retry(ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base), retries),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            decode_responses=False,
+        )
+        self._init(redis.Redis(connection_pool=pool), owns_client=True)
+
+    @classmethod
+    def from_client(cls, client: redis.Redis) -> RedisStateStore:
+        """Wrap an existing client (its pool must return bytes; its retry policy is the caller's)."""
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisStateStore needs a client with decode_responses=False")
+        store = cls.__new__(cls)
+        store._init(client, owns_client=False)
+        return store
+
+    def _init(self, client: redis.Redis, *, owns_client: bool) -> None:
+        self._r = client
+        self._owns_client = owns_client
+        self._open_round = client.register_script(_OPEN_ROUND)
+        self._record_update = client.register_script(_RECORD_UPDATE)
+        self._close_expired = client.register_script(_CLOSE_EXPIRED)
+        self._mark_aggregated = client.register_script(_MARK_AGGREGATED)
+        self._put_global = client.register_script(_PUT_GLOBAL)
+        self._cas_field = client.register_script(_CAS_FIELD)
+
+    # -- run ----------------------------------------------------------------------------------------
+    @_translated
+    def put_run_field(self, run_id: str, name: str, value: Any) -> None:
+        self._r.hset(keys.run_meta(run_id), name, json.dumps(value))
+
+    @_translated
+    def get_run_fields(self, run_id: str) -> dict[str, Any]:
+        raw = cast(dict[bytes, bytes], self._r.hgetall(keys.run_meta(run_id)))
+        return {_s(k): json.loads(v) for k, v in raw.items()}
+
+    # -- devices ------------------------------------------------------------------------------------
+    @_translated
+    def register_device(self, run_id: str, device_id: str, info: dict[str, Any]) -> bool:
+        """True if the device was new. (A pool retry after a lost reply may answer False for a new one.)"""
+        return bool(self._r.hset(keys.devices(run_id), device_id, json.dumps(info)))
+
+    @_translated
+    def get_devices(self, run_id: str) -> dict[str, dict[str, Any]]:
+        raw = cast(dict[bytes, bytes], self._r.hgetall(keys.devices(run_id)))
+        return {_s(k): json.loads(v) for k, v in raw.items()}
+
+    @_translated
+    def touch_device(self, run_id: str, device_id: str, expires_ms: int) -> None:
+        self._r.zadd(keys.leases(run_id), {device_id: int(expires_ms)})
+
+    @_translated
+    def expired_devices(self, run_id: str, now_ms: int) -> list[str]:
+        raw = cast(list[bytes], self._r.zrangebyscore(keys.leases(run_id), "-inf", int(now_ms)))
+        return sorted(_s(d) for d in raw)
+
+    # -- rounds -------------------------------------------------------------------------------------
+    @_translated
+    def open_round(
+        self,
+        run_id: str,
+        round_no: int,
+        tasks: dict[str, str],
+        specs: dict[str, str],
+        quorum: int,
+        deadline_ms: int,
+        now_ms: int,
+    ) -> bool:
+        if quorum < 1:
+            raise ValueError("quorum must be at least 1")
+        round_no = int(round_no)
+        args: list[str | int] = [round_no, int(quorum), int(deadline_ms), int(now_ms), _nonce(), len(tasks)]
+        opened = self._open_round(
+            keys=[
+                keys.round_state(run_id, round_no),
+                keys.round_tasks(run_id, round_no),
+                keys.round_specs(run_id, round_no),
+                keys.rounds_index(run_id),
+                keys.open_deadlines(run_id),
+            ],
+            args=[*args, *_flatten(tasks), *_flatten(specs)],
+        )
+        return bool(opened)
+
+    @_translated
+    def get_round(self, run_id: str, round_no: int) -> RoundInfo | None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hmget(keys.round_state(run_id, round_no), list(_ROUND_FIELDS))
+        pipe.hgetall(keys.round_tasks(run_id, round_no))
+        state, tasks = cast(tuple[list[bytes | None], dict[bytes, bytes]], tuple(pipe.execute()))
+        fields = dict(zip(_ROUND_FIELDS, state, strict=True))
+        if fields["status"] is None:
+            return None
+        quorum, deadline, opened, reported = (
+            fields[f] for f in ("quorum", "deadline_ms", "opened_ms", "reported")
+        )
+        assert quorum is not None and deadline is not None and opened is not None and reported is not None
+        reason = fields["close_reason"]
+        return RoundInfo(
+            run_id=run_id,
+            round=round_no,
+            status=cast(RoundStatus, _s(fields["status"])),
+            tasks={_s(k): _s(v) for k, v in tasks.items()},
+            quorum=int(quorum),
+            deadline_ms=int(deadline),
+            opened_ms=int(opened),
+            reported=int(reported),
+            closed_ms=_opt_int(fields["closed_ms"]),
+            close_reason=None if reason is None else cast(CloseReason, _s(reason)),
+            global_version=_opt_int(fields["global_version"]),
+        )
+
+    @_translated
+    def list_rounds(self, run_id: str) -> list[int]:
+        raw = cast(list[bytes], self._r.zrange(keys.rounds_index(run_id), 0, -1))
+        return sorted(int(r) for r in raw)
+
+    @_translated
+    def get_task_spec(self, run_id: str, round_no: int, task_id: str) -> str | None:
+        raw = cast(bytes | None, self._r.hget(keys.round_specs(run_id, round_no), task_id))
+        return None if raw is None else _s(raw)
+
+    @_translated
+    def record_update(
+        self, run_id: str, round_no: int, task_id: str, device_id: str, update: bytes, now_ms: int
+    ) -> RecordResult:
+        return self._record(run_id, round_no, task_id, device_id, update, now_ms, _nonce())
+
+    def _record(
+        self, run_id: str, round_no: int, task_id: str, device_id: str, update: bytes, now_ms: int, nonce: str
+    ) -> RecordResult:
+        """record_update with an explicit nonce (a replay with the same nonce returns the first answer)."""
+        round_no = int(round_no)
+        outcome, reported, closed = self._record_update(
+            keys=[
+                keys.round_state(run_id, round_no),
+                keys.round_tasks(run_id, round_no),
+                keys.round_updates(run_id, round_no),
+                keys.open_deadlines(run_id),
+                keys.pending_aggregations(run_id),
+                keys.counters(run_id),
+            ],
+            args=[task_id, device_id, bytes(update), int(now_ms), round_no, nonce],
+        )
+        return RecordResult(cast(RecordOutcome, _s(outcome)), int(reported), bool(closed))
+
+    @_translated
+    def close_expired_rounds(self, run_id: str, now_ms: int) -> list[int]:
+        return self._close_expired_with(run_id, now_ms, _nonce())
+
+    def _close_expired_with(self, run_id: str, now_ms: int, nonce: str) -> list[int]:
+        now_ms = int(now_ms)
+        candidates = [
+            int(r)
+            for r in cast(list[bytes], self._r.zrangebyscore(keys.open_deadlines(run_id), "-inf", now_ms))
+        ]
+        if not candidates:
+            return []
+        closed = self._close_expired(
+            keys=[keys.open_deadlines(run_id), keys.pending_aggregations(run_id)]
+            + [keys.round_state(run_id, r) for r in candidates],
+            args=[now_ms, nonce, *candidates],
+        )
+        return sorted(int(r) for r in cast(list[bytes], closed))
+
+    @_translated
+    def pending_aggregations(self, run_id: str) -> list[int]:
+        raw = cast(list[bytes], self._r.zrange(keys.pending_aggregations(run_id), 0, -1))
+        return sorted(int(r) for r in raw)
+
+    @_translated
+    def get_updates(self, run_id: str, round_no: int) -> dict[str, bytes]:
+        raw = cast(dict[bytes, bytes], self._r.hgetall(keys.round_updates(run_id, round_no)))
+        return {_s(k): v for k, v in raw.items()}
+
+    @_translated
+    def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:
+        return self._mark_with(run_id, round_no, global_version, _nonce())
+
+    def _mark_with(self, run_id: str, round_no: int, global_version: int, nonce: str) -> bool:
+        round_no = int(round_no)
+        done = self._mark_aggregated(
+            keys=[keys.round_state(run_id, round_no), keys.pending_aggregations(run_id)],
+            args=[round_no, int(global_version), nonce],
+        )
+        return bool(done)
+
+    # -- global adapter -----------------------------------------------------------------------------
+    @_translated
+    def put_global_adapter(self, run_id: str, version: int, data: bytes) -> None:
+        self._put_global(keys=[keys.global_adapter(run_id)], args=[int(version), bytes(data)])
+
+    @_translated
+    def get_global_adapter(self, run_id: str) -> tuple[int, bytes] | None:
+        version, data = cast(
+            list[bytes | None], self._r.hmget(keys.global_adapter(run_id), ["version", "data"])
+        )
+        if version is None or data is None:
+            return None
+        return int(version), data
+
+    # -- metrics and counters ----------------------------------------------------------------------
+    @_translated
+    def put_round_metrics(self, run_id: str, round_no: int, metrics: dict[str, Any]) -> None:
+        """Merge (top-level keys, like dict.update) by compare-and-set of the round's JSON document.
+
+        A Lua cjson merge would re-encode numbers (14 significant digits, doubles), so the merge is done
+        here, on the exact JSON the twin would hold, and written only if nobody changed it meanwhile.
+        """
+        key, field = keys.round_metrics(run_id), str(int(round_no))
+        incoming = json.loads(json.dumps(metrics))
+        for _ in range(_CAS_ATTEMPTS):
+            raw = cast(bytes | None, self._r.hget(key, field))
+            expected = b"" if raw is None else raw
+            merged: dict[str, Any] = {} if raw is None else json.loads(raw)
+            merged.update(incoming)
+            if self._cas_field(keys=[key], args=[field, expected, json.dumps(merged)]):
+                return
+        raise StateStoreError(
+            f"put_round_metrics: {_CAS_ATTEMPTS} concurrent-write conflicts on round {round_no}"
+        )
+
+    @_translated
+    def get_round_metrics(self, run_id: str) -> dict[int, dict[str, Any]]:
+        raw = cast(dict[bytes, bytes], self._r.hgetall(keys.round_metrics(run_id)))
+        return {n: m for n, m in sorted((int(k), json.loads(v)) for k, v in raw.items())}
+
+    @_translated
+    def incr_counter(self, run_id: str, name: str, amount: int = 1) -> int:
+        """HINCRBY (a pool retry after a lost reply may count twice: counters are diagnostics)."""
+        return int(self._r.hincrby(keys.counters(run_id), name, int(amount)))
+
+    @_translated
+    def get_counters(self, run_id: str) -> dict[str, int]:
+        raw = cast(dict[bytes, bytes], self._r.hgetall(keys.counters(run_id)))
+        return {_s(k): int(v) for k, v in raw.items()}
+
+    @_translated
+    def delete_run(self, run_id: str) -> None:
+        """SCAN the run's keys (never KEYS) and UNLINK them in batches."""
+        batch: list[bytes] = []
+        pattern = keys.run_pattern(_glob_escape(run_id))
+        for key in cast(Iterable[bytes], self._r.scan_iter(match=pattern, count=500)):
+            batch.append(key)
+            if len(batch) >= 500:
+                self._r.unlink(*batch)
+                batch.clear()
+        if batch:
+            self._r.unlink(*batch)
+
+    @_translated
+    def close(self) -> None:
+        if self._owns_client:
+            self._r.close()
+            self._r.connection_pool.disconnect()
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: RedisStateStore) -> StateStore:  # mypy checks the protocol is fully implemented
+        return store
