@@ -22,6 +22,7 @@ from lorafleet import topology
 from lorafleet.adapters import Tensors, select_for_spec, shapes
 from lorafleet.clock import Clock, SystemClock, to_ms
 from lorafleet.messaging import Rejections, publish_message, receive
+from lorafleet.report import build_report, write_report
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Delivery, Subscription, Transport
 from schemas.config import RunConfig
@@ -223,5 +224,8 @@ class AggregatorService:
                 if target.exists():
                     shutil.rmtree(target)
                 shutil.copytree(source, target)
+        if self.out_dir is not None:
+            # the orchestrator wrote the report when it finished; updates handled since then count too
+            write_report(build_report(self.config, self.state), self.out_dir)
         self.finished = True
         log.info("aggregator: run finished; final adapter is round %d", final_round)

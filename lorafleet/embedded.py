@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from lorafleet.model import configure_torch_threads
 from lorafleet.progress import RunReporter
+from lorafleet.report import build_report
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from lorafleet.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
@@ -69,6 +70,5 @@ def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> di
     for worker in workers:
         worker.start()
     drive([orchestrator, aggregator, *workers], until=orchestrator)
-    drive([aggregator], until=aggregator, max_idle_s=60.0)  # writes the final adapter
-    assert orchestrator.report is not None
-    return orchestrator.report
+    drive([aggregator], until=aggregator, max_idle_s=60.0)  # writes the final adapter and report
+    return build_report(config, state)

@@ -1,0 +1,119 @@
+"""A complete fake-trainer pipeline: real services, fake model (exactly checkable numbers)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aggregator.service import AggregatorService
+from lorafleet.adapters import Tensors
+from lorafleet.embedded import drive
+from lorafleet.state.base import StateStore
+from lorafleet.transport.base import Transport
+from orchestrator.service import OrchestratorService
+from schemas.config import RunConfig, device_id, parse_run_config
+from schemas.messages import LoraSpec
+from worker.service import WorkerService
+from worker.trainer import FakeTrainer
+
+NUM_BLOCKS = 2
+HIDDEN = 8
+
+
+def lora_key(block: int, module: str, factor: str) -> str:
+    return f"base_model.model.bert.encoder.layer.{block}.attention.self.{module}.lora_{factor}.weight"
+
+
+def initial_adapter(spec: LoraSpec, seed: int = 0) -> Tensors:
+    """LoRA-shaped tensors for ``spec`` plus a 2-class head, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Tensors = {}
+    for block, rank in spec.layer_ranks.items():
+        for module in spec.target_modules:
+            out[lora_key(block, module, "A")] = torch.randn(rank, HIDDEN, generator=gen)
+            out[lora_key(block, module, "B")] = torch.randn(HIDDEN, rank, generator=gen)
+    out["base_model.model.classifier.weight"] = torch.randn(2, HIDDEN, generator=gen)
+    out["base_model.model.classifier.bias"] = torch.randn(2, generator=gen)
+    return out
+
+
+class MeanEvaluator:
+    """'Accuracy' from the adapter itself (deterministic, in [0, 1]); records what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[Tensors] = []
+
+    def evaluate(self, spec: LoraSpec, tensors: Tensors) -> tuple[float, float]:
+        self.seen.append({k: v.clone() for k, v in tensors.items()})
+        mean = float(torch.cat([t.flatten() for t in tensors.values()]).mean())
+        return float(torch.sigmoid(torch.tensor(mean))), abs(mean)
+
+
+def make_config(run_id: str, devices: int, rounds: int, **rounds_extra: Any) -> RunConfig:
+    return parse_run_config({
+        "run_id": run_id,
+        "model": {"name": "tiny"},
+        "data": {"dataset": "synthetic"},
+        "devices": {"count": devices},
+        "lora": {"rank": 4},
+        "rounds": {"max_rounds": rounds, **rounds_extra},
+    })
+
+
+@dataclass
+class Pipeline:
+    config: RunConfig
+    orchestrator: OrchestratorService
+    aggregator: AggregatorService
+    workers: list[WorkerService]
+    evaluator: MeanEvaluator
+    deltas: list[float]
+    samples: list[int]
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def services(self) -> list[Any]:
+        return [self.orchestrator, self.aggregator, *self.workers]
+
+    def drive(self) -> None:
+        drive(self.services, until=self.orchestrator, max_idle_s=30)
+        drive([self.aggregator], until=self.aggregator, max_idle_s=30)
+
+    def start_threads(self, stop: threading.Event) -> None:
+        """Each service in its own thread, as separate processes would run."""
+        for service in self.services:
+            thread = threading.Thread(target=service.run_forever, args=(stop,), kwargs={"poll_s": 0.05},
+                                      daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+
+def build_pipeline(config: RunConfig, transports: list[Transport], state: StateStore, *,
+                   deltas: list[float], samples: list[int], worker_clock: Any = None) -> Pipeline:
+    """``transports``: one per service (orchestrator, aggregator, then one per worker)."""
+    evaluator = MeanEvaluator()
+    orchestrator = OrchestratorService(transports[0], state, config=config, num_blocks=NUM_BLOCKS,
+                                       initial_adapter=initial_adapter)
+    aggregator = AggregatorService(transports[1], state, config=config, evaluator=evaluator)
+    workers = [
+        WorkerService(transports[2 + i], FakeTrainer(delta=deltas[i], num_samples=samples[i]),
+                      run_id=config.run_id, device_id=device_id(i), num_samples=samples[i], clock=worker_clock)
+        for i in range(config.devices.count)
+    ]
+    orchestrator.start()
+    aggregator.start()
+    for worker in workers:
+        worker.start()
+    return Pipeline(config, orchestrator, aggregator, workers, evaluator, deltas, samples)
+
+
+def expected_global(spec: LoraSpec, rounds: int, deltas: list[float], samples: list[int]) -> dict[str, Any]:
+    """Independent computation: each round adds the sample-weighted mean delta to every tensor."""
+    import numpy as np
+
+    start = {k: v.numpy().astype(np.float64) for k, v in initial_adapter(spec).items()}
+    mean_delta = float(np.average(np.array(deltas, dtype=np.float64), weights=np.array(samples, dtype=np.float64)))
+    return {k: v + rounds * mean_delta for k, v in start.items()}
