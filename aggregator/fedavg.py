@@ -14,6 +14,7 @@ With identical ranks and every block trained by every device this is plain FedAv
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,11 +37,11 @@ def aggregate(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> Ten
     Raises:
         ValueError: an update carries a key the global adapter lacks, a shape that does not fit
             it (a shared tensor of another shape, or a rank above the global rank), or a
-            non-positive weight.
+            non-positive or non-finite weight.
     """
     for update in updates:
-        if update.weight <= 0:
-            raise ValueError(f"update weight must be positive, got {update.weight}")
+        if not (update.weight > 0 and math.isfinite(update.weight)):  # NaN/inf would poison every mean
+            raise ValueError(f"update weight must be positive and finite, got {update.weight}")
         unknown = sorted(set(update.tensors) - set(global_tensors))
         if unknown:
             raise ValueError(f"update carries keys the global adapter lacks: {unknown[:3]}")

@@ -68,7 +68,7 @@ def sample_devices(device_ids: Sequence[str], fraction: float, round_no: int, se
     ordered = sorted(device_ids)
     if fraction >= 1.0 or not ordered:
         return ordered
-    count = max(1, math.ceil(fraction * len(ordered)))
+    count = max(1, math.ceil(fraction * len(ordered) - 1e-9))  # 0.07 * 100 is 7.000000000000001
     digest = hashlib.sha256(f"{seed}:{round_no}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return sorted(rng.sample(ordered, count))

@@ -164,7 +164,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if overrides:
+    if overrides and (data is None or isinstance(data, dict)):
         data = _merge(data or {}, overrides)
     return parse_run_config(data, source=str(path))
 

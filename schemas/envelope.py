@@ -52,7 +52,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
     raw = _unpack(data, max_bytes)
     if not isinstance(raw, dict) or set(raw) != _ENVELOPE_KEYS:
         raise DecodeError("undecodable", "not an envelope map with keys v, kind, id, at, body")
-    if raw["v"] != SCHEMA_VERSION:
+    if type(raw["v"]) is not int or raw["v"] != SCHEMA_VERSION:  # not True, not 1.0
         raise DecodeError("bad_version", f"schema version {raw['v']!r}, this build reads {SCHEMA_VERSION}")
     model = _BY_KIND.get(raw["kind"]) if isinstance(raw["kind"], str) else None
     if model is None:
