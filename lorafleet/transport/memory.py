@@ -14,6 +14,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from lorafleet.transport.base import (
@@ -32,6 +34,38 @@ from lorafleet.transport.base import (
     Unroutable,
 )
 
+#: Header a quorum queue sets on a redelivery: how many earlier deliveries failed.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+def amqp_header_problem(headers: dict[str, Any]) -> str | None:
+    """Why ``headers`` cannot be carried in an AMQP 0-9-1 field table (pika's encoder), or None.
+
+    Allowed values: str, bytes, bool, 64-bit int, Decimal, datetime, None, and lists / dicts of them.
+    Floats in particular are not (pika 1.4 cannot encode them), so the twin refuses them as well.
+    """
+
+    def problem(value: Any, where: str) -> str | None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str) or len(key.encode()) > 255:
+                    return f"{where}: key {key!r} is not a short string"
+                found = problem(item, f"{where}.{key}")
+                if found:
+                    return found
+            return None
+        if isinstance(value, list):
+            return next((p for i, v in enumerate(value) if (p := problem(v, f"{where}[{i}]"))), None)
+        if isinstance(value, bool) or value is None:
+            return None
+        if isinstance(value, int):
+            return None if -(2**63) <= value < 2**63 else f"{where}: {value} does not fit in 64 bits"
+        if isinstance(value, (str, bytes, Decimal, datetime)):
+            return None
+        return f"{where}: {type(value).__name__} is not an AMQP field type"
+
+    return problem(headers, "headers")
+
 
 @dataclass(frozen=True)
 class _Message:
@@ -48,6 +82,34 @@ class _Message:
 class _Queue:
     spec: QueueSpec
     ready: deque[_Message] = field(default_factory=deque)
+
+
+def _settings(spec: QueueSpec) -> tuple[Any, ...]:
+    """What a redeclare must repeat exactly (RabbitMQ compares the queue's x-arguments)."""
+    return (spec.quorum, spec.dead_letter_exchange, spec.delivery_limit, spec.max_length, spec.arguments)
+
+
+def _broker_death_headers(queue_name: str, message: _Message) -> dict[str, Any]:
+    """Headers of a copy the broker itself dead-letters past the delivery limit, as RabbitMQ writes them.
+
+    RabbitMQ keeps the original headers, prepends an ``x-death`` entry and sets the
+    ``x-first-death-*`` headers once; it adds no ``x-lorafleet-*`` header.
+    """
+    reason = "delivery_limit"
+    death = {
+        "count": 1,
+        "reason": reason,
+        "queue": queue_name,
+        "time": datetime.now(UTC).replace(microsecond=0),
+        "exchange": message.exchange,
+        "routing-keys": [message.routing_key],
+    }
+    headers = dict(message.headers)
+    headers["x-death"] = [death, *headers.get("x-death", [])]
+    headers.setdefault(BROKER_DEATH_HEADER, reason)
+    headers.setdefault("x-first-death-queue", queue_name)
+    headers.setdefault("x-first-death-exchange", message.exchange)
+    return headers
 
 
 class InMemoryBroker:
@@ -71,8 +133,12 @@ class InMemoryBroker:
 
     def declare_queue(self, spec: QueueSpec) -> None:
         with self._lock:
-            if spec.name not in self._queues:
+            existing = self._queues.get(spec.name)
+            if existing is None:
                 self._queues[spec.name] = _Queue(spec)
+            elif _settings(existing.spec) != _settings(spec):
+                # RabbitMQ: 406 PRECONDITION_FAILED - inequivalent arg. New bindings are still added.
+                raise TransportError(f"queue {spec.name!r} redeclared with different settings")
             for exchange, routing_key in spec.bindings:
                 if exchange not in self._exchanges:
                     raise ExchangeNotFound(f"no exchange {exchange!r} to bind queue {spec.name!r} to")
@@ -96,7 +162,9 @@ class InMemoryBroker:
                 if exchange.type == "fanout" or routing_key == message.routing_key
             ]
             if not targets:
-                raise Unroutable(f"no queue bound to {message.exchange!r} for routing key {message.routing_key!r}")
+                raise Unroutable(
+                    f"no queue bound to {message.exchange!r} for routing key {message.routing_key!r}"
+                )
             for queue in targets:
                 self._enqueue(queue, message)
             self.published += 1
@@ -132,29 +200,28 @@ class InMemoryBroker:
             again = replace(message, delivery_count=message.delivery_count + 1, redelivered=True)
             limit = queue.spec.delivery_limit
             if limit is not None and again.delivery_count > limit:
-                self._dead_letter_locked(queue_name, again, {BROKER_DEATH_HEADER: "delivery_limit",
-                                                             REASON_HEADER: "delivery_limit"})
+                self._dead_letter_locked(queue_name, message, _broker_death_headers(queue_name, message))
             else:
                 self._enqueue(queue_name, again, front=True)
             self._lock.notify_all()
 
     def dead_letter(self, queue_name: str, message: _Message, headers: dict[str, Any]) -> None:
+        """A service dead-letters a message: it goes to the DLX with the reason and its origin."""
+        origin = {
+            ORIGIN_QUEUE_HEADER: queue_name,
+            ORIGIN_EXCHANGE_HEADER: message.exchange,
+            ORIGIN_ROUTING_KEY_HEADER: message.routing_key,
+        }
         with self._lock:
-            self._dead_letter_locked(queue_name, message, headers)
+            self._dead_letter_locked(queue_name, message, {**message.headers, **origin, **headers})
             self._lock.notify_all()
 
     def _dead_letter_locked(self, queue_name: str, message: _Message, headers: dict[str, Any]) -> None:
         dlx = self._queues[queue_name].spec.dead_letter_exchange
         if dlx is None:
             return  # like RabbitMQ: without a DLX a rejected message is dropped
-        merged = {
-            **message.headers,
-            ORIGIN_QUEUE_HEADER: queue_name,
-            ORIGIN_EXCHANGE_HEADER: message.exchange,
-            ORIGIN_ROUTING_KEY_HEADER: message.routing_key,
-            **headers,
-        }
-        dead = _Message(message.body, message.message_id, merged, dlx, message.routing_key)
+        # The copy starts afresh: not redelivered, no delivery count (RabbitMQ drops x-delivery-count).
+        dead = _Message(message.body, message.message_id, headers, dlx, message.routing_key)
         exchange = self._exchanges.get(dlx)
         if exchange is None:
             return
@@ -196,11 +263,17 @@ class _MemoryDelivery:
 
     body = property(lambda self: self._message.body)
     message_id = property(lambda self: self._message.message_id)
-    headers = property(lambda self: dict(self._message.headers))
+    headers = property(lambda self: self._delivered_headers())
     exchange = property(lambda self: self._message.exchange)
     routing_key = property(lambda self: self._message.routing_key)
     redelivered = property(lambda self: self._message.redelivered)
     delivery_count = property(lambda self: self._message.delivery_count)
+
+    def _delivered_headers(self) -> dict[str, Any]:
+        headers = dict(self._message.headers)
+        if self._message.delivery_count:
+            headers[DELIVERY_COUNT_HEADER] = self._message.delivery_count  # as a quorum queue adds it
+        return headers
 
     def _settle(self) -> bool:
         if self._settled:
@@ -297,6 +370,9 @@ class InMemoryTransport:
         headers: dict[str, Any] | None = None,
     ) -> None:
         self._check_open()
+        problem = amqp_header_problem(headers or {})
+        if problem is not None:
+            raise TransportError(f"headers cannot travel over AMQP: {problem}")
         self.broker.publish(_Message(bytes(body), message_id, dict(headers or {}), exchange, routing_key))
 
     def subscribe(self, queue: str, *, prefetch: int = 1) -> _MemorySubscription:

@@ -1,0 +1,731 @@
+"""The RabbitMQ adapter of the Transport port, over pika 1.4 (the only module that imports pika).
+
+**pika's threading rule.** A pika connection and its channels are not thread-safe: each must be
+created and used by one thread only. The single exception is
+``BlockingConnection.add_callback_threadsafe(cb)``, which queues ``cb`` to run on the thread that
+drives the connection's I/O loop. A ``BlockingConnection`` also sends and checks heartbeats only
+while its owning thread is inside a pika call (``process_data_events``, a publish, ...). A service
+that handles one delivery for minutes on the thread that owns the consuming connection therefore
+starves the heartbeats, and the broker drops the connection and redelivers the message (measured in
+shared/reference/platform.md §1.2 a2). Hence this layout:
+
+* **Publishing** (and declares, ``queue_depth``, ``purge``) uses one connection per calling thread,
+  held in a :class:`threading.local` and created lazily by that thread. The channel is in confirm
+  mode and publishes are ``mandatory``, so ``publish`` returns only once the broker has the message,
+  and a routing mistake raises instead of silently dropping it.
+* **Consuming**: each subscription owns a connection that lives on its own background I/O thread,
+  which loops in ``process_data_events`` (so heartbeats keep flowing) and pushes deliveries into a
+  :class:`queue.Queue`. ``Subscription.get`` pops from it on the service thread. ``ack`` /
+  ``requeue`` / ``dead_letter`` run on the service thread and are marshalled back to the I/O thread
+  with ``add_callback_threadsafe``.
+
+**Stale deliveries.** Delivery tags are per channel. When the consuming connection dies (heartbeat
+loss, broker restart, consumer timeout), the broker puts every unacknowledged message back in the
+queue and will redeliver it. Acking the old tag on the *new* channel would ack some other message,
+or close the new channel with ``406 PRECONDITION_FAILED - unknown delivery tag``. So a settlement
+whose channel has since died is skipped silently: the broker already returned the message, and it
+comes back as a redelivery (the at-least-once contract; consumers are idempotent).
+
+Every pika exception is translated to the errors of :mod:`lorafleet.transport.base` here; none
+escapes this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import queue as queue_mod
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import pika
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from lorafleet.topology import DEAD_LETTER_EXCHANGE
+from lorafleet.transport.base import (
+    DETAIL_HEADER,
+    ORIGIN_EXCHANGE_HEADER,
+    ORIGIN_QUEUE_HEADER,
+    ORIGIN_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    AccessRefused,
+    ExchangeNotFound,
+    ExchangeSpec,
+    QueueNotFound,
+    QueueSpec,
+    TransportClosed,
+    TransportError,
+    Unroutable,
+)
+from lorafleet.transport.memory import DELIVERY_COUNT_HEADER, amqp_header_problem
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/msgpack"
+#: Longest ``x-lorafleet-detail`` header written by ``dead_letter``.
+MAX_DETAIL_CHARS = 500
+
+#: Errors that mean "this connection (or channel) is gone; reconnect and try again".
+_CONNECTION_LOST = (
+    pex.AMQPConnectionError,  # StreamLostError, ConnectionClosed, AMQPHeartbeatTimeout, ...
+    pex.ChannelWrongStateError,
+    pex.ChannelClosedByClient,
+    ConnectionError,
+    OSError,
+)
+
+_T = TypeVar("_T")
+
+
+def queue_arguments(spec: QueueSpec) -> dict[str, Any]:
+    """The x-arguments a queue is declared with (broker_config/definitions.json uses the same).
+
+    Quorum queues with a dead-letter exchange use at-least-once dead-lettering, which RabbitMQ
+    honours only together with ``x-overflow: reject-publish``.
+    """
+    args: dict[str, Any] = {}
+    if spec.quorum:
+        args["x-queue-type"] = "quorum"
+    if spec.dead_letter_exchange is not None:
+        args["x-dead-letter-exchange"] = spec.dead_letter_exchange
+        if spec.quorum:
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+    if spec.delivery_limit is not None and spec.quorum:
+        args["x-delivery-limit"] = spec.delivery_limit  # classic queues have no delivery limit
+    if spec.max_length is not None:
+        args["x-max-length"] = spec.max_length
+    args.update(spec.arguments)
+    return args
+
+
+def _plain(value: Any) -> Any:
+    """Header values as plain Python: pika decodes 64-bit ints as its own ``long`` subclass."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:
+    """Capped exponential backoff with jitter: 0.2, 0.4, 0.8, ... seconds, at most ``cap``."""
+    delay: float = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay * random.uniform(0.8, 1.0)
+
+
+def _broker_error(exc: pex.ChannelClosedByBroker | pex.ConnectionClosedByBroker, what: str) -> TransportError:
+    """Translate a broker-side channel/connection close into the port's error."""
+    code, text = exc.reply_code, exc.reply_text
+    message = f"{what}: {code} {text}"
+    if code == 404:
+        return ExchangeNotFound(message) if "no exchange" in text else QueueNotFound(message)
+    if code in (403, 530):  # ACCESS_REFUSED, NOT_ALLOWED (vhost)
+        return AccessRefused(message)
+    if code == 320:  # CONNECTION_FORCED (broker shutting down, or closed by an operator)
+        return TransportClosed(message)
+    return TransportError(message)  # e.g. 406 PRECONDITION_FAILED (redeclared differently, too large)
+
+
+class _ThreadConnection:
+    """One thread's connection, with a confirm-mode channel for publishing and a plain one for the rest."""
+
+    def __init__(self, connection: BlockingConnection, owner: threading.Thread) -> None:
+        self.connection = connection
+        self.owner = owner
+        self._publish: BlockingChannel | None = None
+        self._admin: BlockingChannel | None = None
+
+    def publish_channel(self) -> BlockingChannel:
+        if self._publish is None or not self._publish.is_open:
+            self._publish = self.connection.channel()
+            self._publish.confirm_delivery()
+        return self._publish
+
+    def admin_channel(self) -> BlockingChannel:
+        # A failed passive declare (404) closes the channel it ran on; a fresh one is opened next time.
+        if self._admin is None or not self._admin.is_open:
+            self._admin = self.connection.channel()
+        return self._admin
+
+    def close(self) -> None:
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+        except Exception:  # best effort on a broken connection
+            log.debug("closing a broken AMQP connection failed", exc_info=True)
+
+
+class PikaTransport:
+    """A :class:`lorafleet.transport.base.Transport` over RabbitMQ.
+
+    ``url`` is an AMQP URL such as ``amqp://user:pass@host:5672/vhost?heartbeat=30``; its query may
+    set any pika connection parameter. Where the URL does not, the keyword arguments apply.
+    ``max_reconnect_s`` bounds how long one operation (or a subscription) keeps reconnecting after
+    the connection is lost before giving up with :class:`TransportClosed`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat: int | None = None,
+        connection_attempts: int = 3,
+        retry_delay: float = 2.0,
+        socket_timeout: float = 10.0,
+        stack_timeout: float = 15.0,
+        blocked_connection_timeout: float = 300.0,
+        max_reconnect_s: float = 60.0,
+        publish_attempts: int = 5,
+        settle_timeout_s: float = 10.0,
+        dead_letter_exchange: str = DEAD_LETTER_EXCHANGE,
+    ) -> None:
+        try:
+            params = pika.URLParameters(url)
+        except Exception as exc:
+            raise TransportError(f"bad AMQP URL: {exc}") from None
+        given = set(parse_qs(urlsplit(url).query))
+        defaults: dict[str, Any] = {
+            "connection_attempts": connection_attempts,
+            "retry_delay": retry_delay,
+            "socket_timeout": socket_timeout,
+            "stack_timeout": stack_timeout,
+            "blocked_connection_timeout": blocked_connection_timeout,
+        }
+        for name, value in defaults.items():
+            if name not in given:
+                setattr(params, name, value)
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
+        self._params = params
+        self._max_reconnect_s = max_reconnect_s
+        self._publish_attempts = max(1, publish_attempts)
+        self._settle_timeout_s = settle_timeout_s
+        self._default_dlx = dead_letter_exchange
+        #: DLX per queue this transport declared; others are assumed to use ``dead_letter_exchange``.
+        self._queue_dlx: dict[str, str | None] = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._thread_connections: list[_ThreadConnection] = []
+        self._subscriptions: list[_PikaSubscription] = []
+        self._closed = False
+
+    # -- connections ----------------------------------------------------------------------------
+    def _connect(self) -> BlockingConnection:
+        """Open a connection (pika retries ``connection_attempts`` times); auth failures are final."""
+        try:
+            return BlockingConnection(self._params)
+        except (pex.ProbableAuthenticationError, pex.AuthenticationError) as exc:
+            raise AccessRefused(f"authentication failed: {exc!r}") from None
+        except pex.ProbableAccessDeniedError as exc:
+            raise AccessRefused(f"access to vhost {self._params.virtual_host!r} refused: {exc!r}") from None
+        except pex.ConnectionClosedByBroker as exc:
+            if exc.reply_code in (403, 530):
+                raise _broker_error(exc, "connect") from None
+            raise
+
+    def _thread_connection(self) -> _ThreadConnection:
+        current: _ThreadConnection | None = getattr(self._local, "connection", None)
+        if current is not None and current.connection.is_open:
+            return current
+        if current is not None:
+            self._forget(current)
+        current = _ThreadConnection(self._connect(), threading.current_thread())
+        self._local.connection = current
+        with self._lock:
+            self._thread_connections.append(current)
+        return current
+
+    def _forget(self, holder: _ThreadConnection) -> None:
+        holder.close()
+        with self._lock:
+            if holder in self._thread_connections:
+                self._thread_connections.remove(holder)
+        if getattr(self._local, "connection", None) is holder:
+            self._local.connection = None
+
+    def _drop_thread_connection(self) -> None:
+        current: _ThreadConnection | None = getattr(self._local, "connection", None)
+        if current is not None:
+            self._forget(current)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed("transport is closed")
+
+    def _run(self, what: str, op: Callable[[_ThreadConnection], _T], *, nack_retries: bool = False) -> _T:
+        """Run ``op`` on this thread's connection, reconnecting with capped backoff when it is lost.
+
+        Broker refusals (404, 403, 406, unroutable) are final. A lost connection is retried until
+        ``max_reconnect_s`` has passed; a publish the broker nacked is retried ``publish_attempts`` times.
+        """
+        self._check_open()
+        deadline = time.monotonic() + self._max_reconnect_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return op(self._thread_connection())
+            except TransportError:
+                raise
+            except pex.UnroutableError:
+                raise Unroutable(f"{what}: no queue is bound for it") from None
+            except pex.ChannelClosedByBroker as exc:
+                raise _broker_error(exc, what) from None  # the channel is reopened on next use
+            except pex.ConnectionClosedByBroker as exc:
+                if exc.reply_code in (403, 530):
+                    raise _broker_error(exc, what) from None
+                self._drop_thread_connection()
+                failure: str = f"connection closed by broker: {exc.reply_code} {exc.reply_text}"
+            except pex.NackError:
+                if not nack_retries or attempt >= self._publish_attempts:
+                    raise TransportError(f"{what}: the broker nacked it (queue full?)") from None
+                failure = "nacked"
+            except _CONNECTION_LOST as exc:
+                self._drop_thread_connection()
+                failure = repr(exc)
+            except pex.AMQPError as exc:
+                self._drop_thread_connection()
+                raise TransportError(f"{what}: {exc!r}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                raise TransportClosed(f"{what}: gave up after {attempt} attempts ({failure})")
+            delay = min(_backoff(attempt), remaining)
+            log.warning("%s failed (%s); retrying in %.1fs", what, failure, delay)
+            time.sleep(delay)
+
+    # -- topology -------------------------------------------------------------------------------
+    def declare_exchange(self, spec: ExchangeSpec) -> None:
+        def op(conn: _ThreadConnection) -> None:
+            conn.admin_channel().exchange_declare(spec.name, exchange_type=spec.type, durable=True)
+
+        try:
+            self._run(f"declare exchange {spec.name!r}", op)
+        except AccessRefused:
+            # Roles without "configure" permission cannot (re)declare; the broker administrator's
+            # definitions.json declared it. A passive declare needs no permission and proves it exists.
+            if not self._exists(spec.name, exchange=True):
+                raise
+            log.debug("no permission to declare exchange %r; it exists, using it as is", spec.name)
+
+    def declare_queue(self, spec: QueueSpec) -> None:
+        args = queue_arguments(spec)
+        refused = False
+
+        def declare(conn: _ThreadConnection) -> None:
+            conn.admin_channel().queue_declare(spec.name, durable=True, arguments=args)
+
+        try:
+            self._run(f"declare queue {spec.name!r}", declare)
+        except AccessRefused:
+            if not self._exists(spec.name, exchange=False):
+                raise
+            refused = True  # administrator-managed queue (see declare_exchange)
+        self._queue_dlx[spec.name] = spec.dead_letter_exchange
+        for exchange, routing_key in spec.bindings:
+
+            def bind(conn: _ThreadConnection, exchange: str = exchange, key: str = routing_key) -> None:
+                conn.admin_channel().queue_bind(spec.name, exchange, routing_key=key)
+
+            try:
+                self._run(f"bind queue {spec.name!r} to {exchange!r}/{routing_key!r}", bind)
+            except AccessRefused:
+                if not refused:
+                    raise
+                log.debug("no permission to bind %r; trusting the administrator's bindings", spec.name)
+
+    def _exists(self, name: str, *, exchange: bool) -> bool:
+        def op(conn: _ThreadConnection) -> None:
+            channel = conn.admin_channel()
+            if exchange:
+                channel.exchange_declare(name, passive=True)
+            else:
+                channel.queue_declare(name, passive=True)
+
+        try:
+            self._run(f"check {name!r}", op)
+        except (QueueNotFound, ExchangeNotFound):
+            return False
+        return True
+
+    # -- messages -------------------------------------------------------------------------------
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        problem = amqp_header_problem(headers or {})
+        if problem is not None:
+            raise TransportError(f"headers cannot travel over AMQP: {problem}")
+        properties = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=message_id,
+            headers=dict(headers or {}),
+        )
+
+        def op(conn: _ThreadConnection) -> None:
+            # In confirm mode this blocks until the broker's ack; it raises UnroutableError for a
+            # mandatory message no queue took, NackError when a queue refused it (reject-publish).
+            conn.publish_channel().basic_publish(exchange, routing_key, body, properties, mandatory=True)
+
+        self._run(f"publish to {exchange!r}/{routing_key!r}", op, nack_retries=True)
+
+    def subscribe(self, queue: str, *, prefetch: int = 1) -> _PikaSubscription:
+        self._check_open()
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        dlx = self._queue_dlx.get(queue, self._default_dlx)
+        subscription = _PikaSubscription(self, queue, prefetch, dlx)
+        with self._lock:
+            self._subscriptions = [s for s in self._subscriptions if not s.closed]
+            self._subscriptions.append(subscription)
+        return subscription
+
+    def queue_depth(self, queue: str) -> int:
+        def op(conn: _ThreadConnection) -> int:
+            result = conn.admin_channel().queue_declare(queue, passive=True)
+            return int(result.method.message_count)
+
+        return self._run(f"queue depth of {queue!r}", op)
+
+    def purge(self, queue: str) -> int:
+        def op(conn: _ThreadConnection) -> int:
+            result = conn.admin_channel().queue_purge(queue)
+            return int(result.method.message_count)
+
+        return self._run(f"purge {queue!r}", op)
+
+    def close(self) -> None:
+        """Close subscriptions (unsettled deliveries go back to their queues) and connections.
+
+        A connection belonging to another thread that is still alive is not touched (pika is not
+        thread-safe); that thread's next call raises :class:`TransportClosed` and closes it.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            subscriptions, self._subscriptions = self._subscriptions, []
+            holders = list(self._thread_connections)
+        for subscription in subscriptions:
+            subscription.close()
+        current = threading.current_thread()
+        for holder in holders:
+            if holder.owner is current or not holder.owner.is_alive():
+                self._forget(holder)
+
+
+class _PikaDelivery:
+    """One message handed to the service thread; settled through its subscription's I/O thread."""
+
+    def __init__(
+        self,
+        subscription: _PikaSubscription,
+        generation: int,
+        channel: BlockingChannel,
+        method: Any,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._subscription = subscription
+        self._generation = generation
+        self._channel = channel
+        self._tag: int = method.delivery_tag
+        self._exchange: str = method.exchange or ""
+        self._routing_key: str = method.routing_key or ""
+        self._redelivered = bool(method.redelivered)
+        self._body = bytes(body)
+        self._message_id: str = properties.message_id or ""
+        self._headers: dict[str, Any] = _plain(dict(properties.headers or {}))
+        try:
+            self._delivery_count = int(self._headers.get(DELIVERY_COUNT_HEADER) or 0)
+        except (TypeError, ValueError):
+            self._delivery_count = 0
+        self._settled = False
+        self._settle_lock = threading.Lock()
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @property
+    def message_id(self) -> str:
+        return self._message_id
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self._headers)
+
+    @property
+    def exchange(self) -> str:
+        return self._exchange
+
+    @property
+    def routing_key(self) -> str:
+        return self._routing_key
+
+    @property
+    def redelivered(self) -> bool:
+        return self._redelivered
+
+    @property
+    def delivery_count(self) -> int:
+        return self._delivery_count
+
+    def _settle(self) -> None:
+        with self._settle_lock:
+            if self._settled:
+                # RabbitMQ would close the channel with 406 unknown delivery tag; refuse it here.
+                raise TransportError(f"delivery {self._message_id!r} already settled")
+            self._settled = True
+
+    def ack(self) -> None:
+        self._settle()
+        tag = self._tag
+        self._subscription._on_io_thread(self, lambda channel: channel.basic_ack(tag))
+
+    def requeue(self) -> None:
+        self._settle()
+        tag = self._tag
+        # basic.reject (not basic.nack): on RabbitMQ 4.3+ only reject counts toward the delivery limit.
+        self._subscription._on_io_thread(self, lambda channel: channel.basic_reject(tag, requeue=True))
+
+    def dead_letter(self, reason: str, detail: str = "") -> None:
+        self._settle()
+        subscription = self._subscription
+        if not subscription._is_live(self):
+            return  # the broker already took it back and will redeliver it: no copy to the DLQ
+        tag = self._tag
+        dlx = subscription._dead_letter_exchange
+        if dlx is None:
+            # A queue without a DLX: reject it; the broker drops it (or applies a DLX policy).
+            subscription._on_io_thread(self, lambda channel: channel.basic_reject(tag, requeue=False))
+            return
+        headers = {k: v for k, v in self._headers.items() if k != DELIVERY_COUNT_HEADER}
+        headers.update(
+            {
+                REASON_HEADER: reason,
+                DETAIL_HEADER: detail[:MAX_DETAIL_CHARS],
+                ORIGIN_QUEUE_HEADER: subscription.queue,
+                ORIGIN_EXCHANGE_HEADER: self._exchange,
+                ORIGIN_ROUTING_KEY_HEADER: self._routing_key,
+            }
+        )
+        try:
+            # On the calling (service) thread's own publishing connection, with confirms.
+            subscription._transport.publish(
+                dlx, self._routing_key, self._body, message_id=self._message_id, headers=headers
+            )
+        except TransportError as exc:
+            # Nothing is lost: the original goes back to its queue (and, if it keeps failing,
+            # reaches the broker's delivery limit).
+            log.error("could not dead-letter %r to %r (%s); requeueing it", self._message_id, dlx, exc)
+            subscription._on_io_thread(self, lambda channel: channel.basic_reject(tag, requeue=True))
+            return
+        subscription._on_io_thread(self, lambda channel: channel.basic_ack(tag))
+
+
+class _Wake:
+    """Put into a subscription's inbox to wake a waiting ``get`` (closing, or the connection gave up)."""
+
+
+_WAKE = _Wake()
+
+
+class _PikaSubscription:
+    """A consumer whose connection lives on its own I/O thread; see the module docstring."""
+
+    def __init__(self, transport: PikaTransport, queue: str, prefetch: int, dlx: str | None) -> None:
+        self._transport = transport
+        self.queue = queue
+        self._prefetch = prefetch
+        self._dead_letter_exchange = dlx
+        self._inbox: queue_mod.Queue[_PikaDelivery | _Wake] = queue_mod.Queue()
+        self._lock = threading.Lock()
+        self._connection: BlockingConnection | None = None
+        self._generation = 0  # how many connections this subscription has consumed on
+        self._live_generation: int | None = None  # the generation now consuming, None when down
+        self._error: TransportError | None = None  # final: get() raises it
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._cancelled = False
+        self._consuming = False  # whether the current connection got as far as consuming
+        self.closed = False
+        self._thread = threading.Thread(target=self._io_main, name=f"lorafleet-amqp:{queue}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            self.closed = True
+            raise self._error
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections this subscription has consumed on (1 unless it had to reconnect)."""
+        return self._generation
+
+    # -- service-thread side --------------------------------------------------------------------
+    def get(self, timeout: float = 0.0) -> _PikaDelivery | None:
+        if self.closed:
+            raise TransportClosed(f"subscription to {self.queue!r} is closed")
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            if self._error is not None and self._inbox.empty():
+                raise self._error
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
+            except queue_mod.Empty:
+                item = None
+            if isinstance(item, _PikaDelivery):
+                if item._generation == self._live_generation:
+                    return item
+                continue  # from a connection that died: the broker will redeliver it
+            if self._error is not None:
+                raise self._error
+            if self.closed:
+                raise TransportClosed(f"subscription to {self.queue!r} is closed")
+            if item is None:
+                return None
+
+    def _is_live(self, delivery: _PikaDelivery) -> bool:
+        """Whether the delivery's channel is still the one consuming (so settling it means something)."""
+        return self._live_generation == delivery._generation
+
+    def _on_io_thread(self, delivery: _PikaDelivery, operation: Callable[[BlockingChannel], None]) -> None:
+        """Run a settlement on the I/O thread, skipping it when the delivery's channel is gone."""
+        generation = delivery._generation
+        with self._lock:
+            connection = self._connection if self._live_generation == generation else None
+        if connection is None:
+            log.debug("delivery %r outlived its channel; not settling it", delivery.message_id)
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                if self._live_generation == generation and delivery._channel.is_open:
+                    operation(delivery._channel)
+            except pex.AMQPError:
+                log.debug("settling %r failed; the broker will redeliver it", delivery.message_id)
+            finally:
+                done.set()
+
+        try:
+            connection.add_callback_threadsafe(run)
+        except pex.AMQPError:
+            return  # the connection closed meanwhile: stale
+        if threading.current_thread() is self._thread:
+            return
+        give_up = time.monotonic() + self._transport._settle_timeout_s
+        while not done.wait(0.05):
+            if self._live_generation != generation or time.monotonic() > give_up:
+                return
+
+    def close(self) -> None:
+        """Stop consuming; the broker returns unsettled deliveries to the queue."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        with self._lock:
+            connection = self._connection
+        if connection is not None:
+            # Queued after any settlement this thread made, so those go out first.
+            with contextlib.suppress(pex.AMQPError):
+                connection.add_callback_threadsafe(lambda: None)
+        self._thread.join(timeout=30.0)
+        self._inbox.put(_WAKE)
+
+    # -- I/O thread -----------------------------------------------------------------------------
+    def _io_main(self) -> None:
+        attempt = 0
+        deadline: float | None = None
+        try:
+            while not self._stop.is_set():
+                self._consuming = False
+                try:
+                    self._consume_once()
+                    if self._stop.is_set():
+                        return
+                    failure = "consumer cancelled by the broker" if self._cancelled else "channel closed"
+                except TransportError as exc:  # QueueNotFound, AccessRefused: final
+                    self._error = exc
+                    return
+                except pex.ChannelClosedByBroker as exc:
+                    error = _broker_error(exc, f"consume {self.queue!r}")
+                    if isinstance(error, (QueueNotFound, AccessRefused)):
+                        self._error = error
+                        return
+                    failure = str(error)
+                except (pex.AMQPError, *_CONNECTION_LOST) as exc:
+                    failure = repr(exc)
+                if self._consuming:
+                    attempt, deadline = 0, None  # that connection worked: the budget starts afresh
+                attempt += 1
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self._transport._max_reconnect_s
+                if now >= deadline:
+                    self._error = TransportClosed(
+                        f"subscription to {self.queue!r}: gave up reconnecting ({failure})"
+                    )
+                    return
+                delay = min(_backoff(attempt, cap=10.0), deadline - now)
+                log.warning("subscription to %r lost (%s); reconnecting in %.1fs", self.queue, failure, delay)
+                self._stop.wait(delay)
+        finally:
+            self._started.set()
+            self._inbox.put(_WAKE)
+
+    def _consume_once(self) -> None:
+        """Connect and consume until stopped, cancelled, or the connection fails."""
+        connection = self._transport._connect()
+        try:
+            channel = connection.channel()
+            channel.queue_declare(self.queue, passive=True)  # QueueNotFound rather than an idle consumer
+            channel.basic_qos(prefetch_count=self._prefetch)
+            self._cancelled = False
+            channel.add_on_cancel_callback(self._on_cancel)
+            with self._lock:
+                self._generation += 1
+                generation = self._generation
+                self._connection = connection
+                self._live_generation = generation
+            channel.basic_consume(self.queue, functools.partial(self._on_message, generation), auto_ack=False)
+            self._consuming = True
+            self._started.set()
+            while not self._stop.is_set() and not self._cancelled and channel.is_open:
+                # Heartbeats, deliveries and the settlements queued by add_callback_threadsafe all
+                # happen in here; a queued callback wakes it at once.
+                connection.process_data_events(time_limit=1.0)
+        finally:
+            with self._lock:
+                self._live_generation = None
+                self._connection = None
+            try:
+                if connection.is_open:
+                    connection.close()  # unacknowledged deliveries go back to the queue
+            except Exception:  # best effort on a broken connection
+                log.debug("closing the consumer connection failed", exc_info=True)
+
+    def _on_message(
+        self, generation: int, channel: BlockingChannel, method: Any, properties: Any, body: bytes
+    ) -> None:
+        self._inbox.put(_PikaDelivery(self, generation, channel, method, properties, body))
+
+    def _on_cancel(self, _frame: Any) -> None:
+        # The queue was deleted (or its leader moved): reconnecting re-checks that it exists.
+        self._cancelled = True
