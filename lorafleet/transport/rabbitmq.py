@@ -26,6 +26,15 @@ or close the new channel with ``406 PRECONDITION_FAILED - unknown delivery tag``
 whose channel has since died is skipped silently: the broker already returned the message, and it
 comes back as a redelivery (the at-least-once contract; consumers are idempotent).
 
+**Idle publishing connections** get no heartbeats while their thread does something else, so the
+broker may drop one after about three heartbeat intervals. The next operation on it fails, and
+``_run`` reconnects and retries it (publishes are confirmed, so a retried publish may duplicate a
+message but never lose one; message ids make duplicates detectable).
+
+**Permissions.** Roles whose ``configure`` permission is ``^$`` (see broker_config/) cannot redeclare
+the topology. ``declare_exchange`` / ``declare_queue`` then fall back to a passive declare, which
+needs no permission, and accept what the broker administrator declared.
+
 Every pika exception is translated to the errors of :mod:`lorafleet.transport.base` here; none
 escapes this module.
 """
@@ -259,6 +268,7 @@ class PikaTransport:
 
     def _check_open(self) -> None:
         if self._closed:
+            self._drop_thread_connection()  # one close() could not touch from its own thread
             raise TransportClosed("transport is closed")
 
     def _run(self, what: str, op: Callable[[_ThreadConnection], _T], *, nack_retries: bool = False) -> _T:
