@@ -70,7 +70,9 @@ class AggregatorService:
         self.out_dir = out_dir
         self.clock = clock or SystemClock()
         self.finished = False
-        self.rejections = Rejections("aggregator", sink=lambda name: self.state.incr_counter(self.run_id, name))
+        self.rejections = Rejections(
+            "aggregator", sink=lambda name: self.state.incr_counter(self.run_id, name)
+        )
         self._subscription: Subscription | None = None
         self._to_evaluate: list[int] = []
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
@@ -121,9 +123,17 @@ class AggregatorService:
             elif isinstance(message, TaskFailed):
                 stored = b""  # the device reported: it counts toward the quorum, adds no tensors
             else:
-                raise DecodeError("unexpected_kind", f"the aggregator does not consume {type(message).__name__}")
-            result = self.state.record_update(self.run_id, message.round, message.task_id, message.device_id,
-                                              stored, to_ms(self.clock.now()))
+                raise DecodeError(
+                    "unexpected_kind", f"the aggregator does not consume {type(message).__name__}"
+                )
+            result = self.state.record_update(
+                self.run_id,
+                message.round,
+                message.task_id,
+                message.device_id,
+                stored,
+                to_ms(self.clock.now()),
+            )
             if result.outcome in ("unknown_task", "wrong_device"):
                 raise DecodeError(result.outcome, f"{message.task_id} from {message.device_id}")
             if isinstance(message, TaskFailed):
@@ -177,22 +187,42 @@ class AggregatorService:
         assert info is not None
         bytes_up = sum(len(body) for body in stored.values())
         reason = info.close_reason or "deadline"
-        self.state.put_round_metrics(self.run_id, round_no, {
-            "devices_reported": len(updates),
-            "reports": len(stored),
-            "tasks_issued": len(info.tasks),
-            "bytes_up": bytes_up,
-            "close_reason": reason,
-            "closed_at": (info.closed_ms or 0) / 1000.0,
-            "aggregation_s": time.perf_counter() - started,
-        })
-        publish_message(self.transport, topology.ROUNDS_EXCHANGE, topology.ROUNDS_KEY, RoundClosed(
-            run_id=self.run_id, round=round_no, reason=reason, tasks_issued=len(info.tasks),
-            devices_reported=len(updates), bytes_up=bytes_up, global_version=round_no))
+        self.state.put_round_metrics(
+            self.run_id,
+            round_no,
+            {
+                "devices_reported": len(updates),
+                "reports": len(stored),
+                "tasks_issued": len(info.tasks),
+                "bytes_up": bytes_up,
+                "close_reason": reason,
+                "closed_at": (info.closed_ms or 0) / 1000.0,
+                "aggregation_s": time.perf_counter() - started,
+            },
+        )
+        publish_message(
+            self.transport,
+            topology.ROUNDS_EXCHANGE,
+            topology.ROUNDS_KEY,
+            RoundClosed(
+                run_id=self.run_id,
+                round=round_no,
+                reason=reason,
+                tasks_issued=len(info.tasks),
+                devices_reported=len(updates),
+                bytes_up=bytes_up,
+                global_version=round_no,
+            ),
+        )
         self.state.mark_aggregated(self.run_id, round_no, round_no)
         self._to_evaluate.append(round_no)
-        log.info("aggregator: round %d closed (%s) with %d/%d updates", round_no, reason, len(updates),
-                 len(info.tasks))
+        log.info(
+            "aggregator: round %d closed (%s) with %d/%d updates",
+            round_no,
+            reason,
+            len(updates),
+            len(info.tasks),
+        )
 
     @staticmethod
     def _stored_update(body: bytes) -> tuple[Tensors, int]:
@@ -207,9 +237,15 @@ class AggregatorService:
         started = time.perf_counter()
         accuracy, loss = self.evaluator.evaluate(self._global_spec(), tensors)
         eval_s = time.perf_counter() - started
-        self.state.put_round_metrics(self.run_id, round_no, {"accuracy": accuracy, "loss": loss, "eval_s": eval_s})
-        publish_message(self.transport, topology.ROUNDS_EXCHANGE, topology.ROUNDS_KEY, RoundEvaluated(
-            run_id=self.run_id, round=round_no, accuracy=accuracy, loss=loss, eval_s=eval_s))
+        self.state.put_round_metrics(
+            self.run_id, round_no, {"accuracy": accuracy, "loss": loss, "eval_s": eval_s}
+        )
+        publish_message(
+            self.transport,
+            topology.ROUNDS_EXCHANGE,
+            topology.ROUNDS_KEY,
+            RoundEvaluated(run_id=self.run_id, round=round_no, accuracy=accuracy, loss=loss, eval_s=eval_s),
+        )
         log.info("aggregator: round %d accuracy %.4f loss %.4f", round_no, accuracy, loss)
 
     # -- end of run -----------------------------------------------------------------------------

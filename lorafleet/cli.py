@@ -27,17 +27,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML), e.g. examples/quickstart.yaml")]
-BrokerOpt = Annotated[str, typer.Option("--broker", envvar="LORAFLEET_BROKER_URL",
-                                        help="RabbitMQ URL, amqp://user:pass@host:5672/vhost")]
-StateOpt = Annotated[str, typer.Option("--state", envvar="LORAFLEET_STATE_URL", help="Redis URL, redis://host:6379/0")]
+BrokerOpt = Annotated[
+    str,
+    typer.Option(
+        "--broker", envvar="LORAFLEET_BROKER_URL", help="RabbitMQ URL, amqp://user:pass@host:5672/vhost"
+    ),
+]
+StateOpt = Annotated[
+    str, typer.Option("--state", envvar="LORAFLEET_STATE_URL", help="Redis URL, redis://host:6379/0")
+]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level")]
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
@@ -60,8 +68,9 @@ def _stop_on_signals() -> threading.Event:
 def run(
     config: ConfigArg,
     out: OutOpt = Path("runs/latest"),
-    broker: Annotated[str | None, typer.Option("--broker", help="RabbitMQ URL: run every service as its own process")]
-    = None,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="RabbitMQ URL: run every service as its own process")
+    ] = None,
     state: Annotated[str | None, typer.Option("--state", help="Redis URL (with --broker)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-round progress")] = False,
     verbose: VerboseOpt = False,
@@ -70,7 +79,9 @@ def run(
     _setup_logging(verbose)
     cfg = _load(config)
     if (broker is None) != (state is None):
-        err.print("[red]error:[/red] --broker and --state go together (distributed mode), or neither (embedded)")
+        err.print(
+            "[red]error:[/red] --broker and --state go together (distributed mode), or neither (embedded)"
+        )
         raise typer.Exit(2)
     if broker is not None and state is not None:
         from lorafleet.launcher import run_distributed
@@ -80,13 +91,22 @@ def run(
         from lorafleet.embedded import run_embedded
 
         report = run_embedded(cfg, out, quiet=quiet)
-    err.print(f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
-              f"report: {out / 'report.json'}; adapter: {out / 'adapter'}", highlight=False)
+    err.print(
+        f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
+        f"report: {out / 'report.json'}; adapter: {out / 'adapter'}",
+        highlight=False,
+    )
 
 
 @app.command()
-def orchestrator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: OutOpt = Path("runs/latest"),
-                 threads: ThreadsOpt = 1, verbose: VerboseOpt = False) -> None:
+def orchestrator(
+    config: ConfigArg,
+    broker: BrokerOpt,
+    state: StateOpt,
+    out: OutOpt = Path("runs/latest"),
+    threads: ThreadsOpt = 1,
+    verbose: VerboseOpt = False,
+) -> None:
     """Run the orchestrator service against RabbitMQ and Redis."""
     _setup_logging(verbose)
     cfg = _load(config)
@@ -98,8 +118,9 @@ def orchestrator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: Out
     stop = _stop_on_signals()
     transport, store = open_transport(broker), open_state(state)
     try:
-        service = build_orchestrator(cfg, transport, store, build_runtime(cfg), out_dir=out,
-                                     reporter=RunReporter(cfg))
+        service = build_orchestrator(
+            cfg, transport, store, build_runtime(cfg), out_dir=out, reporter=RunReporter(cfg)
+        )
         service.start()
         service.run_forever(stop)
     finally:
@@ -108,8 +129,14 @@ def orchestrator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: Out
 
 
 @app.command()
-def aggregator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: OutOpt = Path("runs/latest"),
-               threads: ThreadsOpt = 0, verbose: VerboseOpt = False) -> None:
+def aggregator(
+    config: ConfigArg,
+    broker: BrokerOpt,
+    state: StateOpt,
+    out: OutOpt = Path("runs/latest"),
+    threads: ThreadsOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
     """Run the aggregator service against RabbitMQ and Redis."""
     _setup_logging(verbose)
     cfg = _load(config)
@@ -129,10 +156,18 @@ def aggregator(config: ConfigArg, broker: BrokerOpt, state: StateOpt, out: OutOp
 
 
 @app.command()
-def worker(config: ConfigArg, broker: BrokerOpt,
-           device_id: Annotated[str, typer.Option("--device-id", envvar="LORAFLEET_DEVICE_ID",
-                                                  help="The device slot to serve, e.g. dev-0003")],
-           threads: ThreadsOpt = 0, verbose: VerboseOpt = False) -> None:
+def worker(
+    config: ConfigArg,
+    broker: BrokerOpt,
+    device_id: Annotated[
+        str,
+        typer.Option(
+            "--device-id", envvar="LORAFLEET_DEVICE_ID", help="The device slot to serve, e.g. dev-0003"
+        ),
+    ],
+    threads: ThreadsOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
     """Run one device (worker) against RabbitMQ. It needs no state-store access."""
     _setup_logging(verbose)
     cfg = _load(config)

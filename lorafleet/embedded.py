@@ -31,8 +31,13 @@ class Steppable(Protocol):
     def step(self, timeout: float = 0.0) -> bool: ...
 
 
-def drive(services: Sequence[Steppable], *, until: Steppable, max_idle_s: float = 3600.0,
-          idle_sleep_s: float = 0.005) -> None:
+def drive(
+    services: Sequence[Steppable],
+    *,
+    until: Steppable,
+    max_idle_s: float = 3600.0,
+    idle_sleep_s: float = 0.005,
+) -> None:
     """Step every service round-robin until ``until`` finishes.
 
     Raises:
@@ -60,13 +65,16 @@ def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> di
     state = InMemoryStateStore()
     runtime = build_runtime(config)
     shards = Shards.load(config)
-    orchestrator = build_orchestrator(config, InMemoryTransport(broker), state, runtime, out_dir=out_dir,
-                                      reporter=reporter)
+    orchestrator = build_orchestrator(
+        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, reporter=reporter
+    )
     orchestrator.start()
     aggregator = build_aggregator(config, InMemoryTransport(broker), state, runtime, out_dir=out_dir)
     aggregator.start()
-    workers = [build_worker(config, i, InMemoryTransport(broker), runtime, shards)
-               for i in range(config.devices.count)]
+    workers = [
+        build_worker(config, i, InMemoryTransport(broker), runtime, shards)
+        for i in range(config.devices.count)
+    ]
     for worker in workers:
         worker.start()
     drive([orchestrator, aggregator, *workers], until=orchestrator)

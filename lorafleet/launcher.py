@@ -8,6 +8,7 @@ threads; logs go to ``OUT/logs/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,8 +26,16 @@ from schemas.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def service_command(role: str, config_path: Path, *, broker: str, state: str | None, out_dir: Path | None,
-                    device: str | None = None, threads: int | None = None) -> list[str]:
+def service_command(
+    role: str,
+    config_path: Path,
+    *,
+    broker: str,
+    state: str | None,
+    out_dir: Path | None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> list[str]:
     """The CLI command line of one service."""
     cmd = [sys.executable, "-m", "lorafleet", role, str(config_path), "--broker", broker]
     if state is not None:
@@ -53,18 +62,17 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
         queues = [topology.UPDATES_QUEUE, topology.ORCHESTRATOR_QUEUE]
         queues += [topology.task_queue_name(d) for d in config.device_ids()]
         for queue in queues:
-            try:
+            with contextlib.suppress(QueueNotFound):
                 transport.purge(queue)
-            except QueueNotFound:
-                pass
     except TransportError as exc:
         log.warning("could not reset queues: %s", exc)
     finally:
         transport.close()
 
 
-def run_distributed(config: RunConfig, config_path: Path, out_dir: Path, *, broker: str, state: str,
-                    fresh: bool = True) -> dict[str, Any]:
+def run_distributed(
+    config: RunConfig, config_path: Path, out_dir: Path, *, broker: str, state: str, fresh: bool = True
+) -> dict[str, Any]:
     """Run an experiment with every service in its own process; returns ``report.json``'s content.
 
     Raises:
@@ -82,11 +90,30 @@ def run_distributed(config: RunConfig, config_path: Path, out_dir: Path, *, brok
     handles = []
     try:
         procs["orchestrator"] = subprocess.Popen(
-            service_command("orchestrator", config_path, broker=broker, state=state, out_dir=out_dir, threads=1))
-        for name, cmd in [("aggregator", service_command("aggregator", config_path, broker=broker, state=state,
-                                                          out_dir=out_dir, threads=cores))] + [
-            (f"worker-{d}", service_command("worker", config_path, broker=broker, state=None, out_dir=None,
-                                            device=d, threads=worker_threads))
+            service_command(
+                "orchestrator", config_path, broker=broker, state=state, out_dir=out_dir, threads=1
+            )
+        )
+        for name, cmd in [
+            (
+                "aggregator",
+                service_command(
+                    "aggregator", config_path, broker=broker, state=state, out_dir=out_dir, threads=cores
+                ),
+            )
+        ] + [
+            (
+                f"worker-{d}",
+                service_command(
+                    "worker",
+                    config_path,
+                    broker=broker,
+                    state=None,
+                    out_dir=None,
+                    device=d,
+                    threads=worker_threads,
+                ),
+            )
             for d in config.device_ids()
         ]:
             handle = (logs / f"{name}.log").open("wb")

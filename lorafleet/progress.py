@@ -39,5 +39,6 @@ class RunReporter:
 
     def finished(self, reason: str, final_round: int, accuracy: float | None, wall_s: float) -> None:
         acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
-        self._print(f"[bold]run finished[/bold] ({reason}) after round {final_round}: accuracy {acc}, "
-                    f"{wall_s:.1f} s")
+        self._print(
+            f"[bold]run finished[/bold] ({reason}) after round {final_round}: accuracy {acc}, {wall_s:.1f} s"
+        )

@@ -33,8 +33,12 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "finish_reason": fields.get("finish_reason"),
         "wall_time_s": fields.get("wall_time_s"),
         "devices_registered": len(state.get_devices(run_id)),
-        "updates": {k.removeprefix("update_"): v for k, v in sorted(counters.items()) if k.startswith("update_")},
-        "rejected": {k.removeprefix("rejected_"): v for k, v in sorted(counters.items()) if k.startswith("rejected_")},
+        "updates": {
+            k.removeprefix("update_"): v for k, v in sorted(counters.items()) if k.startswith("update_")
+        },
+        "rejected": {
+            k.removeprefix("rejected_"): v for k, v in sorted(counters.items()) if k.startswith("rejected_")
+        },
         "tasks_failed": counters.get("task_failed", 0),
     }
 

@@ -58,8 +58,10 @@ def _work_queue(name: str, bindings: tuple[tuple[str, str], ...]) -> QueueSpec:
 
 STATIC_QUEUES = (
     _work_queue(UPDATES_QUEUE, ((UPDATES_EXCHANGE, UPDATE_KEY),)),
-    _work_queue(ORCHESTRATOR_QUEUE, ((CONTROL_EXCHANGE, REGISTER_KEY), (CONTROL_EXCHANGE, HEARTBEAT_KEY),
-                                     (ROUNDS_EXCHANGE, ROUNDS_KEY))),
+    _work_queue(
+        ORCHESTRATOR_QUEUE,
+        ((CONTROL_EXCHANGE, REGISTER_KEY), (CONTROL_EXCHANGE, HEARTBEAT_KEY), (ROUNDS_EXCHANGE, ROUNDS_KEY)),
+    ),
     QueueSpec(DEAD_LETTER_QUEUE, ((DEAD_LETTER_EXCHANGE, ""),)),
 )
 

@@ -14,7 +14,15 @@ from aggregator.evaluation import evaluate
 from aggregator.service import AggregatorService
 from lorafleet.adapters import Tensors
 from lorafleet.clock import Clock
-from lorafleet.data import EncodedDataset, TextDataset, encode_dataset, eval_set, load_split, num_labels, partition_iid
+from lorafleet.data import (
+    EncodedDataset,
+    TextDataset,
+    encode_dataset,
+    eval_set,
+    load_split,
+    num_labels,
+    partition_iid,
+)
 from lorafleet.model import AdapterRuntime, load_tokenizer
 from lorafleet.progress import RunReporter
 from lorafleet.state.base import StateStore
@@ -51,8 +59,10 @@ def device_index(config: RunConfig, device: str) -> int:
         ValueError: not a device id of this run.
     """
     if device not in config.device_ids():
-        raise ValueError(f"device id {device!r} is not one of this run's {config.devices.count} slots "
-                         f"({device_id(0)} .. {device_id(config.devices.count - 1)})")
+        raise ValueError(
+            f"device id {device!r} is not one of this run's {config.devices.count} slots "
+            f"({device_id(0)} .. {device_id(config.devices.count - 1)})"
+        )
     return int(device.rsplit("-", 1)[1])
 
 
@@ -93,36 +103,77 @@ def build_runtime(config: RunConfig) -> AdapterRuntime:
     return AdapterRuntime(config.model, num_labels(config.data.dataset), seed=config.seed)
 
 
-def build_orchestrator(config: RunConfig, transport: Transport, state: StateStore, runtime: AdapterRuntime, *,
-                       out_dir: Path | None, reporter: RunReporter | None = None,
-                       clock: Clock | None = None) -> OrchestratorService:
+def build_orchestrator(
+    config: RunConfig,
+    transport: Transport,
+    state: StateStore,
+    runtime: AdapterRuntime,
+    *,
+    out_dir: Path | None,
+    reporter: RunReporter | None = None,
+    clock: Clock | None = None,
+) -> OrchestratorService:
     return OrchestratorService(
-        transport, state, config=config, num_blocks=runtime.num_blocks,
+        transport,
+        state,
+        config=config,
+        num_blocks=runtime.num_blocks,
         initial_adapter=lambda spec: runtime.initial_adapter(spec, seed=config.seed),
-        out_dir=out_dir, reporter=reporter, clock=clock,
+        out_dir=out_dir,
+        reporter=reporter,
+        clock=clock,
     )
 
 
-def build_aggregator(config: RunConfig, transport: Transport, state: StateStore, runtime: AdapterRuntime, *,
-                     out_dir: Path | None, clock: Clock | None = None) -> AggregatorService:
+def build_aggregator(
+    config: RunConfig,
+    transport: Transport,
+    state: StateStore,
+    runtime: AdapterRuntime,
+    *,
+    out_dir: Path | None,
+    clock: Clock | None = None,
+) -> AggregatorService:
     tokenizer = load_tokenizer(config.model)
     encoded_eval = encode_dataset(tokenizer, eval_set(config), config.model.max_seq_len)
 
     def write_checkpoint(spec: LoraSpec, tensors: Tensors, directory: Path) -> None:
         runtime.save_peft_checkpoint(spec, tensors, directory, dataset=config.data.dataset)
 
-    return AggregatorService(transport, state, config=config, evaluator=RuntimeEvaluator(runtime, encoded_eval),
-                             write_checkpoint=write_checkpoint, out_dir=out_dir, clock=clock)
+    return AggregatorService(
+        transport,
+        state,
+        config=config,
+        evaluator=RuntimeEvaluator(runtime, encoded_eval),
+        write_checkpoint=write_checkpoint,
+        out_dir=out_dir,
+        clock=clock,
+    )
 
 
-def build_worker(config: RunConfig, index: int, transport: Transport, runtime: AdapterRuntime, shards: Shards, *,
-                 trainer: Trainer | None = None, clock: Clock | None = None) -> WorkerService:
+def build_worker(
+    config: RunConfig,
+    index: int,
+    transport: Transport,
+    runtime: AdapterRuntime,
+    shards: Shards,
+    *,
+    trainer: Trainer | None = None,
+    clock: Clock | None = None,
+) -> WorkerService:
     shard = shards.shard(index)
     if trainer is None:
         tokenizer = load_tokenizer(config.model)
         trainer = LoraTrainer(runtime, encode_dataset(tokenizer, shard, config.model.max_seq_len))
     return WorkerService(
-        transport, trainer, run_id=config.run_id, device_id=device_id(index), num_samples=len(shard),
-        label_histogram=label_histogram(shard), profile=config.devices.profile, limits=config.limits,
-        clock=clock, incarnation=f"{os.getpid()}",
+        transport,
+        trainer,
+        run_id=config.run_id,
+        device_id=device_id(index),
+        num_samples=len(shard),
+        label_histogram=label_histogram(shard),
+        profile=config.devices.profile,
+        limits=config.limits,
+        clock=clock,
+        incarnation=f"{os.getpid()}",
     )

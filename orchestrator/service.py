@@ -73,7 +73,9 @@ class OrchestratorService:
         self.phase: Phase = "registering"
         self.round = 0
         self.report: dict[str, object] | None = None
-        self.rejections = Rejections("orchestrator", sink=lambda name: self.state.incr_counter(self.run_id, name))
+        self.rejections = Rejections(
+            "orchestrator", sink=lambda name: self.state.incr_counter(self.run_id, name)
+        )
         self._subscription: Subscription | None = None
         self._started_at = self.clock.now()
         self._registration_started = self.clock.now()
@@ -104,7 +106,9 @@ class OrchestratorService:
         self.state.put_run_field(self.run_id, "config", self.config.model_dump(mode="json"))
         self.state.put_run_field(self.run_id, "global_spec", self.global_spec.model_dump_json())
         if self.state.get_global_adapter(self.run_id) is None:
-            self.state.put_global_adapter(self.run_id, 0, tensors_to_bytes(self.initial_adapter(self.global_spec)))
+            self.state.put_global_adapter(
+                self.run_id, 0, tensors_to_bytes(self.initial_adapter(self.global_spec))
+            )
         self.state.put_run_field(self.run_id, "status", "registering")
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
@@ -175,7 +179,9 @@ class OrchestratorService:
             elif isinstance(message, ReplanRequest):
                 log.info("orchestrator: replan requested after round %d: %s", message.round, message.reason)
             else:
-                raise DecodeError("unexpected_kind", f"the orchestrator does not consume {type(message).__name__}")
+                raise DecodeError(
+                    "unexpected_kind", f"the orchestrator does not consume {type(message).__name__}"
+                )
             delivery.ack()
         except DecodeError as exc:
             self.rejections.reject(delivery, exc)
@@ -199,8 +205,11 @@ class OrchestratorService:
             return  # handled before (redelivered RoundClosed)
         now = self.clock.now()
         opened_at = float(metrics.get("opened_at", now))
-        self.state.put_round_metrics(self.run_id, message.round, {
-            "wall_time_s": now - self._started_at, "round_time_s": now - opened_at})
+        self.state.put_round_metrics(
+            self.run_id,
+            message.round,
+            {"wall_time_s": now - self._started_at, "round_time_s": now - opened_at},
+        )
         self.reporter.round_closed(message.round, self.state.get_round_metrics(self.run_id)[message.round])
         self._after_round(message.round)
 
@@ -237,8 +246,12 @@ class OrchestratorService:
         self._open_round(1)
 
     def _open_round(self, round_no: int) -> None:
-        devices = sample_devices(list(self.state.get_devices(self.run_id)), self.config.rounds.sample_fraction,
-                                 round_no, self.config.seed)
+        devices = sample_devices(
+            list(self.state.get_devices(self.run_id)),
+            self.config.rounds.sample_fraction,
+            round_no,
+            self.config.seed,
+        )
         plans = self.planner(devices, self.config, self.num_blocks)
         tasks = {task_id(self.run_id, round_no, p.device_id): p.device_id for p in plans}
         specs = {task_id(self.run_id, round_no, p.device_id): p.lora.model_dump_json() for p in plans}
@@ -266,9 +279,16 @@ class OrchestratorService:
             if spec_json not in payloads:
                 payloads[spec_json] = encode_tensors(select_for_spec(global_tensors, spec))
             task = TrainTask(
-                task_id=tid, run_id=self.run_id, round=round_no, device_id=device_id, plan_version=round_no,
-                lora=spec, hparams=self._hparams(), adapter=payloads[spec_json],  # type: ignore[arg-type]
-                issued_at=info.opened_ms / 1000.0, deadline_at=info.deadline_ms / 1000.0,
+                task_id=tid,
+                run_id=self.run_id,
+                round=round_no,
+                device_id=device_id,
+                plan_version=round_no,
+                lora=spec,
+                hparams=self._hparams(),
+                adapter=payloads[spec_json],  # type: ignore[arg-type]
+                issued_at=info.opened_ms / 1000.0,
+                deadline_at=info.deadline_ms / 1000.0,
             )
             body = encode(task)
             self.transport.publish(topology.TASKS_EXCHANGE, device_id, body, message_id=task.message_id)
@@ -278,19 +298,31 @@ class OrchestratorService:
 
     def _hparams(self) -> TrainHyperParams:
         t = self.config.training
-        return TrainHyperParams(local_epochs=t.local_epochs, max_steps=t.max_steps, batch_size=t.batch_size,
-                                lr=t.lr, weight_decay=t.weight_decay, seed=self.config.seed)
+        return TrainHyperParams(
+            local_epochs=t.local_epochs,
+            max_steps=t.max_steps,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            seed=self.config.seed,
+        )
 
     # -- end ------------------------------------------------------------------------------------
     def _finish(self, reason: FinishReason, final_round: int) -> None:
         metrics = self.state.get_round_metrics(self.run_id).get(final_round, {})
         accuracy = metrics.get("accuracy")
         wall = self.clock.now() - self._started_at
-        for name, value in (("final_round", final_round), ("final_accuracy", accuracy),
-                            ("finish_reason", reason), ("wall_time_s", wall), ("status", "finished")):
+        for name, value in (
+            ("final_round", final_round),
+            ("final_accuracy", accuracy),
+            ("finish_reason", reason),
+            ("wall_time_s", wall),
+            ("status", "finished"),
+        ):
             self.state.put_run_field(self.run_id, name, value)
-        finished = RunFinished(run_id=self.run_id, reason=reason, rounds_completed=final_round,
-                               final_accuracy=accuracy)
+        finished = RunFinished(
+            run_id=self.run_id, reason=reason, rounds_completed=final_round, final_accuracy=accuracy
+        )
         for device_id in sorted(self.state.get_devices(self.run_id)):
             publish_message(self.transport, topology.TASKS_EXCHANGE, device_id, finished)
         self.report = build_report(self.config, self.state)

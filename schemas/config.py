@@ -44,7 +44,9 @@ class DataConfig(_Section):
     """Where the data is and how it is split among devices."""
 
     dataset: DatasetName = "sst2"
-    data_dir: Annotated[str, Field(min_length=1)] | None = None  # default: $LORAFLEET_DATA_DIR or ../shared/data
+    data_dir: Annotated[str, Field(min_length=1)] | None = (
+        None  # default: $LORAFLEET_DATA_DIR or ../shared/data
+    )
     samples_per_device: Annotated[int, Field(ge=1)] | None = 250
     eval_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole dev/test split
     partition: Literal["iid"] = "iid"
@@ -56,7 +58,9 @@ class LoraConfigSection(_Section):
     rank: Annotated[int, Field(ge=1, le=512)] = 8
     alpha_ratio: Annotated[float, Field(gt=0.0, le=64.0)] = 2.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    target_modules: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["query", "value"]
+    )
     layers: Literal["all"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "all"
 
 
@@ -111,7 +115,9 @@ class RunConfig(_Section):
     def _consistent(self) -> RunConfig:
         min_devices = self.rounds.min_devices
         if min_devices is not None and min_devices > self.devices.count:
-            raise ValueError(f"rounds.min_devices ({min_devices}) exceeds devices.count ({self.devices.count})")
+            raise ValueError(
+                f"rounds.min_devices ({min_devices}) exceeds devices.count ({self.devices.count})"
+            )
         return self
 
     @property
@@ -142,7 +148,9 @@ _Loader.add_implicit_resolver(
 def parse_run_config(data: Any, *, source: str = "<config>") -> RunConfig:
     """Validate a mapping as a :class:`RunConfig`; raise :class:`ConfigError` naming every bad field."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the configuration must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: the configuration must be a mapping of sections, got {type(data).__name__}"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -76,8 +76,15 @@ def _unpack(data: bytes, max_bytes: int) -> Any:
             max_map_len=1_000_000,
             max_ext_len=0,
         )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            RecursionError, UnicodeDecodeError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        RecursionError,
+        UnicodeDecodeError,
+    ) as exc:
         raise DecodeError("undecodable", f"msgpack: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 

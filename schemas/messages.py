@@ -41,10 +41,13 @@ class LoraSpec(StrictModel):
     rank, which keeps rank-index-wise averaging of heterogeneous ranks meaningful.
     """
 
-    target_modules: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")]],
-                              Field(min_length=1, max_length=16)]
-    layer_ranks: Annotated[dict[Annotated[int, Field(ge=0, le=1023)], Annotated[int, Field(ge=1, le=512)]],
-                           Field(min_length=1)]
+    target_modules: Annotated[
+        list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")]],
+        Field(min_length=1, max_length=16),
+    ]
+    layer_ranks: Annotated[
+        dict[Annotated[int, Field(ge=0, le=1023)], Annotated[int, Field(ge=1, le=512)]], Field(min_length=1)
+    ]
     alpha_ratio: Annotated[float, Field(gt=0.0, le=64.0)] = 2.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
 

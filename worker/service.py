@@ -91,8 +91,12 @@ class WorkerService:
             self.transport,
             topology.CONTROL_EXCHANGE,
             topology.HEARTBEAT_KEY,
-            Heartbeat(run_id=self.run_id, device_id=self.device_id, seq=self._heartbeat_seq,
-                      busy_task_id=self._busy_task),
+            Heartbeat(
+                run_id=self.run_id,
+                device_id=self.device_id,
+                seq=self._heartbeat_seq,
+                busy_task_id=self._busy_task,
+            ),
         )
 
     def _subscribed(self) -> bool:
@@ -114,12 +118,14 @@ class WorkerService:
         self._handle(delivery)
         return True
 
-    def run_forever(self, stop: threading.Event | None = None, *, poll_s: float = 0.5,
-                    heartbeat_s: float = 5.0) -> None:
+    def run_forever(
+        self, stop: threading.Event | None = None, *, poll_s: float = 0.5, heartbeat_s: float = 5.0
+    ) -> None:
         """Loop until the run finishes or ``stop`` is set, with heartbeats from a side thread."""
         stop = stop or threading.Event()
-        beat = threading.Thread(target=self._beat, args=(stop, heartbeat_s), daemon=True,
-                                name=f"heartbeat-{self.device_id}")
+        beat = threading.Thread(
+            target=self._beat, args=(stop, heartbeat_s), daemon=True, name=f"heartbeat-{self.device_id}"
+        )
         beat.start()
         try:
             while not self.finished and not stop.is_set():
@@ -171,7 +177,8 @@ class WorkerService:
             return
         try:
             self.stats["bytes_up"] += publish_message(
-                self.transport, topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, update)
+                self.transport, topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, update
+            )
         except TransportError:
             delivery.requeue()  # not confirmed: try the task again (bounded by the delivery limit)
             raise
@@ -207,6 +214,11 @@ class WorkerService:
             self.transport,
             topology.UPDATES_EXCHANGE,
             topology.UPDATE_KEY,
-            TaskFailed(task_id=task.task_id, run_id=task.run_id, round=task.round,
-                       device_id=self.device_id, reason=reason[:2000]),
+            TaskFailed(
+                task_id=task.task_id,
+                run_id=task.run_id,
+                round=task.round,
+                device_id=self.device_id,
+                reason=reason[:2000],
+            ),
         )

@@ -72,7 +72,7 @@ class ExchangeSpec:
 
 @dataclass(frozen=True)
 class QueueSpec:
-    """A durable queue; ``dead_letter_exchange`` and ``delivery_limit`` make poison messages end in the DLQ."""
+    """A durable queue; ``dead_letter_exchange`` and ``delivery_limit`` send poison messages to the DLQ."""
 
     name: str
     bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing_key)

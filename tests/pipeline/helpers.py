@@ -53,14 +53,16 @@ class MeanEvaluator:
 
 
 def make_config(run_id: str, devices: int, rounds: int, **rounds_extra: Any) -> RunConfig:
-    return parse_run_config({
-        "run_id": run_id,
-        "model": {"name": "tiny"},
-        "data": {"dataset": "synthetic"},
-        "devices": {"count": devices},
-        "lora": {"rank": 4},
-        "rounds": {"max_rounds": rounds, **rounds_extra},
-    })
+    return parse_run_config(
+        {
+            "run_id": run_id,
+            "model": {"name": "tiny"},
+            "data": {"dataset": "synthetic"},
+            "devices": {"count": devices},
+            "lora": {"rank": 4},
+            "rounds": {"max_rounds": rounds, **rounds_extra},
+        }
+    )
 
 
 @dataclass
@@ -85,22 +87,37 @@ class Pipeline:
     def start_threads(self, stop: threading.Event) -> None:
         """Each service in its own thread, as separate processes would run."""
         for service in self.services:
-            thread = threading.Thread(target=service.run_forever, args=(stop,), kwargs={"poll_s": 0.05},
-                                      daemon=True)
+            thread = threading.Thread(
+                target=service.run_forever, args=(stop,), kwargs={"poll_s": 0.05}, daemon=True
+            )
             thread.start()
             self.threads.append(thread)
 
 
-def build_pipeline(config: RunConfig, transports: list[Transport], state: StateStore, *,
-                   deltas: list[float], samples: list[int], worker_clock: Any = None) -> Pipeline:
+def build_pipeline(
+    config: RunConfig,
+    transports: list[Transport],
+    state: StateStore,
+    *,
+    deltas: list[float],
+    samples: list[int],
+    worker_clock: Any = None,
+) -> Pipeline:
     """``transports``: one per service (orchestrator, aggregator, then one per worker)."""
     evaluator = MeanEvaluator()
-    orchestrator = OrchestratorService(transports[0], state, config=config, num_blocks=NUM_BLOCKS,
-                                       initial_adapter=initial_adapter)
+    orchestrator = OrchestratorService(
+        transports[0], state, config=config, num_blocks=NUM_BLOCKS, initial_adapter=initial_adapter
+    )
     aggregator = AggregatorService(transports[1], state, config=config, evaluator=evaluator)
     workers = [
-        WorkerService(transports[2 + i], FakeTrainer(delta=deltas[i], num_samples=samples[i]),
-                      run_id=config.run_id, device_id=device_id(i), num_samples=samples[i], clock=worker_clock)
+        WorkerService(
+            transports[2 + i],
+            FakeTrainer(delta=deltas[i], num_samples=samples[i]),
+            run_id=config.run_id,
+            device_id=device_id(i),
+            num_samples=samples[i],
+            clock=worker_clock,
+        )
         for i in range(config.devices.count)
     ]
     orchestrator.start()
@@ -115,5 +132,7 @@ def expected_global(spec: LoraSpec, rounds: int, deltas: list[float], samples: l
     import numpy as np
 
     start = {k: v.numpy().astype(np.float64) for k, v in initial_adapter(spec).items()}
-    mean_delta = float(np.average(np.array(deltas, dtype=np.float64), weights=np.array(samples, dtype=np.float64)))
+    mean_delta = float(
+        np.average(np.array(deltas, dtype=np.float64), weights=np.array(samples, dtype=np.float64))
+    )
     return {k: v + rounds * mean_delta for k, v in start.items()}

@@ -107,7 +107,9 @@ def test_rounds_aggregate_to_the_independently_computed_weighted_mean(backend: B
     report = pipeline.orchestrator.report
     assert report is not None
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
-    assert all(r["devices_reported"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in report["rounds"])
+    assert all(
+        r["devices_reported"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in report["rounds"]
+    )
     assert report["updates"] == {"counted": 9}
     assert report["finish_reason"] == "max_rounds"
     assert report["final_accuracy"] == pytest.approx(report["rounds"][-1]["accuracy"])
@@ -117,15 +119,30 @@ def _bad_messages(config, nan_task_id: str) -> list[tuple[str, bytes]]:  # type:
     import msgpack
 
     garbage = b"\x93\xff\x00not msgpack at all"
-    schema_invalid = msgpack.packb({"v": SCHEMA_VERSION, "kind": "lora_update", "id": "x", "at": 0.0,
-                                    "body": {"task_id": nan_task_id, "surprise": 1}}, use_bin_type=True)
+    schema_invalid = msgpack.packb(
+        {
+            "v": SCHEMA_VERSION,
+            "kind": "lora_update",
+            "id": "x",
+            "at": 0.0,
+            "body": {"task_id": nan_task_id, "surprise": 1},
+        },
+        use_bin_type=True,
+    )
     spec = global_spec(config, NUM_BLOCKS)
     from tests.pipeline.helpers import initial_adapter
 
     poisoned = {k: torch.full_like(v, float("nan")) for k, v in initial_adapter(spec).items()}
-    nan_update = LoraUpdate(task_id=nan_task_id, run_id=config.run_id, round=1, device_id="dev-0000",
-                            plan_version=1, num_samples=10, adapter=encode_tensors(poisoned),
-                            metrics=TrainMetrics(train_loss=0.0, steps=1, examples=10, compute_s=0.0))
+    nan_update = LoraUpdate(
+        task_id=nan_task_id,
+        run_id=config.run_id,
+        round=1,
+        device_id="dev-0000",
+        plan_version=1,
+        num_samples=10,
+        adapter=encode_tensors(poisoned),
+        metrics=TrainMetrics(train_loss=0.0, steps=1, examples=10, compute_s=0.0),
+    )
     return [("garbage", garbage), ("schema", schema_invalid), ("nan", encode(nan_update))]
 
 
@@ -225,18 +242,29 @@ def test_a_task_sent_to_the_wrong_exchange_is_a_forged_sender(run_id: str) -> No
     # Given a run over the in-process twins
     broker = InMemoryBroker()
     config = make_config(run_id, devices=1, rounds=1)
-    pipeline = build_pipeline(config, [InMemoryTransport(broker) for _ in range(3)], InMemoryStateStore(),
-                              deltas=[0.1], samples=[5])
+    pipeline = build_pipeline(
+        config, [InMemoryTransport(broker) for _ in range(3)], InMemoryStateStore(), deltas=[0.1], samples=[5]
+    )
     pipeline.orchestrator.step(0.0)
     # When a device publishes a TrainTask into the updates exchange (only the orchestrator may send tasks)
     spec = global_spec(config, NUM_BLOCKS)
     from tests.pipeline.helpers import initial_adapter
 
-    forged = TrainTask(task_id="x:1:dev-0000", run_id=run_id, round=1, device_id="dev-0000", plan_version=1,
-                       lora=spec, hparams=pipeline.orchestrator._hparams(),
-                       adapter=encode_tensors(initial_adapter(spec)), issued_at=0.0, deadline_at=0.0)
-    InMemoryTransport(broker).publish(topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, encode(forged),
-                                      message_id="forged")
+    forged = TrainTask(
+        task_id="x:1:dev-0000",
+        run_id=run_id,
+        round=1,
+        device_id="dev-0000",
+        plan_version=1,
+        lora=spec,
+        hparams=pipeline.orchestrator._hparams(),
+        adapter=encode_tensors(initial_adapter(spec)),
+        issued_at=0.0,
+        deadline_at=0.0,
+    )
+    InMemoryTransport(broker).publish(
+        topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, encode(forged), message_id="forged"
+    )
     pipeline.drive()
     # Then it is dead-lettered as a wrong sender and the run completes
     dead = broker.peek(topology.DEAD_LETTER_QUEUE)
