@@ -39,13 +39,22 @@ def aggregate(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> Ten
             it (a shared tensor of another shape, or a rank above the global rank), or a
             non-positive or non-finite weight.
     """
+    check_updates(global_tensors, updates)
+    return {key: _aggregate_key(key, g, updates) for key, g in global_tensors.items()}
+
+
+def check_updates(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> None:
+    """Every weight positive and finite, every key known to the global adapter.
+
+    Raises:
+        ValueError: naming the first offence.
+    """
     for update in updates:
         if not (update.weight > 0 and math.isfinite(update.weight)):  # NaN/inf would poison every mean
             raise ValueError(f"update weight must be positive and finite, got {update.weight}")
         unknown = sorted(set(update.tensors) - set(global_tensors))
         if unknown:
             raise ValueError(f"update carries keys the global adapter lacks: {unknown[:3]}")
-    return {key: _aggregate_key(key, g, updates) for key, g in global_tensors.items()}
 
 
 def _aggregate_key(key: str, current: torch.Tensor, updates: Sequence[WeightedUpdate]) -> torch.Tensor:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from aggregator.fedavg import WeightedUpdate, aggregate
+from aggregator.fedavg import WeightedUpdate
+from aggregator.hetero import MERGES
 from aggregator.validation import check_update_shapes
 from lorafleet import topology
 from lorafleet.adapters import Tensors, select_for_spec, shapes
@@ -41,6 +42,25 @@ class Evaluator(Protocol):
 
 
 CheckpointWriter = Callable[[LoraSpec, Tensors, Path], None]
+
+
+def device_measurement(update: LoraUpdate) -> dict[str, float]:
+    """What an update says about its device's capacity (orchestrator/capacity.py's Measurement)."""
+    m = update.metrics
+    return {
+        "device_compute_s": m.device_compute_s,
+        "tokens": m.tokens,
+        "embed_tokens": m.embed_tokens,
+        "prefix_block_tokens": m.prefix_block_tokens,
+        "steps": m.steps,
+        "examples": m.examples,
+        "lowest_block": m.lowest_block,
+        "bytes_down": m.bytes_down,
+        "downlink_s": m.downlink_s,
+        "bytes_up": m.bytes_up,
+        "uplink_s": m.uplink_s,
+        "device_time_s": m.device_time_s,
+    }
 
 
 def checkpoint_dir(out_dir: Path, round_no: int) -> Path:
@@ -175,11 +195,15 @@ class AggregatorService:
         started = time.perf_counter()
         version, current = self._global()
         stored = self.state.get_updates(self.run_id, round_no)
-        updates = [self._stored_update(body) for body in stored.values() if body]
+        messages = [self._stored_update(body) for body in stored.values() if body]
         if version >= round_no:
             merged = current  # aggregated before a crash; the stored result stands
         else:
-            merged = aggregate(current, [WeightedUpdate(u[0], float(u[1])) for u in updates])
+            weighted = [
+                WeightedUpdate(decode_tensors(m.adapter, check_finite=False), float(m.num_samples))
+                for m in messages
+            ]
+            merged = MERGES[self.config.merge_rule](current, weighted)
             self.state.put_global_adapter(self.run_id, round_no, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, round_no))
@@ -191,7 +215,9 @@ class AggregatorService:
             self.run_id,
             round_no,
             {
-                "devices_reported": len(updates),
+                "devices_reported": len(messages),
+                "virtual_round_s": max((m.metrics.device_time_s for m in messages), default=0.0),
+                "devices": {m.device_id: device_measurement(m) for m in messages},
                 "reports": len(stored),
                 "tasks_issued": len(info.tasks),
                 "bytes_up": bytes_up,
@@ -209,7 +235,7 @@ class AggregatorService:
                 round=round_no,
                 reason=reason,
                 tasks_issued=len(info.tasks),
-                devices_reported=len(updates),
+                devices_reported=len(messages),
                 bytes_up=bytes_up,
                 global_version=round_no,
             ),
@@ -220,15 +246,15 @@ class AggregatorService:
             "aggregator: round %d closed (%s) with %d/%d updates",
             round_no,
             reason,
-            len(updates),
+            len(messages),
             len(info.tasks),
         )
 
     @staticmethod
-    def _stored_update(body: bytes) -> tuple[Tensors, int]:
+    def _stored_update(body: bytes) -> LoraUpdate:
         message = decode(body)  # stored only after validation
         assert isinstance(message, LoraUpdate)
-        return decode_tensors(message.adapter, check_finite=False), message.num_samples
+        return message
 
     def _evaluate(self, round_no: int) -> None:
         version, tensors = self._global()

@@ -207,6 +207,11 @@ class AdapterRuntime:
         return int(self._base.config.num_hidden_layers)
 
     @property
+    def hidden_size(self) -> int:
+        """The hidden width of the base model."""
+        return int(self._base.config.hidden_size)
+
+    @property
     def model(self) -> PeftModel:
         """The peft model (after the first :meth:`load`/:meth:`initial_adapter`)."""
         if self._peft is None:

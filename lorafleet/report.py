@@ -21,6 +21,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
     metrics = state.get_round_metrics(run_id)
     rounds = [_round_entry(n, m) for n, m in sorted(metrics.items()) if 0 < n <= final_round]
     counters = state.get_counters(run_id)
+    target = config.rounds.target_accuracy
     return {
         "report_version": REPORT_VERSION,
         "lorafleet_version": __version__,
@@ -32,6 +33,9 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "final_accuracy": fields.get("final_accuracy"),
         "finish_reason": fields.get("finish_reason"),
         "wall_time_s": fields.get("wall_time_s"),
+        "virtual_time_s": rounds[-1]["virtual_time_s"] if rounds else 0.0,
+        "bytes_total": sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
+        "time_to_target": None if target is None else time_to_target(rounds, target),
         "devices_registered": len(state.get_devices(run_id)),
         "updates": {
             k.removeprefix("update_"): v for k, v in sorted(counters.items()) if k.startswith("update_")
@@ -49,6 +53,10 @@ def _round_entry(round_no: int, m: dict[str, Any]) -> dict[str, Any]:
         "accuracy": m.get("accuracy"),
         "loss": m.get("loss"),
         "wall_time_s": m.get("wall_time_s"),
+        "virtual_time_s": m.get("virtual_time_s"),
+        "virtual_round_s": m.get("virtual_round_s"),
+        "planned_round_s": m.get("planned_round_s"),
+        "depths": m.get("depths"),
         "bytes_up": int(m.get("bytes_up", 0)),
         "bytes_down": int(m.get("bytes_down", 0)),
         "devices_reported": int(m.get("devices_reported", 0)),
@@ -57,6 +65,25 @@ def _round_entry(round_no: int, m: dict[str, Any]) -> dict[str, Any]:
         "round_time_s": m.get("round_time_s"),
         "eval_s": m.get("eval_s"),
     }
+
+
+def time_to_target(rounds: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """When the run first reached ``target`` accuracy: virtual and wall seconds and total bytes by then.
+
+    Every value is None when it never did.
+    """
+    spent = 0
+    for entry in rounds:
+        spent += entry["bytes_up"] + entry["bytes_down"]
+        if entry["accuracy"] is not None and entry["accuracy"] >= target:
+            return {
+                "target": target,
+                "round": entry["round"],
+                "virtual_s": entry["virtual_time_s"],
+                "wall_s": entry["wall_time_s"],
+                "bytes": spent,
+            }
+    return {"target": target, "round": None, "virtual_s": None, "wall_s": None, "bytes": None}
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:

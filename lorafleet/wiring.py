@@ -14,6 +14,7 @@ from aggregator.evaluation import evaluate
 from aggregator.service import AggregatorService
 from lorafleet.adapters import Tensors
 from lorafleet.clock import Clock
+from lorafleet.costmodel import CostModel, cost_model_for
 from lorafleet.data import (
     EncodedDataset,
     TextDataset,
@@ -23,6 +24,7 @@ from lorafleet.data import (
     num_labels,
     partition_iid,
 )
+from lorafleet.devices import DeviceEmulator
 from lorafleet.model import AdapterRuntime, load_tokenizer
 from lorafleet.progress import RunReporter
 from lorafleet.state.base import StateStore
@@ -99,6 +101,11 @@ class RuntimeEvaluator:
         return evaluate(self.runtime, spec, tensors, self.encoded_eval)
 
 
+def build_cost_model(config: RunConfig, runtime: AdapterRuntime) -> CostModel:
+    """The calibrated cost model for MiniLM; a size-scaled nominal one for other models."""
+    return cost_model_for(config.model.name, runtime.num_blocks, runtime.hidden_size)
+
+
 def build_runtime(config: RunConfig) -> AdapterRuntime:
     return AdapterRuntime(config.model, num_labels(config.data.dataset), seed=config.seed)
 
@@ -122,6 +129,7 @@ def build_orchestrator(
         out_dir=out_dir,
         reporter=reporter,
         clock=clock,
+        cost=build_cost_model(config, runtime),
     )
 
 
@@ -165,6 +173,8 @@ def build_worker(
     if trainer is None:
         tokenizer = load_tokenizer(config.model)
         trainer = LoraTrainer(runtime, encode_dataset(tokenizer, shard, config.model.max_seq_len))
+    profile = config.devices.profile_of(index)
+    emulator = DeviceEmulator(device_id(index), profile, build_cost_model(config, runtime), seed=config.seed)
     return WorkerService(
         transport,
         trainer,
@@ -172,8 +182,10 @@ def build_worker(
         device_id=device_id(index),
         num_samples=len(shard),
         label_histogram=label_histogram(shard),
-        profile=config.devices.profile,
+        profile=profile,
         limits=config.limits,
         clock=clock,
         incarnation=f"{os.getpid()}",
+        emulator=emulator,
+        sleep_device_time=config.devices.sleep,
     )

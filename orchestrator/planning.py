@@ -55,12 +55,17 @@ def plan_fedlora(device_ids: Sequence[str], config: RunConfig, num_blocks: int) 
     return [DevicePlan(d, spec) for d in device_ids]
 
 
-PLANNERS: dict[str, Planner] = {"fedlora": plan_fedlora}
-
-
 def global_spec(config: RunConfig, num_blocks: int) -> LoraSpec:
     """The LoRA the global adapter carries: every block any plan may use, at the highest rank."""
-    return uniform_spec(config.lora, num_blocks)
+    if config.strategy in ("fedlora", "fedra"):
+        return uniform_spec(config.lora, num_blocks)
+    top = max(config.legend.top_ranks)
+    return LoraSpec(
+        target_modules=list(config.lora.target_modules),
+        layer_ranks=dict.fromkeys(range(num_blocks), top),
+        alpha_ratio=config.lora.alpha_ratio,
+        dropout=config.lora.dropout,
+    )
 
 
 def sample_devices(device_ids: Sequence[str], fraction: float, round_no: int, seed: int) -> list[str]:

@@ -15,12 +15,16 @@ from typing import Literal
 from lorafleet import topology
 from lorafleet.adapters import Tensors, select_for_spec
 from lorafleet.clock import Clock, SystemClock, to_ms
+from lorafleet.costmodel import CostModel, cost_model_for
 from lorafleet.messaging import Rejections, publish_message, receive
 from lorafleet.progress import RunReporter
 from lorafleet.report import build_report, write_report
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import AccessRefused, Delivery, Subscription, Transport
-from orchestrator.planning import PLANNERS, global_spec, quorum_size, sample_devices, task_id
+from orchestrator.capacity import DeviceEstimate, Measurement, update_estimate
+from orchestrator.legend import DeviceInput
+from orchestrator.planning import global_spec, quorum_size, sample_devices, task_id
+from orchestrator.strategies import STRATEGIES, PlanningContext, size_model
 from schemas.config import RunConfig
 from schemas.envelope import encode
 from schemas.errors import DecodeError
@@ -58,6 +62,7 @@ class OrchestratorService:
         out_dir: Path | None = None,
         clock: Clock | None = None,
         reporter: RunReporter | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         self.transport = transport
         self.state = state
@@ -68,7 +73,9 @@ class OrchestratorService:
         self.out_dir = out_dir
         self.clock = clock or SystemClock()
         self.reporter = reporter or RunReporter(config, quiet=True)
-        self.planner = PLANNERS[config.strategy]
+        self.strategy = STRATEGIES[config.strategy]
+        self.cost = cost or cost_model_for(config.model.name, num_blocks, config.model.tiny_hidden)
+        self.estimates: dict[str, DeviceEstimate] = {}
         self.global_spec = global_spec(config, num_blocks)
         self.phase: Phase = "registering"
         self.round = 0
@@ -117,6 +124,9 @@ class OrchestratorService:
         self.phase = "running"
         self.round = int(str(fields.get("round", 0)))
         self._started_at = float(str(fields.get("started_at", self.clock.now())))
+        raw = fields.get("estimates") or {}
+        assert isinstance(raw, dict)
+        self.estimates = {d: DeviceEstimate(**e) for d, e in raw.items()}
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
         info = self.state.get_round(self.run_id, self.round)
@@ -205,13 +215,34 @@ class OrchestratorService:
             return  # handled before (redelivered RoundClosed)
         now = self.clock.now()
         opened_at = float(metrics.get("opened_at", now))
+        previous = self.state.get_round_metrics(self.run_id).get(message.round - 1, {})
+        virtual = float(previous.get("virtual_time_s", 0.0)) + float(metrics.get("virtual_round_s", 0.0))
+        self._update_estimates(metrics.get("devices", {}))
         self.state.put_round_metrics(
             self.run_id,
             message.round,
-            {"wall_time_s": now - self._started_at, "round_time_s": now - opened_at},
+            {
+                "wall_time_s": now - self._started_at,
+                "round_time_s": now - opened_at,
+                "virtual_time_s": virtual,
+            },
         )
         self.reporter.round_closed(message.round, self.state.get_round_metrics(self.run_id)[message.round])
         self._after_round(message.round)
+
+    def _update_estimates(self, measurements: dict[str, dict[str, float]]) -> None:
+        """Fold the round's per-device measurements into the smoothed capacity estimates."""
+        for device_id, m in sorted(measurements.items()):
+            fields = {k: m[k] for k in Measurement.__dataclass_fields__}
+            estimate = update_estimate(
+                self.estimates.get(device_id),
+                Measurement(**fields),
+                self.cost,  # type: ignore[arg-type]
+                rho=self.config.legend.ema,
+            )
+            if estimate is not None:
+                self.estimates[device_id] = estimate
+        self.state.put_run_field(self.run_id, "estimates", {d: vars(e) for d, e in self.estimates.items()})
 
     def _after_round(self, round_no: int) -> None:
         if self.phase == "finishing":
@@ -246,13 +277,25 @@ class OrchestratorService:
         self._open_round(1)
 
     def _open_round(self, round_no: int) -> None:
+        registered = self.state.get_devices(self.run_id)
         devices = sample_devices(
-            list(self.state.get_devices(self.run_id)),
-            self.config.rounds.sample_fraction,
-            round_no,
-            self.config.seed,
+            list(registered), self.config.rounds.sample_fraction, round_no, self.config.seed
         )
-        plans = self.planner(devices, self.config, self.num_blocks)
+        stored = self.state.get_global_adapter(self.run_id)
+        assert stored is not None
+        ctx = PlanningContext(
+            round_no=round_no,
+            devices=[
+                DeviceInput(d, int(registered[d].get("num_samples", 1)), self.estimates.get(d))
+                for d in devices
+            ],
+            num_blocks=self.num_blocks,
+            config=self.config,
+            cost=self.cost,
+            sizes=size_model(tensors_from_bytes(stored[1])),
+        )
+        round_plan = self.strategy(ctx)
+        plans = round_plan.plans
         tasks = {task_id(self.run_id, round_no, p.device_id): p.device_id for p in plans}
         specs = {task_id(self.run_id, round_no, p.device_id): p.lora.model_dump_json() for p in plans}
         now = self.clock.now()
@@ -261,7 +304,16 @@ class OrchestratorService:
         self.state.open_round(self.run_id, round_no, tasks, specs, quorum, to_ms(deadline), to_ms(now))
         self.state.put_run_field(self.run_id, "round", round_no)
         self.round = round_no
-        self.state.put_round_metrics(self.run_id, round_no, {"opened_at": now, "tasks_issued": len(tasks)})
+        self.state.put_round_metrics(
+            self.run_id,
+            round_no,
+            {
+                "opened_at": now,
+                "tasks_issued": len(tasks),
+                "planned_round_s": round_plan.deadline_s,
+                "depths": {p.device_id: len(p.lora.layer_ranks) for p in plans},
+            },
+        )
         self._publish_tasks(round_no)
 
     def _publish_tasks(self, round_no: int) -> None:

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas.messages import DeviceProfile, RunId
 
-StrategyName = Literal["fedlora"]
+StrategyName = Literal["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
+AggregationName = Literal["auto", "rank_wise", "hetlora", "svd"]
 DatasetName = Literal["sst2", "20newsgroups", "synthetic"]
 
 
@@ -64,6 +65,27 @@ class LoraConfigSection(_Section):
     layers: Literal["all"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "all"
 
 
+class LegendConfig(_Section):
+    """The LEGEND-style planner (and the baselines that share its capacity estimates).
+
+    Configurations are a depth (LoRA on the ``depth`` blocks nearest the output) and a top rank from
+    ``top_ranks``; ranks halve every ``halving`` blocks away from the output (``rank_profile:
+    rising``) down to ``min_rank``, or stay at the top rank (``uniform``).
+    """
+
+    top_ranks: Annotated[list[Annotated[int, Field(ge=1, le=512)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [4, 8, 16]
+    )
+    min_rank: Annotated[int, Field(ge=1, le=512)] = 2
+    halving: Annotated[int, Field(ge=1, le=64)] = 2
+    decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
+    fixed_depth: Annotated[int, Field(ge=1)] = 3  # for the legend_fixed_depth ablation
+    ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.7
+    replan_drift: Annotated[float, Field(gt=0.0)] = (
+        0.25  # relative drift in measured times that asks for a replan
+    )
+
+
 class TrainingConfig(_Section):
     local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
     max_steps: Annotated[int, Field(ge=1)] | None = None
@@ -72,9 +94,57 @@ class TrainingConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+class TierConfig(_Section):
+    """A named class of devices; ``fraction`` of the devices get this profile."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)]
+    speed: Annotated[float, Field(gt=0.0, le=1000.0)] = 1.0
+    uplink_mbps: Annotated[float, Field(gt=0.0)] = 100.0
+    downlink_mbps: Annotated[float, Field(gt=0.0)] = 100.0
+
+
 class DevicesConfig(_Section):
+    """How many devices, and what they are like (one ``profile`` for all, or ``tiers``).
+
+    With tiers, device slots are dealt out in order: the first ``fraction`` of slots to the first
+    tier, and so on. ``jitter`` is the relative spread of a device's per-round compute time.
+    ``sleep`` makes workers really wait out their emulated device time (demos on compose).
+    """
+
     count: Annotated[int, Field(ge=1, le=100_000)] = 8
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
+    tiers: Annotated[list[TierConfig], Field(min_length=1, max_length=64)] | None = None
+    jitter: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    sleep: bool = False
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DevicesConfig:
+        if self.tiers is not None:
+            total = sum(t.fraction for t in self.tiers)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"devices.tiers fractions must add up to 1, they add up to {total:g}")
+            names = [t.name for t in self.tiers]
+            if len(set(names)) != len(names):
+                raise ValueError(f"devices.tiers names must be unique, got {names}")
+        return self
+
+    def profile_of(self, index: int) -> DeviceProfile:
+        """The profile of device slot ``index``."""
+        if self.tiers is None:
+            return self.profile.model_copy(update={"jitter": self.jitter or self.profile.jitter})
+        edge = 0.0
+        for tier in self.tiers:
+            edge += tier.fraction * self.count
+            if index < round(edge) or tier is self.tiers[-1]:
+                return DeviceProfile(
+                    tier=tier.name,
+                    speed=tier.speed,
+                    uplink_mbps=tier.uplink_mbps,
+                    downlink_mbps=tier.downlink_mbps,
+                    jitter=self.jitter,
+                )
+        raise AssertionError("unreachable")
 
 
 class RoundsConfig(_Section):
@@ -103,9 +173,14 @@ class RunConfig(_Section):
     run_id: RunId = "run"
     seed: Annotated[int, Field(ge=0)] = 0
     strategy: StrategyName = "fedlora"
+    aggregation: AggregationName = "auto"  # auto: hetlora for the hetlora strategy, rank_wise otherwise
+    activation_cache: bool = (
+        True  # workers reuse frozen-prefix activations (and the virtual clock counts that)
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    legend: LegendConfig = Field(default_factory=LegendConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
@@ -119,6 +194,13 @@ class RunConfig(_Section):
                 f"rounds.min_devices ({min_devices}) exceeds devices.count ({self.devices.count})"
             )
         return self
+
+    @property
+    def merge_rule(self) -> str:
+        """The aggregation rule in force."""
+        if self.aggregation != "auto":
+            return self.aggregation
+        return "hetlora" if self.strategy == "hetlora" else "rank_wise"
 
     @property
     def min_devices(self) -> int:

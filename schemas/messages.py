@@ -73,20 +73,45 @@ class TrainHyperParams(StrictModel):
 
 
 class TrainMetrics(StrictModel):
-    """What a device measured while training one task."""
+    """What a device measured while training one task.
+
+    ``compute_s`` is the wall time this host spent; the ``device_*``/``*link_s`` fields are the
+    emulated device's times (virtual clock): the calibrated cost of the work scaled by the device's
+    speed, plus bytes over its bandwidth.
+    """
 
     train_loss: float
     steps: Annotated[int, Field(ge=0)]
     examples: Annotated[int, Field(ge=0)]
     compute_s: Seconds
+    tokens: Annotated[int, Field(ge=0)] = 0  # padded tokens through the gradient path
+    lowest_block: Annotated[int, Field(ge=0)] = 0  # the lowest LoRA block (where backward stops)
+    embed_tokens: Annotated[int, Field(ge=0)] = 0  # tokens through the embeddings
+    prefix_block_tokens: Annotated[int, Field(ge=0)] = (
+        0  # sum over frozen prefix blocks of tokens through them
+    )
+    cached: bool = False  # the frozen-prefix activation cache was used
+    device_compute_s: Seconds = 0.0
+    downlink_s: Seconds = 0.0
+    uplink_s: Seconds = 0.0
+    bytes_down: Annotated[int, Field(ge=0)] = 0
+    bytes_up: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def device_time_s(self) -> float:
+        """The emulated device's time for the task: download, compute, upload."""
+        return self.downlink_s + self.device_compute_s + self.uplink_s
 
 
 class DeviceProfile(StrictModel):
-    """Emulated device capacity (1.0 = this host)."""
+    """Emulated device capacity: compute speed relative to this host (0.4 = 2.5x slower), link
+    bandwidth in Mbit/s, and the relative spread of its per-round compute time (``jitter``)."""
 
+    tier: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "default"
     speed: Annotated[float, Field(gt=0.0, le=1000.0)] = 1.0
     uplink_mbps: Annotated[float, Field(gt=0.0)] = 100.0
     downlink_mbps: Annotated[float, Field(gt=0.0)] = 100.0
+    jitter: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
 
 
 class DeviceRegistered(StrictModel):

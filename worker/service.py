@@ -13,9 +13,11 @@ from collections import Counter
 
 from lorafleet import topology
 from lorafleet.clock import Clock, SystemClock
+from lorafleet.devices import DeviceEmulator
 from lorafleet.messaging import Rejections, publish_message, receive
 from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
 from schemas.config import LimitsConfig
+from schemas.envelope import encode
 from schemas.errors import DecodeError
 from schemas.messages import (
     DeviceProfile,
@@ -48,6 +50,8 @@ class WorkerService:
         limits: LimitsConfig | None = None,
         clock: Clock | None = None,
         incarnation: str = "0",
+        emulator: DeviceEmulator | None = None,
+        sleep_device_time: bool = False,
     ) -> None:
         self.transport = transport
         self.trainer = trainer
@@ -59,6 +63,8 @@ class WorkerService:
         self.limits = limits or LimitsConfig()
         self.clock = clock or SystemClock()
         self.incarnation = incarnation
+        self.emulator = emulator
+        self.sleep_device_time = sleep_device_time
         self.finished = False
         self.stats: Counter[str] = Counter()
         self.rejections = Rejections(f"worker {device_id}")
@@ -171,7 +177,7 @@ class WorkerService:
             self.stats["stale_tasks"] += 1  # its round closed already: training it helps nobody
             delivery.ack()
             return
-        update = self._completed.get(task.task_id) or self._train(task)
+        update = self._completed.get(task.task_id) or self._train(task, len(delivery.body))
         if update is None:
             delivery.ack()  # a TaskFailed went out instead
             return
@@ -186,7 +192,7 @@ class WorkerService:
         delivery.ack()
         self.stats["tasks_done"] += 1
 
-    def _train(self, task: TrainTask) -> LoraUpdate | None:
+    def _train(self, task: TrainTask, bytes_down: int) -> LoraUpdate | None:
         start = decode_tensors(task.adapter, max_bytes=self.limits.max_payload_bytes)
         self._busy_task = task.task_id
         try:
@@ -197,7 +203,7 @@ class WorkerService:
             return None
         finally:
             self._busy_task = None
-        return LoraUpdate(
+        update = LoraUpdate(
             task_id=task.task_id,
             run_id=task.run_id,
             round=task.round,
@@ -207,6 +213,30 @@ class WorkerService:
             adapter=encode_tensors(outcome.tensors),
             metrics=outcome.metrics,
         )
+        return self._with_device_times(task, update, bytes_down)
+
+    def _with_device_times(self, task: TrainTask, update: LoraUpdate, bytes_down: int) -> LoraUpdate:
+        """Fill in the emulated device's times (virtual clock) and the bytes each way."""
+        bytes_up = len(encode(update))  # the times below are fixed-size floats: the size stays the same
+        fields: dict[str, object] = {"bytes_down": bytes_down, "bytes_up": bytes_up}
+        if self.emulator is not None:
+            m = update.metrics
+            times = self.emulator.times(
+                round_no=task.round,
+                lowest_block=min(task.lora.layer_ranks),
+                tokens=m.tokens,
+                embed_tokens=m.embed_tokens,
+                prefix_block_tokens=m.prefix_block_tokens,
+                steps=m.steps,
+                bytes_down=bytes_down,
+                bytes_up=bytes_up,
+            )
+            fields.update(
+                device_compute_s=times.compute_s, downlink_s=times.downlink_s, uplink_s=times.uplink_s
+            )
+            if self.sleep_device_time:
+                self.clock.sleep(max(0.0, times.total_s - m.compute_s))
+        return update.model_copy(update={"metrics": update.metrics.model_copy(update=fields)})
 
     def _report_failure(self, task: TrainTask, reason: str) -> None:
         self.stats["tasks_failed"] += 1

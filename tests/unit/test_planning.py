@@ -9,7 +9,6 @@ import pytest
 from pydantic import TypeAdapter
 
 from orchestrator.planning import (
-    PLANNERS,
     global_spec,
     lora_blocks,
     plan_fedlora,
@@ -77,7 +76,7 @@ def test_plan_fedlora_gives_every_device_the_same_spec() -> None:
     ids = config.device_ids()
 
     # When
-    plans = PLANNERS["fedlora"](ids, config, 3)
+    plans = plan_fedlora(ids, config, 3)
 
     # Then
     assert [p.device_id for p in plans] == ids
