@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 
 from lorafleet.data import iter_batches
-from lorafleet.model import AdapterRuntime, load_base_model, spec_key
+from lorafleet.model import AdapterRuntime, configure_torch_threads, load_base_model, model_path, spec_key
+from schemas.config import ModelConfig
 from tests.ml.conftest import TINY, Synthetic, make_spec
 
 PREFIX = "base_model.model.bert.encoder.layer"
@@ -136,3 +137,20 @@ def test_base_model_is_deterministic_given_seed() -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     c = load_base_model(TINY, 2, seed=5)
     assert not torch.equal(sa["classifier.weight"], c.state_dict()["classifier.weight"])
+
+
+def test_model_path_refuses_unknown_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nowhere"):
+        model_path(ModelConfig(name=str(tmp_path / "nowhere")))
+    assert model_path(ModelConfig(name=str(tmp_path))) == str(tmp_path)
+
+
+def test_configure_torch_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_torch_threads(3) == 3 == torch.get_num_threads()
+        assert configure_torch_threads(0, share=10_000) == 1
+        with pytest.raises(ValueError):
+            configure_torch_threads(-1)
+    finally:
+        torch.set_num_threads(before)
