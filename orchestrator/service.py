@@ -44,7 +44,7 @@ from schemas.tensors import encode_tensors, tensors_from_bytes, tensors_to_bytes
 log = logging.getLogger(__name__)
 
 Phase = Literal["registering", "running", "finishing", "finished"]
-FinishReason = Literal["max_rounds", "target_accuracy", "time_budget", "aborted"]
+FinishReason = Literal["max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted"]
 LEASE_S = 30.0
 
 
@@ -251,8 +251,15 @@ class OrchestratorService:
             self._finish_after_evaluation("max_rounds", round_no)
         elif self._over_time_budget():
             self._finish_after_evaluation("time_budget", round_no)
+        elif self._over_virtual_budget(round_no):
+            self._finish_after_evaluation("virtual_budget", round_no)
         else:
             self._open_round(round_no + 1)
+
+    def _over_virtual_budget(self, round_no: int) -> bool:
+        budget = self.config.rounds.virtual_budget_s
+        spent = self.state.get_round_metrics(self.run_id).get(round_no, {}).get("virtual_time_s", 0.0)
+        return budget is not None and float(spent) >= budget
 
     def _on_round_evaluated(self, message: RoundEvaluated) -> None:
         self.reporter.round_evaluated(message.round, message.accuracy, message.loss)

@@ -152,7 +152,8 @@ class RoundsConfig(_Section):
 
     max_rounds: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     target_accuracy: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    time_budget_s: Annotated[float, Field(gt=0.0)] | None = None
+    time_budget_s: Annotated[float, Field(gt=0.0)] | None = None  # wall seconds
+    virtual_budget_s: Annotated[float, Field(gt=0.0)] | None = None  # seconds on the virtual clock
     quorum_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     round_deadline_s: Annotated[float, Field(gt=0.0)] = 900.0
     sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0

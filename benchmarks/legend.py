@@ -1,0 +1,131 @@
+"""LEGEND-style planning against the baselines on SST-2 with heterogeneous devices (not a test).
+
+Every strategy runs embedded over the same devices (three speed tiers: 1x, 2.5x and 6x slower than
+this host, 1-20 Mbit/s links, 10% per-round jitter), data shards and seeds. FedLoRA runs first;
+the virtual-time budget is ``--budget-factor`` times its virtual time to the target; every other
+strategy runs until that budget. Results: benchmarks/results/legend.{json,md,png}.
+
+    python benchmarks/legend.py                # the committed results
+    python benchmarks/legend.py --quick        # tiny model, synthetic data: a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import markdown_table, plot, run_strategy, summarise, write_json  # noqa: E402
+
+STRATEGIES = ["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
+THIRD = 1.0 / 3.0
+
+
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    return {
+        "run_id": "bench-legend",
+        "seed": args.seed,
+        "model": {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32} if quick else {"name": "minilm"},
+        "data": {"dataset": "synthetic" if quick else "sst2", "samples_per_device": args.samples_per_device},
+        "lora": {"rank": 8, "target_modules": ["query", "value"]},
+        "legend": {"top_ranks": [4, 8, 16]},
+        "training": {"batch_size": 16, "lr": args.lr},
+        "activation_cache": not args.no_cache,
+        "devices": {
+            "count": args.devices,
+            "jitter": 0.1,
+            "tiers": [
+                {"name": "fast", "fraction": THIRD, "speed": 1.0, "uplink_mbps": 20.0, "downlink_mbps": 20.0},
+                {"name": "mid", "fraction": THIRD, "speed": 0.4, "uplink_mbps": 5.0, "downlink_mbps": 10.0},
+                {"name": "slow", "fraction": THIRD, "speed": 1 / 6, "uplink_mbps": 1.0, "downlink_mbps": 2.0},
+            ],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=21)
+    parser.add_argument("--samples-per-device", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", type=float, default=0.80)
+    parser.add_argument("--fedlora-rounds", type=int, default=8)
+    parser.add_argument("--max-rounds", type=int, default=40)
+    parser.add_argument("--budget-factor", type=float, default=1.25)
+    parser.add_argument("--budget-virtual-s", type=float, default=None)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--no-cache", action="store_true", help="workers do not use the activation cache")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-legend"))
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    base = base_config(args)
+    names = args.strategies.split(",")
+    started = time.perf_counter()
+    rows: dict[str, dict[str, Any]] = {}
+    console.print(f"[bold]fedlora[/bold]: {args.fedlora_rounds} rounds to set the budget")
+    fed = run_strategy(base, "fedlora", args.runs, max_rounds=args.fedlora_rounds)
+    fed_ttt = next((r["virtual_time_s"] for r in fed["rounds"] if (r["accuracy"] or 0) >= args.target), None)
+    budget = args.budget_virtual_s or (args.budget_factor * fed_ttt if fed_ttt else fed["virtual_time_s"])
+    rows["fedlora"] = summarise(fed, args.target, budget)
+    console.print(
+        f"  time to target {fed_ttt}, budget {budget:.1f} virtual s, wall {fed['bench_wall_s']:.0f} s"
+    )
+    for name in names:
+        if name == "fedlora":
+            continue
+        console.print(f"[bold]{name}[/bold]")
+        report = run_strategy(base, name, args.runs, max_rounds=args.max_rounds, virtual_budget_s=budget)
+        rows[name] = summarise(report, args.target, budget)
+        r = rows[name]
+        console.print(
+            f"  to target {r['time_to_target_virtual_s']} virtual s, at budget {r['accuracy_at_budget']}, "
+            f"{r['rounds']} rounds, wall {r['wall_s']:.0f} s"
+        )
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    suffix = "-quick" if args.quick else ""
+    result = {
+        "command": command,
+        "target": args.target,
+        "budget_virtual_s": budget,
+        "activation_cache": not args.no_cache,
+        "virtual_clock": (
+            "calibrated cost model (lorafleet/costmodels/minilm-cpu.json) counting what a device "
+            + ("with the same activation cache" if not args.no_cache else "without an activation cache")
+            + " computes, / device speed x jitter, + bytes / bandwidth"
+        ),
+        "setup": base,
+        "wall_s": time.perf_counter() - started,
+        "strategies": rows,
+    }
+    write_json(args.out / f"legend{suffix}.json", result)
+    table = markdown_table(rows, "fedlora")
+    (args.out / f"legend{suffix}.md").write_text(
+        f"# LEGEND-style vs baselines\n\n`{command}`\n\ntarget {args.target}, budget {budget:.1f} virtual s, "
+        f"benchmark wall time {result['wall_s']:.0f} s\n\n{table}\n",
+        encoding="utf-8",
+    )
+    plot(
+        rows,
+        args.target,
+        budget,
+        args.out / f"legend{suffix}.png",
+        "SST-2, 3 device tiers: accuracy vs virtual time",
+    )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
