@@ -64,8 +64,8 @@ ROLES = (
         "LF_AMQP_ORCHESTRATOR_PASSWORD",
         # declares per-device task queues (lf.tasks.<device>) ...
         configure=r"^lf\.tasks\..+$",
-        # ... binds them (write on the queue), publishes tasks, dead-letters bad control messages
-        write=r"^lf\.tasks(\..+)?$|^lf\.dlx$",
+        # ... binds them (write on the queue), publishes tasks and slot tokens, dead-letters bad messages
+        write=r"^lf\.tasks(\..+)?$|^lf\.slots$|^lf\.dlx$",
         # consumes its queue; binding a task queue needs read on the lf.tasks exchange, and declaring
         # a queue with a dead-letter exchange needs read on that queue (and write on lf.dlx)
         read=r"^lf\.orchestrator$|^lf\.tasks(\..+)?$",
@@ -82,7 +82,8 @@ ROLES = (
         "LF_AMQP_WORKER_PASSWORD",
         configure=r"^$",
         write=r"^lf\.(updates|control|dlx)$",
-        read=r"^lf\.tasks\..+$",
+        # its task queue, and lf.slots to claim a device slot (a token it holds unacked)
+        read=r"^lf\.tasks\..+$|^lf\.slots$",
     ),
     Role(
         "lf-admin", "LF_AMQP_ADMIN_PASSWORD", configure=".*", write=".*", read=".*", tags=("administrator",)

@@ -160,11 +160,16 @@ def worker(
     config: ConfigArg,
     broker: BrokerOpt,
     device_id: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--device-id", envvar="LORAFLEET_DEVICE_ID", help="The device slot to serve, e.g. dev-0003"
+            "--device-id",
+            envvar="LORAFLEET_DEVICE_ID",
+            help="The device slot to serve, e.g. dev-0003; without it the worker claims a free slot",
         ),
-    ],
+    ] = None,
+    claim_timeout: Annotated[
+        float, typer.Option("--claim-timeout", min=1.0, help="Seconds to wait for a free slot")
+    ] = 600.0,
     threads: ThreadsOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -173,17 +178,33 @@ def worker(
     cfg = _load(config)
     from lorafleet.model import configure_torch_threads
     from lorafleet.wiring import Shards, build_runtime, build_worker, device_index, open_transport
+    from worker.slots import NoFreeSlot, claim_slot
 
-    try:
-        index = device_index(cfg, device_id)
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] --device-id: {exc}", highlight=False)
-        raise typer.Exit(2) from None
     configure_torch_threads(threads)
     stop = _stop_on_signals()
     transport = open_transport(broker)
     try:
-        service = build_worker(cfg, index, transport, build_runtime(cfg), Shards.load(cfg))
+        lease = None
+        if device_id is None:
+            try:
+                lease = claim_slot(transport, cfg.run_id, timeout_s=claim_timeout)
+            except NoFreeSlot as exc:
+                err.print(f"[red]error:[/red] {exc}", highlight=False)
+                raise typer.Exit(3) from None
+            device_id = lease.device_id
+        try:
+            index = device_index(cfg, device_id)
+        except ValueError as exc:
+            err.print(f"[red]error:[/red] --device-id: {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        service = build_worker(
+            cfg,
+            index,
+            transport,
+            build_runtime(cfg),
+            Shards.load(cfg),
+            on_finished=None if lease is None else lease.retire,
+        )
         service.start()
         service.run_forever(stop)
     finally:

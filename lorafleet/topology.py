@@ -19,18 +19,23 @@ UPDATES_EXCHANGE = "lf.updates"
 CONTROL_EXCHANGE = "lf.control"
 #: aggregator -> orchestrator: round closed / evaluated, replan requests (routing key: ROUNDS_KEY)
 ROUNDS_EXCHANGE = "lf.rounds"
+#: orchestrator -> workers: one token per device slot; a worker started without a device id holds one
+#: (unacked) for its lifetime, so a dead worker's slot goes back to the queue for a replacement
+SLOTS_EXCHANGE = "lf.slots"
 #: dead letters from every queue (fanout)
 DEAD_LETTER_EXCHANGE = "lf.dlx"
 
 UPDATES_QUEUE = "lf.updates"
 ORCHESTRATOR_QUEUE = "lf.orchestrator"
 DEAD_LETTER_QUEUE = "lf.dead"
+SLOTS_QUEUE = "lf.slots"
 TASK_QUEUE_PREFIX = "lf.tasks."
 
 UPDATE_KEY = "update"
 REGISTER_KEY = "register"
 HEARTBEAT_KEY = "heartbeat"
 ROUNDS_KEY = "round"
+SLOT_KEY = "slot"
 
 #: A message that fails this often (crashes its consumer, or is requeued) goes to the DLQ.
 DELIVERY_LIMIT = 5
@@ -41,6 +46,7 @@ ALLOWED_KINDS: dict[str, frozenset[str]] = {
     UPDATES_EXCHANGE: frozenset({"lora_update", "task_failed"}),
     CONTROL_EXCHANGE: frozenset({"device_registered", "heartbeat"}),
     ROUNDS_EXCHANGE: frozenset({"round_closed", "round_evaluated", "replan_request"}),
+    SLOTS_EXCHANGE: frozenset({"device_slot"}),
 }
 
 EXCHANGES = (
@@ -48,6 +54,7 @@ EXCHANGES = (
     ExchangeSpec(UPDATES_EXCHANGE, "direct"),
     ExchangeSpec(CONTROL_EXCHANGE, "direct"),
     ExchangeSpec(ROUNDS_EXCHANGE, "direct"),
+    ExchangeSpec(SLOTS_EXCHANGE, "direct"),
     ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
 )
 
@@ -63,6 +70,11 @@ STATIC_QUEUES = (
         ((CONTROL_EXCHANGE, REGISTER_KEY), (CONTROL_EXCHANGE, HEARTBEAT_KEY), (ROUNDS_EXCHANGE, ROUNDS_KEY)),
     ),
     QueueSpec(DEAD_LETTER_QUEUE, ((DEAD_LETTER_EXCHANGE, ""),)),
+    # classic, not quorum: a slot token is held unacked for a worker's lifetime and returns on every
+    # worker crash; a delivery limit would retire the slot after a few crashes
+    QueueSpec(
+        SLOTS_QUEUE, ((SLOTS_EXCHANGE, SLOT_KEY),), dead_letter_exchange=DEAD_LETTER_EXCHANGE, quorum=False
+    ),
 )
 
 

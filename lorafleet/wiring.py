@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,11 +169,16 @@ def build_worker(
     *,
     trainer: Trainer | None = None,
     clock: Clock | None = None,
+    on_finished: Callable[[], None] | None = None,
 ) -> WorkerService:
     shard = shards.shard(index)
     if trainer is None:
         tokenizer = load_tokenizer(config.model)
-        trainer = LoraTrainer(runtime, encode_dataset(tokenizer, shard, config.model.max_seq_len))
+        trainer = LoraTrainer(
+            runtime,
+            encode_dataset(tokenizer, shard, config.model.max_seq_len),
+            cache=config.activation_cache,
+        )
     profile = config.devices.profile_of(index)
     emulator = DeviceEmulator(device_id(index), profile, build_cost_model(config, runtime), seed=config.seed)
     return WorkerService(
@@ -188,4 +194,5 @@ def build_worker(
         incarnation=f"{os.getpid()}",
         emulator=emulator,
         sleep_device_time=config.devices.sleep,
+        on_finished=on_finished,
     )

@@ -30,6 +30,7 @@ from schemas.envelope import encode
 from schemas.errors import DecodeError
 from schemas.messages import (
     DeviceRegistered,
+    DeviceSlot,
     Heartbeat,
     LoraSpec,
     ReplanRequest,
@@ -119,6 +120,20 @@ class OrchestratorService:
         self.state.put_run_field(self.run_id, "status", "registering")
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
+        self._publish_slots()
+
+    def _publish_slots(self) -> None:
+        """One token per device slot, for workers started without a device id (once per run)."""
+        if self.state.get_run_fields(self.run_id).get("slots_published"):
+            return
+        for device_id in self.config.device_ids():
+            publish_message(
+                self.transport,
+                topology.SLOTS_EXCHANGE,
+                topology.SLOT_KEY,
+                DeviceSlot(run_id=self.run_id, device_id=device_id),
+            )
+        self.state.put_run_field(self.run_id, "slots_published", True)
 
     def _resume(self, fields: dict[str, object]) -> None:
         self.phase = "running"

@@ -128,6 +128,18 @@ class DeviceRegistered(StrictModel):
         return f"register:{self.run_id}:{self.device_id}:{self.incarnation}"
 
 
+class DeviceSlot(StrictModel):
+    """A free device slot of a run: a worker without a device id claims one by holding this token."""
+
+    KIND: ClassVar[str] = "device_slot"
+    run_id: RunId
+    device_id: DeviceId
+
+    @property
+    def message_id(self) -> str:
+        return f"slot:{self.run_id}:{self.device_id}"
+
+
 class Heartbeat(StrictModel):
     KIND: ClassVar[str] = "heartbeat"
     run_id: RunId
@@ -240,6 +252,7 @@ class RunFinished(StrictModel):
 
 Message = (
     DeviceRegistered
+    | DeviceSlot
     | Heartbeat
     | TrainTask
     | LoraUpdate
@@ -252,6 +265,7 @@ Message = (
 
 MESSAGE_TYPES: tuple[type[StrictModel], ...] = (
     DeviceRegistered,
+    DeviceSlot,
     Heartbeat,
     TrainTask,
     LoraUpdate,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 from lorafleet import topology
 from lorafleet.clock import Clock, SystemClock
@@ -52,6 +53,7 @@ class WorkerService:
         incarnation: str = "0",
         emulator: DeviceEmulator | None = None,
         sleep_device_time: bool = False,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
         self.transport = transport
         self.trainer = trainer
@@ -65,6 +67,7 @@ class WorkerService:
         self.incarnation = incarnation
         self.emulator = emulator
         self.sleep_device_time = sleep_device_time
+        self.on_finished = on_finished
         self.finished = False
         self.stats: Counter[str] = Counter()
         self.rejections = Rejections(f"worker {device_id}")
@@ -162,6 +165,8 @@ class WorkerService:
             if isinstance(message, RunFinished):
                 delivery.ack()
                 self.finished = True
+                if self.on_finished is not None:
+                    self.on_finished()
                 log.info("worker %s: run finished (%s)", self.device_id, message.reason)
             elif isinstance(message, TrainTask):
                 self._handle_task(message, delivery)

@@ -16,6 +16,7 @@ from schemas.messages import (
     MESSAGE_TYPES,
     DeviceProfile,
     DeviceRegistered,
+    DeviceSlot,
     Heartbeat,
     LoraSpec,
     LoraUpdate,
@@ -46,6 +47,7 @@ def _one_of_each() -> list[StrictModel]:
             profile=DeviceProfile(speed=0.5, uplink_mbps=10.0, downlink_mbps=20.0),
             incarnation="abc.1",
         ),
+        DeviceSlot(run_id="run-1", device_id="dev-0001"),
         Heartbeat(run_id="run-1", device_id="dev-0001", seq=7, busy_task_id="run-1:3:dev-0001"),
         TrainTask(
             task_id="run-1:3:dev-0001",
@@ -302,7 +304,7 @@ def test_body_that_is_not_a_valid_map_is_schema_invalid(body: Any) -> None:
 
 
 def test_missing_body_field_is_schema_invalid_and_named() -> None:
-    raw = _raw(MESSAGES[1])
+    raw = _raw(next(m for m in MESSAGES if isinstance(m, Heartbeat)))
     del raw["body"]["seq"]
     with pytest.raises(DecodeError) as info:
         decode(_pack(raw))

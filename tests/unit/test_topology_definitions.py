@@ -27,12 +27,10 @@ def _expected_arguments(spec: QueueSpec) -> dict[str, Any]:
     """Written out independently of PikaTransport.queue_arguments, which must agree with it."""
     args: dict[str, Any] = {"x-queue-type": "quorum"} if spec.quorum else {}
     if spec.dead_letter_exchange:
-        args |= {
-            "x-dead-letter-exchange": spec.dead_letter_exchange,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }
-    if spec.delivery_limit is not None:
+        args["x-dead-letter-exchange"] = spec.dead_letter_exchange
+        if spec.quorum:  # at-least-once dead-lettering exists for quorum queues only
+            args |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    if spec.delivery_limit is not None and spec.quorum:
         args["x-delivery-limit"] = spec.delivery_limit
     return args
 
