@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -10,9 +11,17 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lorafleet.data import EncodedDataset, iter_batches
+from lorafleet.data import EncodedDataset, collate
 from lorafleet.model import AdapterRuntime
-from schemas.messages import TrainMetrics, TrainTask
+from lorafleet.prefix_cache import (
+    DEFAULT_MAX_BYTES,
+    BertParts,
+    PrefixCache,
+    PrefixCounts,
+    classification_loss,
+    forward_from,
+)
+from schemas.messages import TrainHyperParams, TrainMetrics, TrainTask
 
 
 @dataclass
@@ -36,12 +45,48 @@ def task_seed(seed: int, round_: int, device_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-class LoraTrainer:
-    """Trains the task's LoRA on a local shard with AdamW; deterministic given the same inputs."""
+def epoch_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The sample indices of each batch of one epoch: the order of ``lorafleet.data.iter_batches``."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
 
-    def __init__(self, runtime: AdapterRuntime, shard: EncodedDataset) -> None:
+
+def task_batches(n: int, hp: TrainHyperParams, seed: int) -> list[list[int]]:
+    """Every batch of a task: ``local_epochs`` epochs (epoch ``e`` shuffled by ``seed + e``), capped by
+    ``max_steps``."""
+    batches: list[list[int]] = []
+    for epoch in range(hp.local_epochs):
+        batches += epoch_batches(n, hp.batch_size, seed + epoch)
+    return batches if hp.max_steps is None else batches[: hp.max_steps]
+
+
+class LoraTrainer:
+    """Trains the task's LoRA on a local shard with AdamW; deterministic given the same inputs.
+
+    With ``cache=True`` (the default) the trainer keeps a :class:`~lorafleet.prefix_cache.PrefixCache`
+    of its shard: a task whose lowest LoRA block is ``b`` reads the hidden states entering block ``b``
+    (computed once, eval mode, no dropout in the frozen prefix) and runs only blocks ``b..L-1`` and the
+    head. Without it (or for a model the split forward does not support, or a boundary that does not
+    fit in ``cache_max_bytes``) every step runs the whole model.
+
+    Metrics count tokens as the cost model wants them: ``tokens`` = sum over training batches of batch
+    size x padded length (the gradient path from ``lowest_block`` up); ``embed_tokens`` and
+    ``prefix_block_tokens`` = what went through the embeddings and the frozen blocks below
+    ``lowest_block`` (uncached: ``tokens`` and ``tokens * lowest_block``; cached: only the prefix
+    computed for samples not cached yet).
+    """
+
+    def __init__(
+        self,
+        runtime: AdapterRuntime,
+        shard: EncodedDataset,
+        cache: bool = True,
+        cache_max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self.runtime = runtime
         self.shard = shard
+        self.cache = PrefixCache(shard, runtime.hidden_size, cache_max_bytes) if cache else None
 
     def train(self, task: TrainTask, start: dict[str, Tensor]) -> TrainOutcome:
         """Load ``start`` into the task's adapter, train ``local_epochs`` (capped by ``max_steps``), export.
@@ -51,28 +96,53 @@ class LoraTrainer:
         """
         hp = task.hparams
         model = self.runtime.load(task.lora, start)
+        started = time.perf_counter()
+        lowest = min(task.lora.layer_ranks)
+        seed = task_seed(hp.seed, task.round, task.device_id)
+        batches = task_batches(len(self.shard), hp, seed)
+        parts = BertParts.of(model) if self.cache is not None else None
+        counts: PrefixCounts | None = None
+        if self.cache is not None and parts is not None:
+            needed = sorted({i for batch in batches for i in batch})
+            counts = self.cache.ensure(parts, lowest, needed)
         params = list(self.runtime.parameters(task.lora).values())
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        seed = task_seed(hp.seed, task.round, task.device_id)
         torch.manual_seed(seed)
         model.train()
-        steps, examples, loss_sum = 0, 0, 0.0
-        started = time.perf_counter()
-        for epoch in range(hp.local_epochs):
-            for batch in iter_batches(self.shard, hp.batch_size, seed=seed + epoch):
-                if hp.max_steps is not None and steps >= hp.max_steps:
-                    break
-                optimizer.zero_grad(set_to_none=True)
+        tokens, examples, loss_sum = 0, 0, 0.0
+        for indices in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if counts is not None and parts is not None and self.cache is not None:
+                hidden, mask = self.cache.batch(lowest, indices)
+                labels = torch.tensor([self.shard.labels[i] for i in indices], dtype=torch.long)
+                loss = classification_loss(forward_from(parts, lowest, hidden, mask), labels)
+                tokens += int(mask.numel())
+            else:
+                batch = collate(self.shard, indices)
                 loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                examples += int(batch["labels"].shape[0])
-                loss_sum += float(loss.detach())
+                tokens += int(batch["input_ids"].numel())
+            loss.backward()
+            optimizer.step()
+            examples += len(indices)
+            loss_sum += float(loss.detach())
         compute_s = time.perf_counter() - started
         model.eval()
+        steps = len(batches)
+        if counts is None:
+            counts = PrefixCounts(tokens, tokens * lowest)
+            cached = False
+        else:
+            cached = True
         metrics = TrainMetrics(
-            train_loss=loss_sum / steps if steps else 0.0, steps=steps, examples=examples, compute_s=compute_s
+            train_loss=loss_sum / steps if steps else 0.0,
+            steps=steps,
+            examples=examples,
+            compute_s=compute_s,
+            tokens=tokens,
+            lowest_block=lowest,
+            embed_tokens=counts.embed_tokens,
+            prefix_block_tokens=counts.prefix_block_tokens,
+            cached=cached,
         )
         return TrainOutcome(self.runtime.export(task.lora), metrics, len(self.shard))
 

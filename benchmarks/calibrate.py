@@ -1,0 +1,288 @@
+"""Calibrate the cost model (``lorafleet/costmodels/minilm-cpu.json``) on this host.
+
+Measures all-MiniLM-L6-v2 with realistic SST-2 batches (random training rows, dynamic padding,
+batch sizes 8/16/32) and torch threads 2:
+
+* embeddings forward and one frozen block forward (eval, ``no_grad``, as the prefix cache computes
+  them): ``time = embed_s * tokens`` and ``time = prefix_block_s * tokens`` (per block, averaged
+  over the 6 blocks);
+* cached training steps (``LoraTrainer``'s cached step: batch from the cache, blocks ``b..5``, head,
+  loss, backward, AdamW) at depths ``k = 6 - b = 1..6``:
+  ``time = tokens * (k * train_block_s + head_s) + step_s``.
+
+Every fit is a least-squares fit of relative errors (each equation divided by its measured time)
+over the medians of many (depth, batch) cells. Uncached steps (the plain peft forward) are measured
+on the same batches only to check the model: predicted
+``tokens * (embed_s + b * prefix_block_s + k * train_block_s + head_s) + step_s`` vs measured.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/calibrate.py
+
+Writes ``lorafleet/costmodels/minilm-cpu.json`` and ``benchmarks/results/calibration.json`` (raw
+medians, fit, residuals, command); ``--dry-run`` writes only the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lorafleet.costmodel import CostModel  # noqa: E402
+from lorafleet.data import EncodedDataset, collate, encode_dataset, load_split  # noqa: E402
+from lorafleet.model import AdapterRuntime, load_tokenizer  # noqa: E402
+from lorafleet.prefix_cache import BertParts, PrefixCache, classification_loss, forward_from  # noqa: E402
+from schemas.config import ModelConfig  # noqa: E402
+from schemas.messages import LoraSpec  # noqa: E402
+
+MINILM = ModelConfig(name="minilm", max_seq_len=64)
+BLOCKS = 6
+RESULTS = Path(__file__).parent / "results" / "calibration.json"
+COSTMODEL = Path(__file__).resolve().parent.parent / "lorafleet" / "costmodels" / "minilm-cpu.json"
+
+
+def spec_top(k: int) -> LoraSpec:
+    return LoraSpec(target_modules=["query", "value"], layer_ranks={i: 8 for i in range(BLOCKS - k, BLOCKS)})
+
+
+def timed(fn: Callable[..., object], *args: object) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
+def cached_step(
+    parts: BertParts,
+    cache: PrefixCache,
+    opt: torch.optim.Optimizer,
+    lowest: int,
+    b: list[int],
+    y: torch.Tensor,
+) -> None:
+    """One step as ``LoraTrainer`` runs it with the cache."""
+    opt.zero_grad(set_to_none=True)
+    hidden, am = cache.batch(lowest, b)
+    classification_loss(forward_from(parts, lowest, hidden, am), y).backward()
+    opt.step()
+
+
+def plain_step(
+    model: torch.nn.Module, shard: EncodedDataset, opt: torch.optim.Optimizer, b: list[int]
+) -> None:
+    """One step as ``LoraTrainer`` runs it without the cache."""
+    opt.zero_grad(set_to_none=True)
+    model(**collate(shard, b)).loss.backward()
+    opt.step()
+
+
+def relative_lstsq(features: np.ndarray, times: np.ndarray, nonneg: bool = True) -> np.ndarray:
+    """Least squares of relative errors; with ``nonneg`` a negative coefficient is pinned to 0 and the
+    rest refitted."""
+    active = list(range(features.shape[1]))
+    while True:
+        a = features[:, active] / times[:, None]
+        coef, *_ = np.linalg.lstsq(a, np.ones_like(times), rcond=None)
+        if not nonneg or (coef >= 0).all():
+            out = np.zeros(features.shape[1])
+            out[active] = coef
+            return out
+        active.pop(int(np.argmin(coef)))
+
+
+def make_batches(train: EncodedDataset, sizes: list[int], per_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    order = rng.sample(range(len(train)), sum(sizes) * per_size)
+    batches, at = [], 0
+    for _ in range(per_size):
+        for size in sizes:
+            batches.append(order[at : at + size])
+            at += size
+    return batches
+
+
+def main() -> None:  # noqa: C901
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8,16,32", help="batch sizes")
+    parser.add_argument("--per-size", type=int, default=3, help="batches per batch size")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="do not overwrite the packaged cost model")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+
+    tokenizer = load_tokenizer(MINILM)
+    full = encode_dataset(tokenizer, load_split("sst2", None, "train"), MINILM.max_seq_len)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    index_batches = make_batches(full, sizes, args.per_size, seed=0)
+    used = sorted({i for b in index_batches for i in b})
+    remap = {i: j for j, i in enumerate(used)}
+    shard = EncodedDataset(
+        [full.input_ids[i] for i in used], [full.labels[i] for i in used], full.pad_token_id
+    )
+    batches = [[remap[i] for i in b] for b in index_batches]
+    tokens = [len(b) * max(len(shard.input_ids[i]) for i in b) for b in batches]
+
+    runtime = AdapterRuntime(MINILM, num_labels=2, seed=0)
+    specs = {k: spec_top(k) for k in range(1, BLOCKS + 1)}
+    starts = {k: runtime.initial_adapter(s, 0) for k, s in specs.items()}
+    model = runtime.load(specs[BLOCKS], starts[BLOCKS])
+    parts = BertParts.of(model)
+    assert parts is not None
+    cache = PrefixCache(shard, runtime.hidden_size)
+    model.eval()
+    for b in range(BLOCKS):
+        runtime.load(specs[BLOCKS - b], starts[BLOCKS - b])
+        assert cache.ensure(parts, b, range(len(shard))) is not None
+    optimizers = {
+        k: torch.optim.AdamW(list(runtime.parameters(s).values()), lr=1e-3) for k, s in specs.items()
+    }
+
+    # ---- frozen forward: embeddings and each block (eval, no_grad), as the cache computes them
+    runtime.load(specs[1], starts[1])
+    model.eval()
+    embed_raw: list[list[float]] = [[] for _ in batches]
+    block_raw: list[list[float]] = [[] for _ in batches]
+    with torch.no_grad():
+        inputs = [collate(shard, b) for b in batches]
+        for rep in range(args.repeats + 1):
+            for j, batch in enumerate(inputs):
+                t_embed = timed(parts.embed, batch["input_ids"])
+                hidden, am = cache.batch(0, batches[j])
+                mask = parts.mask(hidden, am)
+                t_blocks = [timed(parts.blocks, hidden, mask, i, i + 1) for i in range(BLOCKS)]
+                if rep:
+                    embed_raw[j].append(t_embed)
+                    block_raw[j].append(statistics.mean(t_blocks))
+    embed_med = np.array([statistics.median(r) for r in embed_raw])
+    block_med = np.array([statistics.median(r) for r in block_raw])
+    tok = np.array(tokens, dtype=float)
+    embed_s = float(relative_lstsq(tok[:, None], embed_med)[0])
+    prefix_block_s = float(relative_lstsq(tok[:, None], block_med)[0])
+    print(f"embed_s {embed_s:.3e}, prefix_block_s {prefix_block_s:.3e}", file=sys.stderr)
+
+    # ---- training steps, cached and uncached, interleaved, on the same batches
+    raw: dict[str, dict[int, list[list[float]]]] = {
+        m: {k: [[] for _ in batches] for k in specs} for m in ("cached", "uncached")
+    }
+    labels = [torch.tensor([shard.labels[i] for i in b], dtype=torch.long) for b in batches]
+    for rep in range(args.repeats + 1):
+        for k, spec in specs.items():
+            lowest = BLOCKS - k
+            m = runtime.load(spec, starts[k])
+            m.train()
+            opt = optimizers[k]
+            for j, b in enumerate(batches):
+                t_c = timed(cached_step, parts, cache, opt, lowest, b, labels[j])
+                t_u = timed(plain_step, m, shard, opt, b)
+                if rep:
+                    raw["cached"][k][j].append(t_c)
+                    raw["uncached"][k][j].append(t_u)
+        print(f"repeat {rep} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    med = {m: {k: [statistics.median(r) for r in rows] for k, rows in d.items()} for m, d in raw.items()}
+
+    # ---- fit the gradient path from cached steps: tokens*k, tokens, 1
+    feats, times = [], []
+    for k in specs:
+        for j, t in enumerate(med["cached"][k]):
+            feats.append([tokens[j] * k, tokens[j], 1.0])
+            times.append(t)
+    coef = relative_lstsq(np.array(feats), np.array(times))
+    train_block_s, head_s, step_s = (float(c) for c in coef)
+    cost = CostModel(
+        name="minilm-cpu",
+        num_blocks=BLOCKS,
+        embed_s=embed_s,
+        prefix_block_s=prefix_block_s,
+        train_block_s=train_block_s,
+        head_s=head_s,
+        step_s=step_s,
+        source="",
+    )
+
+    # ---- residuals per depth and mode: summed predicted vs summed measured medians
+    residuals, worst = [], {"cached": 0.0, "uncached": 0.0}
+    for k in specs:
+        lowest = BLOCKS - k
+        for mode in ("cached", "uncached"):
+            cached = mode == "cached"
+            pred = [
+                cost.task_seconds(tokens=tokens[j], lowest_block=lowest, steps=1, cached=cached)
+                for j in range(len(batches))
+            ]
+            meas = med[mode][k]
+            per_batch = [p / t - 1 for p, t in zip(pred, meas, strict=True)]
+            worst[mode] = max(worst[mode], max(abs(e) for e in per_batch))
+            residuals.append(
+                {
+                    "k": k,
+                    "lowest_block": lowest,
+                    "mode": mode,
+                    "measured_s_per_step": sum(meas) / len(meas),
+                    "predicted_s_per_step": sum(pred) / len(pred),
+                    "relative_error": sum(pred) / sum(meas) - 1,
+                    "max_abs_relative_error_per_batch": max(abs(e) for e in per_batch),
+                }
+            )
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/calibrate.py " + " ".join(sys.argv[1:])
+    when = time.strftime("%Y-%m-%d")
+    cost = CostModel(
+        **{
+            **cost.__dict__,
+            "source": (
+                f"benchmarks/calibrate.py on this host, {when}, torch {torch.__version__} CPU, "
+                f"{args.threads} threads, SST-2 batches {args.sizes} dynamic padding "
+                f"(mean {statistics.mean(tokens):.0f} tokens/step); relative least squares over "
+                f"(depth, batch) medians; command: {command.strip()}"
+            ),
+        }
+    )
+    wall = time.perf_counter() - started
+    result = {
+        "command": command.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "wall_s": wall,
+        "batches": [{"size": len(b), "tokens": t} for b, t in zip(batches, tokens, strict=True)],
+        "raw_medians": {
+            "embed_forward_s": embed_med.tolist(),
+            "block_forward_s_mean_over_blocks": block_med.tolist(),
+            "cached_step_s": {str(k): v for k, v in med["cached"].items()},
+            "uncached_step_s": {str(k): v for k, v in med["uncached"].items()},
+        },
+        "fit": cost.__dict__,
+        "residuals": residuals,
+        "worst_batch_relative_error": worst,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if not args.dry_run:
+        cost.save(COSTMODEL)
+    print(json.dumps(cost.__dict__, indent=2))
+    print("| k | lowest | mode | measured s/step | predicted s/step | error |")
+    print("|---|---|---|---|---|---|")
+    for r in residuals:
+        print(
+            f"| {r['k']} | {r['lowest_block']} | {r['mode']} | {r['measured_s_per_step']:.4f} | "
+            f"{r['predicted_s_per_step']:.4f} | {100 * r['relative_error']:+.1f}% |"
+        )
+    print(f"wall {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
