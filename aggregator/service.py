@@ -80,8 +80,10 @@ class AggregatorService:
         write_checkpoint: CheckpointWriter | None = None,
         out_dir: Path | None = None,
         clock: Clock | None = None,
+        drop_vanished: bool = True,
     ) -> None:
         self.transport = transport
+        self.drop_vanished = drop_vanished  # off in embedded mode: in-process devices cannot vanish
         self.state = state
         self.config = config
         self.run_id = config.run_id
@@ -95,10 +97,20 @@ class AggregatorService:
         )
         self._subscription: Subscription | None = None
         self._to_evaluate: list[int] = []
+        self._next_lease_check_ms = 0
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
 
     def start(self) -> None:
         self._subscription = self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8)
+        self._resume_evaluation()
+
+    def _resume_evaluation(self) -> None:
+        """After a restart: evaluate the latest aggregate if its evaluation was lost."""
+        stored = self.state.get_global_adapter(self.run_id)
+        if stored is None or stored[0] == 0:
+            return
+        if "accuracy" not in self.state.get_round_metrics(self.run_id).get(stored[0], {}):
+            self._to_evaluate.append(stored[0])
 
     # -- loop -----------------------------------------------------------------------------------
     def step(self, timeout: float = 0.0) -> bool:
@@ -115,7 +127,9 @@ class AggregatorService:
         if self._run_status() == "finished":
             self._finalise()
             return True
-        self.state.close_expired_rounds(self.run_id, to_ms(self.clock.now()))
+        now_ms = to_ms(self.clock.now())
+        self._drop_vanished_devices(now_ms)
+        self.state.close_expired_rounds(self.run_id, now_ms)
         for round_no in self.state.pending_aggregations(self.run_id):
             self._aggregate(round_no)
             did = True
@@ -123,6 +137,34 @@ class AggregatorService:
             self._evaluate(self._to_evaluate.pop(0))
             did = True
         return did
+
+    def _drop_vanished_devices(self, now_ms: int) -> None:
+        """Tasks of devices whose lease expired report empty, so their rounds go on without them."""
+        if not self.drop_vanished or now_ms < self._next_lease_check_ms:
+            return
+        self._next_lease_check_ms = now_ms + 500
+        expired = set(self.state.expired_devices(self.run_id, now_ms))
+        if not expired:
+            return
+        for round_no in self._open_rounds():
+            info = self.state.get_round(self.run_id, round_no)
+            if info is None or info.status != "open":
+                continue
+            reported = self.state.get_updates(self.run_id, round_no)
+            for task_id, device_id in sorted(info.tasks.items()):
+                if device_id in expired and task_id not in reported:
+                    result = self.state.record_update(self.run_id, round_no, task_id, device_id, b"", now_ms)
+                    if result.outcome == "counted":
+                        self.state.incr_counter(self.run_id, "task_dropped")
+                        log.warning(
+                            "aggregator: device %s vanished; round %d goes on without it", device_id, round_no
+                        )
+
+    def _open_rounds(self) -> list[int]:
+        rounds = self.state.list_rounds(self.run_id)
+        return [
+            r for r in rounds[-3:] if (info := self.state.get_round(self.run_id, r)) and info.status == "open"
+        ]
 
     def run_forever(self, stop: object | None = None, *, poll_s: float = 0.5) -> None:
         is_set = getattr(stop, "is_set", lambda: False)

@@ -206,7 +206,7 @@ def worker(
             on_finished=None if lease is None else lease.retire,
         )
         service.start()
-        service.run_forever(stop)
+        service.run_forever(stop, heartbeat_s=cfg.rounds.heartbeat_s)
     finally:
         transport.close()
 

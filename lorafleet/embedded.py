@@ -69,7 +69,9 @@ def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> di
         config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, reporter=reporter
     )
     orchestrator.start()
-    aggregator = build_aggregator(config, InMemoryTransport(broker), state, runtime, out_dir=out_dir)
+    aggregator = build_aggregator(
+        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, embedded=True
+    )
     aggregator.start()
     workers = [
         build_worker(config, i, InMemoryTransport(broker), runtime, shards)

@@ -44,6 +44,8 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
             k.removeprefix("rejected_"): v for k, v in sorted(counters.items()) if k.startswith("rejected_")
         },
         "tasks_failed": counters.get("task_failed", 0),
+        "tasks_dropped": counters.get("task_dropped", 0),
+        "tasks_purged": counters.get("tasks_purged", 0),
     }
 
 

@@ -142,6 +142,7 @@ def build_aggregator(
     *,
     out_dir: Path | None,
     clock: Clock | None = None,
+    embedded: bool = False,
 ) -> AggregatorService:
     tokenizer = load_tokenizer(config.model)
     encoded_eval = encode_dataset(tokenizer, eval_set(config), config.model.max_seq_len)
@@ -157,6 +158,7 @@ def build_aggregator(
         write_checkpoint=write_checkpoint,
         out_dir=out_dir,
         clock=clock,
+        drop_vanished=not embedded,
     )
 
 

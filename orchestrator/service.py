@@ -20,7 +20,7 @@ from lorafleet.messaging import Rejections, publish_message, receive
 from lorafleet.progress import RunReporter
 from lorafleet.report import build_report, write_report
 from lorafleet.state.base import StateStore
-from lorafleet.transport.base import AccessRefused, Delivery, Subscription, Transport
+from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
 from orchestrator.capacity import DeviceEstimate, Measurement, update_estimate
 from orchestrator.legend import DeviceInput
 from orchestrator.planning import global_spec, quorum_size, sample_devices, task_id
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 Phase = Literal["registering", "running", "finishing", "finished"]
 FinishReason = Literal["max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted"]
-LEASE_S = 30.0
 
 
 class OrchestratorService:
@@ -196,7 +195,9 @@ class OrchestratorService:
             if isinstance(message, DeviceRegistered):
                 self._on_registered(message)
             elif isinstance(message, Heartbeat):
-                self.state.touch_device(self.run_id, message.device_id, to_ms(self.clock.now() + LEASE_S))
+                self.state.touch_device(
+                    self.run_id, message.device_id, to_ms(self.clock.now() + self.config.rounds.lease_s)
+                )
             elif isinstance(message, RoundClosed):
                 self._on_round_closed(message)
             elif isinstance(message, RoundEvaluated):
@@ -215,7 +216,9 @@ class OrchestratorService:
         info = message.model_dump(mode="json", exclude={"run_id", "device_id"})
         new = self.state.register_device(self.run_id, message.device_id, info)
         self._declare_device_queue(message.device_id)
-        self.state.touch_device(self.run_id, message.device_id, to_ms(self.clock.now() + LEASE_S))
+        self.state.touch_device(
+            self.run_id, message.device_id, to_ms(self.clock.now() + self.config.rounds.lease_s)
+        )
         if new:
             self.reporter.device_registered(message.device_id, len(self.state.get_devices(self.run_id)))
 
@@ -365,10 +368,21 @@ class OrchestratorService:
                 deadline_at=info.deadline_ms / 1000.0,
             )
             body = encode(task)
+            self._purge_stale_tasks(device_id)
             self.transport.publish(topology.TASKS_EXCHANGE, device_id, body, message_id=task.message_id)
             bytes_down += len(body)
         self.state.put_round_metrics(self.run_id, round_no, {"bytes_down": bytes_down})
         self.reporter.round_opened(round_no, len(info.tasks))
+
+    def _purge_stale_tasks(self, device_id: str) -> None:
+        """Drop tasks still waiting for a device (from a closed round, or this round's earlier copy):
+        no device should train a round that is over."""
+        try:
+            dropped = self.transport.purge(topology.task_queue_name(device_id))
+        except (AccessRefused, QueueNotFound):
+            return
+        if dropped:
+            self.state.incr_counter(self.run_id, "tasks_purged", dropped)
 
     def _hparams(self) -> TrainHyperParams:
         t = self.config.training

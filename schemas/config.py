@@ -158,6 +158,10 @@ class RoundsConfig(_Section):
     round_deadline_s: Annotated[float, Field(gt=0.0)] = 900.0
     sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     registration_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    # a device whose heartbeats stop for this long is dropped from open rounds (detection bound:
+    # lease_s + heartbeat_s); workers send a heartbeat every heartbeat_s
+    lease_s: Annotated[float, Field(gt=0.0)] = 30.0
+    heartbeat_s: Annotated[float, Field(gt=0.0)] = 5.0
     min_devices: Annotated[int, Field(ge=1)] | None = None  # None: devices.count
 
 

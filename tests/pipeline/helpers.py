@@ -53,6 +53,7 @@ class MeanEvaluator:
 
 
 def make_config(run_id: str, devices: int, rounds: int, **rounds_extra: Any) -> RunConfig:
+    """A tiny-model run config; ``rounds_extra`` goes into the ``rounds`` section."""
     return parse_run_config(
         {
             "run_id": run_id,
