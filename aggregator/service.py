@@ -18,6 +18,7 @@ from typing import Protocol
 
 from aggregator.fedavg import WeightedUpdate
 from aggregator.hetero import MERGES
+from aggregator.robust import aggregate_robust, clip_updates
 from aggregator.validation import check_update_shapes
 from lorafleet import topology
 from lorafleet.adapters import Tensors, select_for_spec, shapes
@@ -42,6 +43,16 @@ class Evaluator(Protocol):
 
 
 CheckpointWriter = Callable[[LoraSpec, Tensors, Path], None]
+
+
+def merge(config: RunConfig, current: Tensors, updates: list[WeightedUpdate]) -> Tensors:
+    """The configured merge: optional norm clipping, then a robust statistic or the strategy's rule."""
+    robust = config.robust
+    if robust.clip_norm is not None:
+        updates = clip_updates(current, updates, robust.clip_norm)
+    if robust.method != "none":
+        return aggregate_robust(current, updates, method=robust.method, trim=robust.trim)
+    return MERGES[config.merge_rule](current, updates)
 
 
 def device_measurement(update: LoraUpdate) -> dict[str, float]:
@@ -245,7 +256,7 @@ class AggregatorService:
                 WeightedUpdate(decode_tensors(m.adapter, check_finite=False), float(m.num_samples))
                 for m in messages
             ]
-            merged = MERGES[self.config.merge_rule](current, weighted)
+            merged = merge(self.config, current, weighted)
             self.state.put_global_adapter(self.run_id, round_no, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, round_no))

@@ -165,6 +165,14 @@ class RoundsConfig(_Section):
     min_devices: Annotated[int, Field(ge=1)] | None = None  # None: devices.count
 
 
+class RobustConfig(_Section):
+    """Robust aggregation against broken or poisoned devices (aggregator/robust.py)."""
+
+    method: Literal["none", "trimmed_mean", "median"] = "none"
+    trim: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.2  # fraction cut at each end (trimmed_mean)
+    clip_norm: Annotated[float, Field(gt=0.0)] | None = None  # L2 bound on each update's change
+
+
 class LimitsConfig(_Section):
     """Bounds on untrusted input."""
 
@@ -186,6 +194,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     legend: LegendConfig = Field(default_factory=LegendConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
