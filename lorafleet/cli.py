@@ -212,6 +212,54 @@ def worker(
 
 
 @app.command()
+def dlq(
+    broker: BrokerOpt,
+    purge: Annotated[bool, typer.Option("--purge", help="Remove the messages after listing them")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many messages")] = 100_000,
+) -> None:
+    """List and count the dead-letter queue by reason (messages stay unless --purge)."""
+    import json as _json
+
+    from rich.table import Table
+
+    from lorafleet.dlq import count_by_reason, inspect_dead_letters
+    from lorafleet.wiring import open_transport
+
+    transport = open_transport(broker)
+    try:
+        letters = inspect_dead_letters(transport, purge=purge, limit=limit)
+    finally:
+        transport.close()
+    counts = count_by_reason(letters)
+    if as_json:
+        typer.echo(
+            _json.dumps(
+                {
+                    "total": len(letters),
+                    "by_reason": counts,
+                    "purged": purge,
+                    "messages": [vars(x) for x in letters],
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"lf.dead: {len(letters)} message(s){' (purged)' if purge else ''}")
+    for column in ("reason", "count"):
+        table.add_column(column)
+    for reason, count in counts.items():
+        table.add_row(reason, str(count))
+    Console().print(table)
+    for letter in letters[:50]:
+        Console().print(
+            f"  {letter.reason:<16} {letter.queue:<18} {letter.message_id[:60]:<60} {letter.detail[:80]}",
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command()
 def validate(config: ConfigArg) -> None:
     """Check a run configuration and print it with every default filled in."""
     cfg = _load(config)
