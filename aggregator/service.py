@@ -10,6 +10,7 @@ Evaluation runs after ``RoundClosed`` is published: the next round does not wait
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from aggregator.robust import aggregate_robust, clip_updates
 from aggregator.validation import check_update_shapes
 from lorafleet import topology
 from lorafleet.adapters import Tensors, select_for_spec, shapes
+from lorafleet.auth import verify
 from lorafleet.clock import Clock, SystemClock, to_ms
 from lorafleet.messaging import Rejections, publish_message, receive
 from lorafleet.report import build_report, write_report
@@ -74,6 +76,11 @@ def device_measurement(update: LoraUpdate) -> dict[str, float]:
     }
 
 
+def update_norm(start: Tensors, trained: Tensors) -> float:
+    """L2 norm of the change an update makes to the tensors it started from."""
+    return math.sqrt(sum(float(((trained[k].double() - start[k].double()) ** 2).sum()) for k in start))
+
+
 def checkpoint_dir(out_dir: Path, round_no: int) -> Path:
     return out_dir / "checkpoints" / f"round-{round_no:04d}"
 
@@ -92,9 +99,15 @@ class AggregatorService:
         out_dir: Path | None = None,
         clock: Clock | None = None,
         drop_vanished: bool = True,
+        fleet_key: bytes | None = None,
     ) -> None:
         self.transport = transport
         self.drop_vanished = drop_vanished  # off in embedded mode: in-process devices cannot vanish
+        self.fleet_key = fleet_key  # verifies device signatures (lorafleet/auth.py)
+        if config.security.require_signatures and fleet_key is None:
+            raise ValueError(
+                "security.require_signatures is set but no fleet key was given (LORAFLEET_FLEET_KEY)"
+            )
         self.state = state
         self.config = config
         self.run_id = config.run_id
@@ -190,6 +203,8 @@ class AggregatorService:
     def _handle(self, delivery: Delivery) -> None:
         try:
             message = receive(delivery, run_id=self.run_id, max_bytes=self.config.limits.max_message_bytes)
+            if isinstance(message, LoraUpdate | TaskFailed):
+                self._check_signature(message)
             if isinstance(message, LoraUpdate):
                 self._check_update(message)
                 stored = delivery.body
@@ -209,16 +224,39 @@ class AggregatorService:
             )
             if result.outcome in ("unknown_task", "wrong_device"):
                 raise DecodeError(result.outcome, f"{message.task_id} from {message.device_id}")
+            if result.outcome == "duplicate" and stored:
+                self._check_not_replayed(message.round, message.task_id, stored)
             if isinstance(message, TaskFailed):
                 self.state.incr_counter(self.run_id, "task_failed")
             delivery.ack()
         except DecodeError as exc:
             self.rejections.reject(delivery, exc)
 
+    def _check_signature(self, report: LoraUpdate | TaskFailed) -> None:
+        if not self.config.security.require_signatures:
+            return
+        if self.fleet_key is None or not verify(self.fleet_key, report):
+            what = "no signature" if report.signature is None else "a signature that does not verify"
+            raise DecodeError("bad_signature", f"{report.task_id} claims {report.device_id} with {what}")
+
+    def _check_not_replayed(self, round_no: int, task_id: str, body: bytes) -> None:
+        """A counted task arriving again is a harmless redelivery only if it is the same update."""
+        counted = self.state.get_updates(self.run_id, round_no).get(task_id)
+        if counted and counted != body:
+            raise DecodeError("replayed", f"{task_id} was counted with other content")
+
     def _check_update(self, update: LoraUpdate) -> None:
         expected = self._expected_shapes(update.round, update.task_id)
         tensors = decode_tensors(update.adapter, max_bytes=self.config.limits.max_payload_bytes)
         check_update_shapes(tensors, expected)
+        bound = self.config.limits.max_update_norm
+        if bound is not None:
+            spec_json = self.state.get_task_spec(self.run_id, update.round, update.task_id)
+            assert spec_json is not None  # the shapes check found it
+            start = select_for_spec(self._global()[1], LoraSpec.model_validate_json(spec_json))
+            norm = update_norm(start, tensors)
+            if norm > bound:
+                raise DecodeError("norm_exceeded", f"update changes the adapter by {norm:.3g} > {bound:.3g}")
 
     def _expected_shapes(self, round_no: int, task_id: str) -> dict[str, tuple[int, ...]]:
         cached = self._expected.get((round_no, task_id))

@@ -57,6 +57,34 @@ def _load(path: Path) -> RunConfig:
         raise typer.Exit(2) from None
 
 
+def _key(env: str, *, required: bool) -> bytes | None:
+    """A key from the environment (never printed); exit 2 naming the variable when it is required."""
+    from lorafleet.auth import KeyReadError, read_key
+
+    try:
+        key = read_key(env)
+    except KeyReadError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if key is None and required:
+        err.print(
+            f"[red]error:[/red] security.require_signatures is set: set {env} or {env}_FILE", highlight=False
+        )
+        raise typer.Exit(2)
+    return key
+
+
+def _device_key(device_id: str, *, required: bool) -> bytes | None:
+    """This device's key: LORAFLEET_DEVICE_KEY, or derived from LORAFLEET_FLEET_KEY (elastic replicas)."""
+    from lorafleet.auth import derive_device_key
+
+    own = _key("LORAFLEET_DEVICE_KEY", required=False)
+    if own is not None:
+        return own
+    fleet = _key("LORAFLEET_FLEET_KEY", required=required)
+    return None if fleet is None else derive_device_key(fleet, device_id)
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,7 +175,14 @@ def aggregator(
     stop = _stop_on_signals()
     transport, store = open_transport(broker), open_state(state)
     try:
-        service = build_aggregator(cfg, transport, store, build_runtime(cfg), out_dir=out)
+        service = build_aggregator(
+            cfg,
+            transport,
+            store,
+            build_runtime(cfg),
+            out_dir=out,
+            fleet_key=_key("LORAFLEET_FLEET_KEY", required=cfg.security.require_signatures),
+        )
         service.start()
         service.run_forever(stop)
     finally:
@@ -204,6 +239,7 @@ def worker(
             build_runtime(cfg),
             Shards.load(cfg),
             on_finished=None if lease is None else lease.retire,
+            signing_key=_device_key(device_id, required=cfg.security.require_signatures),
         )
         service.start()
         service.run_forever(stop, heartbeat_s=cfg.rounds.heartbeat_s)
@@ -257,6 +293,18 @@ def dlq(
             highlight=False,
             markup=False,
         )
+
+
+@app.command(name="device-key")
+def device_key(
+    device_id: Annotated[str, typer.Argument(help="The device to provision, e.g. dev-0003")],
+) -> None:
+    """Print a device's own signing key (hex), derived from LORAFLEET_FLEET_KEY, for provisioning it."""
+    from lorafleet.auth import derive_device_key
+
+    fleet = _key("LORAFLEET_FLEET_KEY", required=True)
+    assert fleet is not None
+    typer.echo(derive_device_key(fleet, device_id).hex())
 
 
 @app.command()

@@ -9,18 +9,20 @@ service until the run finishes.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from lorafleet.auth import derive_device_key
 from lorafleet.model import configure_torch_threads
 from lorafleet.progress import RunReporter
 from lorafleet.report import build_report
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from lorafleet.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
-from schemas.config import RunConfig
+from schemas.config import RunConfig, device_id
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,20 @@ def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> di
         config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, reporter=reporter
     )
     orchestrator.start()
+    fleet_key = secrets.token_bytes(32) if config.security.require_signatures else None
     aggregator = build_aggregator(
-        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, embedded=True
+        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, embedded=True, fleet_key=fleet_key
     )
     aggregator.start()
     workers = [
-        build_worker(config, i, InMemoryTransport(broker), runtime, shards)
+        build_worker(
+            config,
+            i,
+            InMemoryTransport(broker),
+            runtime,
+            shards,
+            signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
+        )
         for i in range(config.devices.count)
     ]
     for worker in workers:

@@ -143,6 +143,7 @@ def build_aggregator(
     out_dir: Path | None,
     clock: Clock | None = None,
     embedded: bool = False,
+    fleet_key: bytes | None = None,
 ) -> AggregatorService:
     tokenizer = load_tokenizer(config.model)
     encoded_eval = encode_dataset(tokenizer, eval_set(config), config.model.max_seq_len)
@@ -159,6 +160,7 @@ def build_aggregator(
         out_dir=out_dir,
         clock=clock,
         drop_vanished=not embedded,
+        fleet_key=fleet_key,
     )
 
 
@@ -172,6 +174,7 @@ def build_worker(
     trainer: Trainer | None = None,
     clock: Clock | None = None,
     on_finished: Callable[[], None] | None = None,
+    signing_key: bytes | None = None,
 ) -> WorkerService:
     shard = shards.shard(index)
     if trainer is None:
@@ -197,4 +200,5 @@ def build_worker(
         emulator=emulator,
         sleep_device_time=config.devices.sleep,
         on_finished=on_finished,
+        signing_key=signing_key,
     )

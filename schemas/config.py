@@ -178,6 +178,14 @@ class LimitsConfig(_Section):
 
     max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     max_payload_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    max_update_norm: Annotated[float, Field(gt=0.0)] | None = None  # L2 bound on an update's change
+
+
+class SecurityConfig(_Section):
+    """Device authenticity. With ``require_signatures`` the aggregator refuses unsigned or badly signed
+    reports; keys come from LORAFLEET_FLEET_KEY / LORAFLEET_DEVICE_KEY (or their _FILE variants)."""
+
+    require_signatures: bool = False
 
 
 class RunConfig(_Section):
@@ -199,6 +207,7 @@ class RunConfig(_Section):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -180,6 +180,7 @@ class LoraUpdate(StrictModel):
     num_samples: Annotated[int, Field(ge=1)]
     adapter: TensorPayload
     metrics: TrainMetrics
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None  # lorafleet/auth.py
 
     @property
     def message_id(self) -> str:
@@ -193,6 +194,7 @@ class TaskFailed(StrictModel):
     round: Round
     device_id: DeviceId
     reason: Annotated[str, Field(max_length=2000)]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     @property
     def message_id(self) -> str:

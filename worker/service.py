@@ -11,8 +11,10 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 
 from lorafleet import topology
+from lorafleet.auth import sign
 from lorafleet.clock import Clock, SystemClock
 from lorafleet.devices import DeviceEmulator
 from lorafleet.messaging import Rejections, publish_message, receive
@@ -34,6 +36,8 @@ from worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+_Report = TypeVar("_Report", LoraUpdate, TaskFailed)
+
 
 class WorkerService:
     """A device's service loop. ``step`` handles at most one delivery."""
@@ -54,6 +58,7 @@ class WorkerService:
         emulator: DeviceEmulator | None = None,
         sleep_device_time: bool = False,
         on_finished: Callable[[], None] | None = None,
+        signing_key: bytes | None = None,
     ) -> None:
         self.transport = transport
         self.trainer = trainer
@@ -68,6 +73,7 @@ class WorkerService:
         self.emulator = emulator
         self.sleep_device_time = sleep_device_time
         self.on_finished = on_finished
+        self.signing_key = signing_key  # this device's key (lorafleet/auth.py); None: unsigned reports
         self.finished = False
         self.stats: Counter[str] = Counter()
         self.rejections = Rejections(f"worker {device_id}")
@@ -218,7 +224,12 @@ class WorkerService:
             adapter=encode_tensors(outcome.tensors),
             metrics=outcome.metrics,
         )
-        return self._with_device_times(task, update, bytes_down)
+        return self._signed(self._with_device_times(task, update, bytes_down))
+
+    def _signed(self, report: _Report) -> _Report:
+        if self.signing_key is None:
+            return report
+        return report.model_copy(update={"signature": sign(self.signing_key, report)})
 
     def _with_device_times(self, task: TrainTask, update: LoraUpdate, bytes_down: int) -> LoraUpdate:
         """Fill in the emulated device's times (virtual clock) and the bytes each way."""
@@ -245,15 +256,11 @@ class WorkerService:
 
     def _report_failure(self, task: TrainTask, reason: str) -> None:
         self.stats["tasks_failed"] += 1
-        publish_message(
-            self.transport,
-            topology.UPDATES_EXCHANGE,
-            topology.UPDATE_KEY,
-            TaskFailed(
-                task_id=task.task_id,
-                run_id=task.run_id,
-                round=task.round,
-                device_id=self.device_id,
-                reason=reason[:2000],
-            ),
+        failed = TaskFailed(
+            task_id=task.task_id,
+            run_id=task.run_id,
+            round=task.round,
+            device_id=self.device_id,
+            reason=reason[:2000],
         )
+        publish_message(self.transport, topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, self._signed(failed))

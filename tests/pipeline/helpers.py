@@ -10,6 +10,7 @@ import torch
 
 from aggregator.service import AggregatorService
 from lorafleet.adapters import Tensors
+from lorafleet.auth import derive_device_key
 from lorafleet.embedded import drive
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
@@ -52,10 +53,13 @@ class MeanEvaluator:
         return float(torch.sigmoid(torch.tensor(mean))), abs(mean)
 
 
-def make_config(run_id: str, devices: int, rounds: int, **rounds_extra: Any) -> RunConfig:
-    """A tiny-model run config; ``rounds_extra`` goes into the ``rounds`` section."""
+def make_config(
+    run_id: str, devices: int, rounds: int, *, extra: dict[str, Any] | None = None, **rounds_extra: Any
+) -> RunConfig:
+    """A tiny-model run config; ``rounds_extra`` goes into the ``rounds`` section, ``extra`` at the top."""
     return parse_run_config(
         {
+            **(extra or {}),
             "run_id": run_id,
             "model": {"name": "tiny"},
             "data": {"dataset": "synthetic"},
@@ -103,13 +107,16 @@ def build_pipeline(
     deltas: list[float],
     samples: list[int],
     worker_clock: Any = None,
+    fleet_key: bytes | None = None,
 ) -> Pipeline:
     """``transports``: one per service (orchestrator, aggregator, then one per worker)."""
     evaluator = MeanEvaluator()
     orchestrator = OrchestratorService(
         transports[0], state, config=config, num_blocks=NUM_BLOCKS, initial_adapter=initial_adapter
     )
-    aggregator = AggregatorService(transports[1], state, config=config, evaluator=evaluator)
+    aggregator = AggregatorService(
+        transports[1], state, config=config, evaluator=evaluator, fleet_key=fleet_key
+    )
     workers = [
         WorkerService(
             transports[2 + i],
@@ -118,6 +125,7 @@ def build_pipeline(
             device_id=device_id(i),
             num_samples=samples[i],
             clock=worker_clock,
+            signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
         )
         for i in range(config.devices.count)
     ]

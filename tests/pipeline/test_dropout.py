@@ -16,7 +16,7 @@ from tests.pipeline.helpers import NUM_BLOCKS, build_pipeline, expected_global, 
 
 def test_a_vanished_device_is_dropped_within_its_lease_and_rounds_close_without_it(run_id: str) -> None:
     # Given three devices, of which dev-0002 registers and then never heartbeats or trains again
-    config = make_config(run_id, devices=3, rounds=2, lease_s=1.0, heartbeat_s=0.2)
+    config = make_config(run_id, devices=3, rounds=2, lease_s=3.0, heartbeat_s=0.2)
     broker = InMemoryBroker()
     state = InMemoryStateStore()
     deltas, samples = [0.1, 0.3, 5.0], [10, 30, 60]
@@ -37,7 +37,7 @@ def test_a_vanished_device_is_dropped_within_its_lease_and_rounds_close_without_
     # When the run proceeds
     try:
         while not pipeline.aggregator.finished:
-            assert time.monotonic() - started < 30, "the run waited for the vanished device"
+            assert time.monotonic() - started < 60, "the run waited for the vanished device"
             time.sleep(0.05)
     finally:
         stop.set()

@@ -1,0 +1,83 @@
+"""Authenticity of device reports: HMAC-SHA256 with a key per device (pure).
+
+Each device's key is derived from one fleet key: ``key(d) = HMAC(fleet_key, "lorafleet-device:" + d)``.
+The aggregator holds the fleet key and can check any device's signature; a provisioned edge
+device holds only its own derived key (``lorafleet device-key``), so it cannot sign as another
+device. Elastic replicas that may claim any slot are given the fleet key (they are one trust
+domain). The signature covers every field the aggregator acts on, including the adapter's sha256,
+so a changed payload, another device's identity or another task's id all fail verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+
+from schemas.messages import LoraUpdate, TaskFailed
+
+_DOMAIN = b"lorafleet-device:"
+
+
+class KeyReadError(ValueError):
+    """A key could not be read (missing, unreadable or too short)."""
+
+
+def derive_device_key(fleet_key: bytes, device_id: str) -> bytes:
+    """The key of ``device_id`` under ``fleet_key``."""
+    return hmac.new(fleet_key, _DOMAIN + device_id.encode(), hashlib.sha256).digest()
+
+
+def canonical(report: LoraUpdate | TaskFailed) -> bytes:
+    """The bytes a signature covers (every field but the signature, in a fixed order)."""
+    if isinstance(report, LoraUpdate):
+        head = ["update", report.task_id, report.run_id, str(report.round), report.device_id]
+        body = [
+            str(report.plan_version),
+            str(report.num_samples),
+            report.adapter.sha256,
+            str(report.adapter.nbytes),
+        ]
+        fields = [*head, *body, json.dumps(report.metrics.model_dump(mode="json"), sort_keys=True)]
+    else:
+        fields = ["failed", report.task_id, report.run_id, str(report.round), report.device_id, report.reason]
+    return "\x1f".join(fields).encode()
+
+
+def sign(key: bytes, report: LoraUpdate | TaskFailed) -> str:
+    """Hex HMAC-SHA256 of the report under ``key``."""
+    return hmac.new(key, canonical(report), hashlib.sha256).hexdigest()
+
+
+def verify(fleet_key: bytes, report: LoraUpdate | TaskFailed) -> bool:
+    """True if the report carries a valid signature of the device it names."""
+    if report.signature is None:
+        return False
+    expected = sign(derive_device_key(fleet_key, report.device_id), report)
+    return hmac.compare_digest(expected, report.signature)
+
+
+def read_key(env: str, *, environ: dict[str, str] | None = None) -> bytes | None:
+    """A key from ``$ENV`` (hex or text) or from the file named by ``$ENV_FILE``; None if neither is set.
+
+    Raises:
+        KeyReadError: the file cannot be read, or the key is shorter than 16 bytes.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    raw: str | None = environ.get(env)
+    if raw is None and environ.get(f"{env}_FILE"):
+        try:
+            raw = Path(environ[f"{env}_FILE"]).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise KeyReadError(f"{env}_FILE: cannot read the key file: {exc.strerror}") from None
+    if raw is None:
+        return None
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = raw.encode()
+    if len(key) < 16:
+        raise KeyReadError(f"{env}: a key must have at least 16 bytes")
+    return key
