@@ -150,6 +150,7 @@ class _ThreadConnection:
     def __init__(self, connection: BlockingConnection, owner: threading.Thread) -> None:
         self.connection = connection
         self.owner = owner
+        self.last_used = 0.0
         self._publish: BlockingChannel | None = None
         self._admin: BlockingChannel | None = None
 
@@ -243,15 +244,30 @@ class PikaTransport:
 
     def _thread_connection(self) -> _ThreadConnection:
         current: _ThreadConnection | None = getattr(self._local, "connection", None)
-        if current is not None and current.connection.is_open:
+        if current is not None and current.connection.is_open and not self._stale(current):
+            current.last_used = time.monotonic()
             return current
         if current is not None:
+            if current.connection.is_open:
+                current.close()  # idle past a heartbeat: close it ourselves before the broker drops it
             self._forget(current)
         current = _ThreadConnection(self._connect(), threading.current_thread())
+        current.last_used = time.monotonic()
         self._local.connection = current
         with self._lock:
             self._thread_connections.append(current)
         return current
+
+    def _stale(self, holder: _ThreadConnection) -> bool:
+        """A thread's connection idle for longer than a heartbeat interval may be dropped by the broker
+        any moment (no heartbeats flow while its thread does other work, e.g. training); replacing it
+        costs a few milliseconds, a drop costs a failed call, a retry and an error in the logs."""
+        heartbeat = self._params.heartbeat
+        if heartbeat is None:
+            heartbeat = 60  # the broker's default, which pika accepts when the URL names none
+        if not isinstance(heartbeat, int | float) or heartbeat <= 0:
+            return False  # heartbeats off (0) or negotiated by a callable
+        return time.monotonic() - holder.last_used > float(heartbeat)
 
     def _forget(self, holder: _ThreadConnection) -> None:
         holder.close()
