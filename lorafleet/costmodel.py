@@ -16,6 +16,7 @@ same seed gives the same virtual times however loaded the machine is.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def cost_model_for(model_name: str, num_blocks: int, hidden: int) -> CostModel:
 
     The scaled model is nominal (it keeps relative costs of depths right, not absolute seconds).
     """
-    base = CostModel.load(_PACKAGED / "minilm-cpu.json")
+    override = os.environ.get("LORAFLEET_COST_MODEL")  # a pinned copy (benchmarks), else the packaged one
+    base = CostModel.load(Path(override) if override else _PACKAGED / "minilm-cpu.json")
     if model_name == "minilm" and num_blocks == base.num_blocks:
         return base
     scale = (hidden / 384.0) ** 2
