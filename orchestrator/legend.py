@@ -20,6 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from lorafleet.costmodel import CostModel
 from orchestrator.capacity import DEFAULT_TOKENS_PER_SAMPLE, DeviceEstimate
 from orchestrator.planning import DevicePlan
@@ -147,16 +149,15 @@ def plan_legend(
     predicted: dict[str, float] = {}
     deadline = 0.0
     if measured:
-        times = [
-            [task_seconds(d.estimate, d.samples, c, cost, options) for c in cands]  # type: ignore[arg-type]
-            for d in measured
-        ]
-        deadline = _best_deadline(measured, cands, times)
-        for d, row in zip(measured, times, strict=True):
-            feasible = [i for i, t in enumerate(row) if t <= deadline * (1 + 1e-9)]
-            best = max(feasible, key=lambda i: (cands[i].utility, -cands[i].bytes))
-            choice[d.device_id] = cands[best]
-            predicted[d.device_id] = row[best]
+        times = time_matrix(measured, cands, cost, options)
+        utilities = np.array([c.utility for c in cands])
+        deadline = best_deadline(times, utilities, np.array([d.samples for d in measured], dtype=np.float64))
+        # candidates are sorted by (utility, -bytes): the best feasible one is the last feasible index
+        feasible = times <= deadline * (1 + 1e-9)
+        best = np.where(feasible, np.arange(len(cands)), -1).max(axis=1)
+        for row, (d, index) in enumerate(zip(measured, best.tolist(), strict=True)):
+            choice[d.device_id] = cands[index]
+            predicted[d.device_id] = float(times[row, index])
     plans = [
         DevicePlan(
             d.device_id,
@@ -172,20 +173,47 @@ def plan_legend(
     return LegendPlan(plans, deadline, predicted)
 
 
-def _best_deadline(devices: Sequence[DeviceInput], cands: list[Candidate], times: list[list[float]]) -> float:
-    """The deadline minimising T / sum_i n_i U_i(T), over every candidate T (exact event sweep)."""
-    lower = max(min(row) for row in times)  # the slowest device at its cheapest configuration
-    events = sorted((t, i, c) for i, row in enumerate(times) for c, t in enumerate(row))
-    best_u = [0.0] * len(devices)
-    total = 0.0
-    best_score, best_t = math.inf, lower
-    for t, i, c in events:
-        u = cands[c].utility * devices[i].samples
-        if u > best_u[i]:
-            total += u - best_u[i]
-            best_u[i] = u
-        if t >= lower and total > 0:
-            score = t / total
-            if score < best_score - 1e-15:
-                best_score, best_t = score, t
-    return best_t
+def time_matrix(
+    devices: Sequence[DeviceInput], cands: list[Candidate], cost: CostModel, options: LegendOptions
+) -> np.ndarray:
+    """Predicted task time of every device (rows) at every configuration (columns); equals
+    :func:`task_seconds` elementwise, vectorised (the cost model is linear in tokens and steps)."""
+    est = [d.estimate for d in devices]
+    assert all(e is not None for e in est)
+    samples = np.array([d.samples for d in devices], dtype=np.float64)
+    tps = np.array([e.tokens_per_sample or DEFAULT_TOKENS_PER_SAMPLE for e in est], dtype=np.float64)  # type: ignore[union-attr]
+    tokens = np.floor(samples * options.local_epochs * tps)
+    steps = np.ceil(samples / options.batch_size) * options.local_epochs
+    slowdown = np.array([e.slowdown for e in est], dtype=np.float64)  # type: ignore[union-attr]
+    per_byte = np.array([1.0 / e.down_bps + 1.0 / e.up_bps for e in est], dtype=np.float64)  # type: ignore[union-attr]
+    lowest = [min(c.layer_ranks) for c in cands]
+    per_token = np.array(
+        [cost.task_seconds(tokens=1, lowest_block=b, steps=0, cached=options.cached) for b in lowest]
+    )
+    bytes_ = np.array([c.bytes for c in cands], dtype=np.float64)
+    compute = (tokens[:, None] * per_token[None, :] + steps[:, None] * cost.step_s) * slowdown[:, None]
+    return compute + per_byte[:, None] * bytes_[None, :]
+
+
+def best_deadline(times: np.ndarray, utilities: np.ndarray, weights: np.ndarray) -> float:
+    """The deadline T minimising T / sum_i w_i max{U_c : times[i, c] <= T}, over every candidate T.
+
+    Exact: each device's best utility is a step function of T that rises at its own configuration
+    times; summing every device's rises in time order gives the total at every candidate deadline.
+    """
+    lower = float(times.min(axis=1).max())  # the slowest device at its cheapest configuration
+    order = np.argsort(times, axis=1, kind="stable")
+    sorted_t = np.take_along_axis(times, order, axis=1)
+    best_u = np.maximum.accumulate(utilities[order] * weights[:, None], axis=1)
+    rises = np.diff(best_u, axis=1, prepend=0.0)
+    flat_t = sorted_t.ravel()
+    by_time = np.argsort(flat_t, kind="stable")
+    t = flat_t[by_time]
+    total = np.cumsum(rises.ravel()[by_time])
+    # several events at one time: only the last of them gives the total at that time
+    last = np.append(t[1:] != t[:-1], True)
+    ok = last & (t >= lower) & (total > 0)
+    if not ok.any():
+        return lower
+    score = np.where(ok, t / np.where(total > 0, total, 1.0), np.inf)
+    return float(t[int(np.argmin(score))])
