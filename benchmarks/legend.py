@@ -37,7 +37,11 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         "run_id": "bench-legend",
         "seed": args.seed,
         "model": {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32} if quick else {"name": "minilm"},
-        "data": {"dataset": "synthetic" if quick else "sst2", "samples_per_device": args.samples_per_device},
+        "data": {
+            "dataset": "synthetic" if quick else "sst2",
+            "samples_per_device": args.samples_per_device,
+            "eval_samples": args.eval_samples,
+        },
         "lora": {"rank": 8, "target_modules": ["query", "value"]},
         "legend": {"top_ranks": [4, 8]},  # the same highest rank as FedLoRA: a fair traffic comparison
         "training": {"batch_size": 16, "lr": args.lr},
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--samples-per-device", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-samples", type=int, default=None, help="a seeded subset of the dev set")
     parser.add_argument("--target", type=float, default=0.80)
     parser.add_argument("--fedlora-rounds", type=int, default=8)
     parser.add_argument("--max-rounds", type=int, default=40)
@@ -94,6 +99,7 @@ def main() -> None:
     fed_ttt = next((r["virtual_time_s"] for r in fed["rounds"] if (r["accuracy"] or 0) >= args.target), None)
     budget = args.budget_virtual_s or (args.budget_factor * fed_ttt if fed_ttt else fed["virtual_time_s"])
     rows["fedlora"] = summarise(fed, args.target, budget)
+    write_results(args, base, cost_model, budget, rows, started, partial=True)
     console.print(
         f"  time to target {fed_ttt}, budget {budget:.1f} virtual s, wall {fed['bench_wall_s']:.0f} s"
     )
@@ -103,17 +109,34 @@ def main() -> None:
         console.print(f"[bold]{name}[/bold]")
         report = run_strategy(base, name, args.runs, max_rounds=args.max_rounds, virtual_budget_s=budget)
         rows[name] = summarise(report, args.target, budget)
+        write_results(args, base, cost_model, budget, rows, started, partial=True)
         r = rows[name]
         console.print(
             f"  to target {r['time_to_target_virtual_s']} virtual s, at budget {r['accuracy_at_budget']}, "
             f"{r['rounds']} rounds, wall {r['wall_s']:.0f} s"
         )
+    table = write_results(args, base, cost_model, budget, rows, started, partial=False)
+    console.print(table)
+
+
+def write_results(
+    args: argparse.Namespace,
+    base: dict[str, Any],
+    cost_model: dict[str, Any],
+    budget: float,
+    rows: dict[str, dict[str, Any]],
+    started: float,
+    *,
+    partial: bool,
+) -> str:
+    """Write JSON, markdown and PNG (after every strategy, so an interrupted run keeps what it did)."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     suffix = "-quick" if args.quick else ""
     result = {
         "command": command,
         "target": args.target,
         "budget_virtual_s": budget,
+        "partial": partial,
         "activation_cache": not args.no_cache,
         "virtual_clock": (
             "calibrated cost model (lorafleet/costmodels/minilm-cpu.json) counting what a device "
@@ -129,7 +152,7 @@ def main() -> None:
     table = markdown_table(rows, "fedlora")
     (args.out / f"legend{suffix}.md").write_text(
         f"# LEGEND-style vs baselines\n\n`{command}`\n\ntarget {args.target}, budget {budget:.1f} virtual s, "
-        f"benchmark wall time {result['wall_s']:.0f} s\n\n{table}\n",
+        f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n\n{table}\n",
         encoding="utf-8",
     )
     plot(
@@ -139,7 +162,7 @@ def main() -> None:
         args.out / f"legend{suffix}.png",
         "SST-2, 3 device tiers: accuracy vs virtual time",
     )
-    console.print(table)
+    return table
 
 
 if __name__ == "__main__":
