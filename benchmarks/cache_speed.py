@@ -3,7 +3,9 @@
 Step time: SST-2 training rows, batch 16 with dynamic padding, LoRA r=8 on query/value of the top
 ``k`` blocks (k = 1, 2, 3, 6); both modes go through ``LoraTrainer`` (cached: the prefix of every row
 is computed beforehand, so the tasks time training steps only). Cached and uncached tasks alternate,
-each repeat trains the same batches in both modes; s/step is the median over repeats.
+each repeat trains the same batches in both modes; s/step is the median over repeats. Each timed
+task waits for a quiet moment on the shared machine and is redone if other processes used more
+than ``--max-foreign`` cores while it ran (see ``benchmarks/calibrate.py``).
 
 Accuracy: 2,000 SST-2 rows x 1 epoch at k=2 (blocks 4, 5), lr 1e-3, cached vs uncached (the cached
 time includes computing the cache), dev accuracy on the 872 SST-2 dev rows.
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aggregator.evaluation import evaluate  # noqa: E402
+from benchmarks.calibrate import QuietRunner  # noqa: E402
 from lorafleet.data import EncodedDataset, encode_dataset, load_split  # noqa: E402
 from lorafleet.model import AdapterRuntime, load_tokenizer  # noqa: E402
 from lorafleet.prefix_cache import BertParts  # noqa: E402
@@ -66,7 +69,12 @@ def rows(data: EncodedDataset, n: int, seed: int) -> EncodedDataset:
 
 
 def step_times(
-    runtime: AdapterRuntime, shard: EncodedDataset, depths: list[int], steps: int, repeats: int
+    runtime: AdapterRuntime,
+    shard: EncodedDataset,
+    depths: list[int],
+    steps: int,
+    repeats: int,
+    quiet: QuietRunner,
 ) -> list[dict[str, object]]:
     cached_trainer = LoraTrainer(runtime, shard, cache=True)
     plain_trainer = LoraTrainer(runtime, shard, cache=False)
@@ -85,7 +93,9 @@ def step_times(
         for rep in range(repeats + 1):  # repeat 0 is the warm-up
             for mode, trainer in (("cached", cached_trainer), ("uncached", plain_trainer)):
                 task = make_task(spec, start, rep, batch_size=16, max_steps=steps, lr=1e-3)
-                m = trainer.train(task, start).metrics
+                m = quiet.run(
+                    f"k {k} rep {rep} {mode}", lambda t=trainer, task=task, s=start: t.train(task, s)
+                ).metrics
                 assert m.cached is (mode == "cached") and m.steps == steps
                 if rep:
                     per_step[mode].append(m.compute_s / m.steps)
@@ -151,6 +161,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=2000, help="rows for the accuracy check")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-foreign", type=float, default=0.25, help="retry a unit above this load")
+    parser.add_argument("--wait-budget-s", type=float, default=150.0, help="total wait for quiet windows")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -160,6 +172,7 @@ def main() -> None:
     dev = encode_dataset(tokenizer, load_split("sst2", None, "eval"), MINILM.max_seq_len)
     load_before = os.getloadavg()
     runtime = AdapterRuntime(MINILM, num_labels=2, seed=0)
+    quiet = QuietRunner(args.max_foreign, wait_budget_s=args.wait_budget_s)
     depths = [int(d) for d in args.depths.split(",")]
     timing = step_times(
         runtime, rows(train, 16 * args.steps * (args.repeats + 1), seed=1), depths, args.steps, args.repeats
@@ -176,6 +189,8 @@ def main() -> None:
         "setup": "all-MiniLM-L6-v2, SST-2 train rows, batch 16 dynamic padding (max_len 64), LoRA r=8 "
         "alpha 16 q/v on the top k blocks, AdamW lr 1e-3; s/step = compute_s/steps of a LoraTrainer "
         f"task of {args.steps} steps, median over {args.repeats} repeats after 1 warm-up, modes alternate",
+        "foreign_load": quiet.summary(),
+        "foreign_load_per_unit": quiet.log,
         "step_time": timing,
         "accuracy": accuracy,
     }

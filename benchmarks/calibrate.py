@@ -10,6 +10,11 @@ batch sizes 8/16/32) and torch threads 2:
   loss, backward, AdamW) at depths ``k = 6 - b = 1..6``:
   ``time = tokens * (k * train_block_s + head_s) + step_s``.
 
+The machine is shared: every measurement unit (one repeat of the frozen forwards, one repeat of
+one depth's steps) waits for a moment when other processes use < ``--max-foreign`` cores and is
+redone (up to 4 times) if they used more while it ran (CPU time from ``/proc/stat`` minus this
+process's own); the foreign load of every unit is recorded. Waiting stops after ``--wait-budget-s``.
+
 Every fit is a least-squares fit of relative errors (each equation divided by its measured time)
 over the medians of many (depth, batch) cells. Uncached steps (the plain peft forward) are measured
 on the same batches only to check the model: predicted
@@ -32,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +53,7 @@ from schemas.messages import LoraSpec  # noqa: E402
 
 MINILM = ModelConfig(name="minilm", max_seq_len=64)
 BLOCKS = 6
+T = TypeVar("T")
 RESULTS = Path(__file__).parent / "results" / "calibration.json"
 COSTMODEL = Path(__file__).resolve().parent.parent / "lorafleet" / "costmodels" / "minilm-cpu.json"
 
@@ -85,6 +92,76 @@ def plain_step(
     opt.step()
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds all processes of this machine have used (``/proc/stat``, idle and iowait excluded)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class ForeignLoad:
+    """The cores other processes used while the ``with`` block ran (the machine is shared)."""
+
+    cores = 0.0
+
+    def __enter__(self) -> ForeignLoad:
+        self._busy, self._own, self._wall = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(time.perf_counter() - self._wall, 1e-6)
+        other = (_busy_cpu_s() - self._busy) - (_own_cpu_s() - self._own)
+        self.cores = max(0.0, other) / wall
+
+
+class QuietRunner:
+    """Runs measurement units when other processes are (nearly) idle, and retries a unit during which
+    they used more than ``max_foreign`` cores; waiting stops after ``wait_budget_s`` in all, after
+    which units run as they come (their foreign load is still recorded)."""
+
+    def __init__(self, max_foreign: float = 0.25, attempts: int = 4, wait_budget_s: float = 180.0) -> None:
+        self.max_foreign = max_foreign
+        self.attempts = attempts
+        self.wait_left = wait_budget_s
+        self.log: list[dict[str, object]] = []
+
+    def _wait(self) -> None:
+        while self.wait_left > 0:
+            started = time.perf_counter()
+            with ForeignLoad() as load:
+                time.sleep(0.5)
+            self.wait_left -= time.perf_counter() - started
+            if load.cores < self.max_foreign:
+                return
+
+    def run(self, name: str, unit: Callable[[], T]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            self._wait()
+            with ForeignLoad() as load:
+                out = unit()
+            if load.cores <= self.max_foreign or attempt == self.attempts or self.wait_left <= 0:
+                self.log.append({"unit": name, "attempts": attempt, "foreign_cores": round(load.cores, 3)})
+                return out
+        raise AssertionError("unreachable")
+
+    def summary(self) -> dict[str, object]:
+        loads = [float(e["foreign_cores"]) for e in self.log]  # type: ignore[arg-type]
+        return {
+            "units": len(self.log),
+            "retried_units": sum(1 for e in self.log if e["attempts"] != 1),
+            "foreign_cores_median": statistics.median(loads) if loads else None,
+            "foreign_cores_max": max(loads) if loads else None,
+            "units_over_threshold": sum(1 for x in loads if x > self.max_foreign),
+            "threshold_cores": self.max_foreign,
+            "wait_budget_left_s": round(max(self.wait_left, 0.0), 1),
+        }
+
+
 def relative_lstsq(features: np.ndarray, times: np.ndarray, nonneg: bool = True) -> np.ndarray:
     """Least squares of relative errors; with ``nonneg`` a negative coefficient is pinned to 0 and the
     rest refitted."""
@@ -116,11 +193,14 @@ def main() -> None:  # noqa: C901
     parser.add_argument("--per-size", type=int, default=3, help="batches per batch size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-foreign", type=float, default=0.25, help="retry a unit above this load")
+    parser.add_argument("--wait-budget-s", type=float, default=150.0, help="total wait for quiet windows")
     parser.add_argument("--dry-run", action="store_true", help="do not overwrite the packaged cost model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()
+    quiet = QuietRunner(args.max_foreign, wait_budget_s=args.wait_budget_s)
 
     tokenizer = load_tokenizer(MINILM)
     full = encode_dataset(tokenizer, load_split("sst2", None, "train"), MINILM.max_seq_len)
@@ -154,17 +234,25 @@ def main() -> None:  # noqa: C901
     model.eval()
     embed_raw: list[list[float]] = [[] for _ in batches]
     block_raw: list[list[float]] = [[] for _ in batches]
-    with torch.no_grad():
-        inputs = [collate(shard, b) for b in batches]
-        for rep in range(args.repeats + 1):
-            for j, batch in enumerate(inputs):
-                t_embed = timed(parts.embed, batch["input_ids"])
-                hidden, am = cache.batch(0, batches[j])
-                mask = parts.mask(hidden, am)
-                t_blocks = [timed(parts.blocks, hidden, mask, i, i + 1) for i in range(BLOCKS)]
-                if rep:
-                    embed_raw[j].append(t_embed)
-                    block_raw[j].append(statistics.mean(t_blocks))
+    inputs = [collate(shard, b) for b in batches]
+
+    @torch.no_grad()
+    def frozen_unit() -> list[tuple[float, float]]:
+        out = []
+        for j, batch in enumerate(inputs):
+            t_embed = timed(parts.embed, batch["input_ids"])
+            hidden, am = cache.batch(0, batches[j])
+            mask = parts.mask(hidden, am)
+            out.append(
+                (t_embed, statistics.mean(timed(parts.blocks, hidden, mask, i, i + 1) for i in range(6)))
+            )
+        return out
+
+    for rep in range(args.repeats + 1):
+        for j, (t_embed, t_block) in enumerate(quiet.run(f"frozen rep {rep}", frozen_unit)):
+            if rep:
+                embed_raw[j].append(t_embed)
+                block_raw[j].append(t_block)
     embed_med = np.array([statistics.median(r) for r in embed_raw])
     block_med = np.array([statistics.median(r) for r in block_raw])
     tok = np.array(tokens, dtype=float)
@@ -177,15 +265,23 @@ def main() -> None:  # noqa: C901
         m: {k: [[] for _ in batches] for k in specs} for m in ("cached", "uncached")
     }
     labels = [torch.tensor([shard.labels[i] for i in b], dtype=torch.long) for b in batches]
+
+    def train_unit(k: int) -> list[tuple[float, float]]:
+        lowest = BLOCKS - k
+        m = runtime.load(specs[k], starts[k])
+        m.train()
+        opt = optimizers[k]
+        return [
+            (
+                timed(cached_step, parts, cache, opt, lowest, b, labels[j]),
+                timed(plain_step, m, shard, opt, b),
+            )
+            for j, b in enumerate(batches)
+        ]
+
     for rep in range(args.repeats + 1):
-        for k, spec in specs.items():
-            lowest = BLOCKS - k
-            m = runtime.load(spec, starts[k])
-            m.train()
-            opt = optimizers[k]
-            for j, b in enumerate(batches):
-                t_c = timed(cached_step, parts, cache, opt, lowest, b, labels[j])
-                t_u = timed(plain_step, m, shard, opt, b)
+        for k in specs:
+            for j, (t_c, t_u) in enumerate(quiet.run(f"train rep {rep} k {k}", lambda k=k: train_unit(k))):
                 if rep:
                     raw["cached"][k][j].append(t_c)
                     raw["uncached"][k][j].append(t_u)
@@ -244,7 +340,8 @@ def main() -> None:  # noqa: C901
                 f"benchmarks/calibrate.py on this host, {when}, torch {torch.__version__} CPU, "
                 f"{args.threads} threads, SST-2 batches {args.sizes} dynamic padding "
                 f"(mean {statistics.mean(tokens):.0f} tokens/step); relative least squares over "
-                f"(depth, batch) medians; command: {command.strip()}"
+                f"(depth, batch) medians of {args.repeats} repeats in quiet windows; "
+                f"see benchmarks/results/calibration.json; command: {command.strip()}"
             ),
         }
     )
@@ -258,12 +355,20 @@ def main() -> None:  # noqa: C901
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "wall_s": wall,
+        "foreign_load": quiet.summary(),
+        "foreign_load_per_unit": quiet.log,
         "batches": [{"size": len(b), "tokens": t} for b, t in zip(batches, tokens, strict=True)],
         "raw_medians": {
             "embed_forward_s": embed_med.tolist(),
             "block_forward_s_mean_over_blocks": block_med.tolist(),
             "cached_step_s": {str(k): v for k, v in med["cached"].items()},
             "uncached_step_s": {str(k): v for k, v in med["uncached"].items()},
+        },
+        "raw_minimums": {
+            "embed_forward_s": [min(r) for r in embed_raw],
+            "block_forward_s_mean_over_blocks": [min(r) for r in block_raw],
+            "cached_step_s": {str(k): [min(r) for r in v] for k, v in raw["cached"].items()},
+            "uncached_step_s": {str(k): [min(r) for r in v] for k, v in raw["uncached"].items()},
         },
         "fit": cost.__dict__,
         "residuals": residuals,
