@@ -8,10 +8,11 @@ service until the run finishes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from lorafleet.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
 from schemas.config import RunConfig, device_id
+from worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,13 @@ def drive(
             time.sleep(idle_sleep_s)
 
 
-def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
+def run_embedded(
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    quiet: bool = False,
+    wrap_trainer: Callable[[int, Trainer], Trainer] | None = None,
+) -> dict[str, Any]:
     """Run a whole experiment in this process; returns the report (also written to ``out_dir``)."""
     configure_torch_threads(config.model.torch_threads)
     reporter = RunReporter(config, quiet=quiet)
@@ -84,6 +92,7 @@ def run_embedded(config: RunConfig, out_dir: Path, *, quiet: bool = False) -> di
             runtime,
             shards,
             signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
+            wrap_trainer=None if wrap_trainer is None else functools.partial(wrap_trainer, i),
         )
         for i in range(config.devices.count)
     ]

@@ -175,6 +175,7 @@ def build_worker(
     clock: Clock | None = None,
     on_finished: Callable[[], None] | None = None,
     signing_key: bytes | None = None,
+    wrap_trainer: Callable[[Trainer], Trainer] | None = None,
 ) -> WorkerService:
     shard = shards.shard(index)
     if trainer is None:
@@ -184,6 +185,8 @@ def build_worker(
             encode_dataset(tokenizer, shard, config.model.max_seq_len),
             cache=config.activation_cache,
         )
+    if wrap_trainer is not None:
+        trainer = wrap_trainer(trainer)  # e.g. a poisoned device in the robustness benchmark
     profile = config.devices.profile_of(index)
     emulator = DeviceEmulator(device_id(index), profile, build_cost_model(config, runtime), seed=config.seed)
     return WorkerService(
