@@ -28,7 +28,7 @@ from lorafleet.clock import Clock, SystemClock, to_ms
 from lorafleet.messaging import Rejections, publish_message, receive
 from lorafleet.report import build_report, write_report
 from lorafleet.state.base import StateStore
-from lorafleet.transport.base import Delivery, Subscription, Transport
+from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport
 from schemas.config import RunConfig
 from schemas.envelope import decode
 from schemas.errors import DecodeError
@@ -124,8 +124,19 @@ class AggregatorService:
         self._next_lease_check_ms = 0
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
 
-    def start(self) -> None:
-        self._subscription = self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8)
+    def start(self, *, wait_s: float = 600.0, poll_s: float = 1.0) -> None:
+        """Subscribe to the updates queue, waiting up to ``wait_s`` for the orchestrator to declare it
+        (where the broker did not load the definitions), and resume a lost evaluation."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._subscription = self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8)
+                break
+            except QueueNotFound:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("aggregator: waiting for the orchestrator to declare %s", topology.UPDATES_QUEUE)
+                time.sleep(poll_s)
         self._resume_evaluation()
 
     def _resume_evaluation(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,7 +19,15 @@ from lorafleet.auth import sign
 from lorafleet.clock import Clock, SystemClock
 from lorafleet.devices import DeviceEmulator
 from lorafleet.messaging import Rejections, publish_message, receive
-from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
+from lorafleet.transport.base import (
+    Delivery,
+    ExchangeNotFound,
+    QueueNotFound,
+    Subscription,
+    Transport,
+    TransportError,
+    Unroutable,
+)
 from schemas.config import LimitsConfig
 from schemas.envelope import encode
 from schemas.errors import DecodeError
@@ -83,21 +92,30 @@ class WorkerService:
         self._heartbeat_seq = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Announce the device to the orchestrator."""
-        publish_message(
-            self.transport,
-            topology.CONTROL_EXCHANGE,
-            topology.REGISTER_KEY,
-            DeviceRegistered(
-                run_id=self.run_id,
-                device_id=self.device_id,
-                num_samples=self.num_samples,
-                label_histogram=self.label_histogram,
-                profile=self.profile,
-                incarnation=self.incarnation,
-            ),
+    def start(self, *, wait_s: float = 600.0, poll_s: float = 1.0) -> None:
+        """Announce the device to the orchestrator.
+
+        Where the broker did not load the definitions, the orchestrator declares the exchanges and
+        queues; a worker that starts before it waits for them (up to ``wait_s``) instead of failing.
+        """
+        registered = DeviceRegistered(
+            run_id=self.run_id,
+            device_id=self.device_id,
+            num_samples=self.num_samples,
+            label_histogram=self.label_histogram,
+            profile=self.profile,
+            incarnation=self.incarnation,
         )
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                publish_message(self.transport, topology.CONTROL_EXCHANGE, topology.REGISTER_KEY, registered)
+                return
+            except (ExchangeNotFound, Unroutable) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("worker %s: waiting for the orchestrator's topology (%s)", self.device_id, exc)
+                time.sleep(poll_s)
 
     def heartbeat(self) -> None:
         """Tell the orchestrator this device is alive (and what it is working on)."""
