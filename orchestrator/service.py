@@ -148,6 +148,8 @@ class OrchestratorService:
         if info is not None and info.status == "open":
             self._publish_tasks(self.round)  # tasks may not all have gone out before the crash
         elif info is not None and info.status == "aggregated":
+            # its RoundClosed may have died with the previous incarnation (or will be ignored now)
+            self._account_round(self.round)
             self._after_round(self.round)
 
     # -- loop -----------------------------------------------------------------------------------
@@ -228,25 +230,31 @@ class OrchestratorService:
     def _on_round_closed(self, message: RoundClosed) -> None:
         if message.round != self.round or self.phase not in ("running", "finishing"):
             return  # a duplicate, or a round we already moved past
-        metrics = self.state.get_round_metrics(self.run_id).get(message.round, {})
+        if self._account_round(message.round):
+            self._after_round(message.round)
+
+    def _account_round(self, round_no: int) -> bool:
+        """Record an aggregated round's times and fold its measurements into the estimates, once;
+        False if that was done before (a redelivered RoundClosed)."""
+        metrics = self.state.get_round_metrics(self.run_id).get(round_no, {})
         if "wall_time_s" in metrics:
-            return  # handled before (redelivered RoundClosed)
+            return False
         now = self.clock.now()
         opened_at = float(metrics.get("opened_at", now))
-        previous = self.state.get_round_metrics(self.run_id).get(message.round - 1, {})
+        previous = self.state.get_round_metrics(self.run_id).get(round_no - 1, {})
         virtual = float(previous.get("virtual_time_s", 0.0)) + float(metrics.get("virtual_round_s", 0.0))
         self._update_estimates(metrics.get("devices", {}))
         self.state.put_round_metrics(
             self.run_id,
-            message.round,
+            round_no,
             {
                 "wall_time_s": now - self._started_at,
                 "round_time_s": now - opened_at,
                 "virtual_time_s": virtual,
             },
         )
-        self.reporter.round_closed(message.round, self.state.get_round_metrics(self.run_id)[message.round])
-        self._after_round(message.round)
+        self.reporter.round_closed(round_no, self.state.get_round_metrics(self.run_id)[round_no])
+        return True
 
     def _update_estimates(self, measurements: dict[str, dict[str, float]]) -> None:
         """Fold the round's per-device measurements into the smoothed capacity estimates."""
