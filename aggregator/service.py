@@ -235,8 +235,8 @@ class AggregatorService:
             )
             if result.outcome in ("unknown_task", "wrong_device"):
                 raise DecodeError(result.outcome, f"{message.task_id} from {message.device_id}")
-            if result.outcome == "duplicate" and stored:
-                self._check_not_replayed(message.round, message.task_id, stored)
+            if result.outcome == "duplicate" and isinstance(message, LoraUpdate):
+                self._check_not_replayed(message)
             if isinstance(message, TaskFailed):
                 self.state.incr_counter(self.run_id, "task_failed")
             delivery.ack()
@@ -250,11 +250,17 @@ class AggregatorService:
             what = "no signature" if report.signature is None else "a signature that does not verify"
             raise DecodeError("bad_signature", f"{report.task_id} claims {report.device_id} with {what}")
 
-    def _check_not_replayed(self, round_no: int, task_id: str, body: bytes) -> None:
-        """A counted task arriving again is a harmless redelivery only if it is the same update."""
-        counted = self.state.get_updates(self.run_id, round_no).get(task_id)
-        if counted and counted != body:
-            raise DecodeError("replayed", f"{task_id} was counted with other content")
+    def _check_not_replayed(self, update: LoraUpdate) -> None:
+        """A counted task arriving again is a harmless redelivery only if it is the same update: the same
+        tensors, sample count and plan. Not the same bytes: every send of one update has its own
+        envelope time, and a task retrained after a worker crash has its own measured metrics."""
+        counted = self.state.get_updates(self.run_id, update.round).get(update.task_id)
+        if not counted:
+            return  # reported empty (a vanished device, or TaskFailed): nothing to compare
+        first = self._stored_update(counted)
+        same = (first.adapter.sha256, first.num_samples, first.plan_version)
+        if same != (update.adapter.sha256, update.num_samples, update.plan_version):
+            raise DecodeError("replayed", f"{update.task_id} was counted with other content")
 
     def _check_update(self, update: LoraUpdate) -> None:
         expected = self._expected_shapes(update.round, update.task_id)
