@@ -227,6 +227,7 @@ def worker(
                 err.print(f"[red]error:[/red] {exc}", highlight=False)
                 raise typer.Exit(3) from None
             device_id = lease.device_id
+            lease.keep(transport, cfg.run_id)  # its own slot again after a lost connection
         try:
             index = device_index(cfg, device_id)
         except ValueError as exc:
@@ -244,6 +245,8 @@ def worker(
         service.start()
         service.run_forever(stop, heartbeat_s=cfg.rounds.heartbeat_s)
     finally:
+        if lease is not None:
+            lease.release()  # a no-op after retire; otherwise the slot is free for a replacement
         transport.close()
 
 

@@ -5,17 +5,28 @@ takes one and holds it unacknowledged for as long as it lives, so the broker its
 when the worker dies (its connection drops, or heartbeats stop), the token goes back to the queue
 and the next replica that asks gets that slot. When the run finishes the worker acks the token, and
 the slot is retired. Workers need nothing but the broker for this.
+
+A lease lives as long as the connection that holds the token. When that connection is lost while the
+worker lives on (a broker restart, a missed heartbeat), the broker returns the token to the queue and
+the reconnected consumer is handed whichever token is free first, maybe another device's. A kept lease
+(:meth:`SlotLease.keep`) notices, gives that back and takes its own device's token again, so a live
+worker never holds another device's slot, and a dead worker's replacement gets the dead worker's slot.
+(A replacement that starts in the few seconds while the tokens are back in the queue may still take a
+live worker's token: the broker lease is not a lock.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorafleet import topology
 from lorafleet.messaging import receive
-from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport
+from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
 from schemas.errors import DecodeError
 from schemas.messages import DeviceSlot
 
@@ -31,14 +42,71 @@ class SlotLease:
     device_id: str
     delivery: Delivery
     subscription: Subscription
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _retired: bool = False
+    _keeper: threading.Thread | None = field(default=None, repr=False)
 
     def retire(self) -> None:
-        """The run is over: consume the token so nobody claims the slot again."""
-        self.delivery.ack()
+        """The run is over: consume the token so nobody claims the slot again (and stop consuming, so
+        that the freed prefetch does not take another token)."""
+        self._stop.set()
+        with self._lock:
+            self._retired = True
+            delivery, subscription = self.delivery, self.subscription
+        delivery.ack()
+        subscription.close()
 
     def release(self) -> None:
         """Give the slot back (the token returns to the queue)."""
-        self.subscription.close()
+        self._stop.set()
+        with self._lock:
+            subscription = self.subscription
+        subscription.close()
+
+    def keep(
+        self, transport: Transport, run_id: str, *, poll_s: float = 1.0, max_bytes: int = 1 << 20
+    ) -> None:
+        """Hold this device's token across lost connections, from a daemon thread (until retire/release)."""
+        self._keeper = threading.Thread(
+            target=self._keep,
+            args=(transport, run_id, poll_s, max_bytes),
+            daemon=True,
+            name=f"slot-lease-{self.device_id}",
+        )
+        self._keeper.start()
+
+    def _keep(self, transport: Transport, run_id: str, poll_s: float, max_bytes: int) -> None:
+        while not self._stop.is_set():
+            try:
+                # The consumer holds one token (prefetch 1): a delivery means it reconnected and the
+                # broker handed it whatever token was free; an error means it gave up reconnecting.
+                if self.subscription.get(poll_s) is None:
+                    continue
+            except TransportError as exc:
+                if self._stop.is_set():
+                    return  # retired or released: its subscription was closed
+                log.warning("slot %s: lease connection gave up (%s)", self.device_id, exc)
+            if self._stop.is_set():
+                return
+            log.warning("slot %s: lease connection was lost; claiming the slot again", self.device_id)
+            with contextlib.suppress(TransportError):
+                self.subscription.close()  # gives back the token it was handed
+            lease = reclaim_slot(
+                transport, run_id, self.device_id, self._stop, poll_s=poll_s, max_bytes=max_bytes
+            )
+            if lease is None:
+                return  # stopped meanwhile
+            with self._lock:
+                self.delivery, self.subscription = lease.delivery, lease.subscription
+                retired, stopped = self._retired, self._stop.is_set()
+            if retired:
+                lease.retire()  # the run finished while the slot was being taken back
+                return
+            if stopped:
+                lease.release()  # released meanwhile
+                return
+            log.info("slot %s: holding it again", self.device_id)
 
 
 def claim_slot(
@@ -75,3 +143,44 @@ def claim_slot(
     if subscription is not None:
         subscription.close()
     raise NoFreeSlot(f"no free device slot of run {run_id!r} within {timeout_s:.0f} s")
+
+
+def reclaim_slot(
+    transport: Transport,
+    run_id: str,
+    device_id: str,
+    stop: threading.Event,
+    *,
+    poll_s: float = 1.0,
+    max_bytes: int = 1 << 20,
+) -> SlotLease | None:
+    """Hold ``device_id``'s token again; None if ``stop`` is set first.
+
+    A consumer is handed the free token at the head of the queue, and a token given back returns to the
+    head, so taking and giving back in a loop could spin on one foreign token. Instead each token taken
+    is held (one subscription each) until ours comes; then the others are given back. When no token is
+    free (ours is not back yet, or another worker holds it while it looks for its own), everything is
+    given back and the search starts again after a random pause.
+    """
+    held: list[SlotLease] = []
+    try:
+        while not stop.is_set():
+            try:
+                lease = claim_slot(
+                    transport, run_id, timeout_s=2 * poll_s, max_bytes=max_bytes, poll_s=poll_s
+                )
+            except (NoFreeSlot, TransportError) as exc:
+                log.debug("slot %s: not free yet (%s)", device_id, exc)
+                while held:
+                    with contextlib.suppress(TransportError):
+                        held.pop().release()
+                stop.wait(random.uniform(poll_s, 3 * poll_s))
+                continue
+            if lease.device_id == device_id:
+                return lease
+            held.append(lease)
+        return None
+    finally:
+        for other in held:
+            with contextlib.suppress(TransportError):
+                other.release()
