@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000, help="rows for the accuracy check")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-foreign", type=float, default=0.25, help="retry a unit above this load")
-    parser.add_argument("--wait-budget-s", type=float, default=150.0, help="total wait for quiet windows")
+    parser.add_argument("--wait-budget-s", type=float, default=240.0, help="total wait for quiet windows")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -175,7 +175,12 @@ def main() -> None:
     quiet = QuietRunner(args.max_foreign, wait_budget_s=args.wait_budget_s)
     depths = [int(d) for d in args.depths.split(",")]
     timing = step_times(
-        runtime, rows(train, 16 * args.steps * (args.repeats + 1), seed=1), depths, args.steps, args.repeats
+        runtime,
+        rows(train, 16 * args.steps * (args.repeats + 1), seed=1),
+        depths,
+        args.steps,
+        args.repeats,
+        quiet,
     )
     accuracy = [] if args.skip_accuracy else accuracy_check(train, dev, args.rows, k=2)
     result = {

@@ -3,9 +3,9 @@
 Measures all-MiniLM-L6-v2 with realistic SST-2 batches (random training rows, dynamic padding,
 batch sizes 8/16/32) and torch threads 2:
 
-* embeddings forward and one frozen block forward (eval, ``no_grad``, as the prefix cache computes
-  them): ``time = embed_s * tokens`` and ``time = prefix_block_s * tokens`` (per block, averaged
-  over the 6 blocks);
+* embeddings forward and one frozen block forward (per token, averaged over the 6 blocks), both
+  as the prefix cache computes them (eval, ``no_grad``) and as an uncached training step runs them
+  (train mode: dropout on, autograd on but nothing below the LoRA requires grad);
 * cached training steps (``LoraTrainer``'s cached step: batch from the cache, blocks ``b..5``, head,
   loss, backward, AdamW) at depths ``k = 6 - b = 1..6``:
   ``time = tokens * (k * train_block_s + head_s) + step_s``.
@@ -17,8 +17,13 @@ process's own); the foreign load of every unit is recorded. Waiting stops after 
 
 Every fit is a least-squares fit of relative errors (each equation divided by its measured time)
 over the medians of many (depth, batch) cells. Uncached steps (the plain peft forward) are measured
-on the same batches only to check the model: predicted
+on the same batches to check the model: predicted
 ``tokens * (embed_s + b * prefix_block_s + k * train_block_s + head_s) + step_s`` vs measured.
+
+The cost model has one ``embed_s``/``prefix_block_s`` for both uses of the frozen prefix: a cache
+fill (eval, once per sample) and the uncached step (train mode, every step). ``--prefix-mode``
+picks which measurement is packaged (default ``train``: the prefix cost that recurs, so uncached
+step times are right; a cache fill is then over-estimated by the train/eval ratio, reported).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/calibrate.py
 
@@ -121,17 +126,26 @@ class ForeignLoad:
 
 class QuietRunner:
     """Runs measurement units when other processes are (nearly) idle, and retries a unit during which
-    they used more than ``max_foreign`` cores; waiting stops after ``wait_budget_s`` in all, after
-    which units run as they come (their foreign load is still recorded)."""
+    they used more than ``max_foreign`` cores; a unit waits at most ``unit_wait_s`` per attempt and
+    waiting stops after ``wait_budget_s`` in all, after which units run as they come (their foreign
+    load is still recorded)."""
 
-    def __init__(self, max_foreign: float = 0.25, attempts: int = 4, wait_budget_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        max_foreign: float = 0.25,
+        attempts: int = 4,
+        wait_budget_s: float = 180.0,
+        unit_wait_s: float = 20.0,
+    ) -> None:
         self.max_foreign = max_foreign
         self.attempts = attempts
         self.wait_left = wait_budget_s
+        self.unit_wait_s = unit_wait_s
         self.log: list[dict[str, object]] = []
 
     def _wait(self) -> None:
-        while self.wait_left > 0:
+        deadline = time.perf_counter() + self.unit_wait_s
+        while self.wait_left > 0 and time.perf_counter() < deadline:
             started = time.perf_counter()
             with ForeignLoad() as load:
                 time.sleep(0.5)
@@ -187,14 +201,71 @@ def make_batches(train: EncodedDataset, sizes: list[int], per_size: int, seed: i
     return batches
 
 
+def frozen_times(
+    parts: BertParts,
+    cache: PrefixCache,
+    model: torch.nn.Module,
+    batches: list[list[int]],
+    ids: list[torch.Tensor],
+) -> list[tuple[float, float, float, float]]:
+    """Per batch: embeddings and mean block forward, in eval/no_grad and in train mode/grad enabled."""
+    out = []
+    for b, input_ids in zip(batches, ids, strict=True):
+        row = []
+        for train in (False, True):
+            model.train(train)
+            with torch.set_grad_enabled(train):
+                t_embed = timed(parts.embed, input_ids)
+                hidden, am = cache.batch(0, b)
+                mask = parts.mask(hidden, am)
+                t_block = statistics.mean(timed(parts.blocks, hidden, mask, i, i + 1) for i in range(BLOCKS))
+            row += [t_embed, t_block]
+        out.append((row[0], row[1], row[2], row[3]))
+    model.eval()
+    return out
+
+
+def per_token(tokens: list[int], times: list[float]) -> float:
+    return float(relative_lstsq(np.array(tokens, dtype=float)[:, None], np.array(times))[0])
+
+
+def residuals(
+    cost: CostModel, tokens: list[int], med: dict[str, dict[int, list[float]]]
+) -> tuple[list[dict[str, object]], dict[str, float]]:
+    """Per depth and mode: mean predicted vs mean measured s/step, and the worst batch."""
+    rows, worst = [], {"cached": 0.0, "uncached": 0.0}
+    for k in range(1, BLOCKS + 1):
+        for mode in ("cached", "uncached"):
+            pred = [
+                cost.task_seconds(tokens=t, lowest_block=BLOCKS - k, steps=1, cached=mode == "cached")
+                for t in tokens
+            ]
+            meas = med[mode][k]
+            per_batch = max(abs(p / t - 1) for p, t in zip(pred, meas, strict=True))
+            worst[mode] = max(worst[mode], per_batch)
+            rows.append(
+                {
+                    "k": k,
+                    "lowest_block": BLOCKS - k,
+                    "mode": mode,
+                    "measured_s_per_step": sum(meas) / len(meas),
+                    "predicted_s_per_step": sum(pred) / len(pred),
+                    "relative_error": sum(pred) / sum(meas) - 1,
+                    "max_abs_relative_error_per_batch": per_batch,
+                }
+            )
+    return rows, worst
+
+
 def main() -> None:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,16,32", help="batch sizes")
     parser.add_argument("--per-size", type=int, default=3, help="batches per batch size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefix-mode", choices=("train", "eval"), default="train")
     parser.add_argument("--max-foreign", type=float, default=0.25, help="retry a unit above this load")
-    parser.add_argument("--wait-budget-s", type=float, default=150.0, help="total wait for quiet windows")
+    parser.add_argument("--wait-budget-s", type=float, default=240.0, help="total wait for quiet windows")
     parser.add_argument("--dry-run", action="store_true", help="do not overwrite the packaged cost model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -204,8 +275,7 @@ def main() -> None:  # noqa: C901
 
     tokenizer = load_tokenizer(MINILM)
     full = encode_dataset(tokenizer, load_split("sst2", None, "train"), MINILM.max_seq_len)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    index_batches = make_batches(full, sizes, args.per_size, seed=0)
+    index_batches = make_batches(full, [int(s) for s in args.sizes.split(",")], args.per_size, seed=0)
     used = sorted({i for b in index_batches for i in b})
     remap = {i: j for j, i in enumerate(used)}
     shard = EncodedDataset(
@@ -213,6 +283,8 @@ def main() -> None:  # noqa: C901
     )
     batches = [[remap[i] for i in b] for b in index_batches]
     tokens = [len(b) * max(len(shard.input_ids[i]) for i in b) for b in batches]
+    ids = [collate(shard, b)["input_ids"] for b in batches]
+    labels = [torch.tensor([shard.labels[i] for i in b], dtype=torch.long) for b in batches]
 
     runtime = AdapterRuntime(MINILM, num_labels=2, seed=0)
     specs = {k: spec_top(k) for k in range(1, BLOCKS + 1)}
@@ -221,50 +293,12 @@ def main() -> None:  # noqa: C901
     parts = BertParts.of(model)
     assert parts is not None
     cache = PrefixCache(shard, runtime.hidden_size)
-    model.eval()
     for b in range(BLOCKS):
         runtime.load(specs[BLOCKS - b], starts[BLOCKS - b])
         assert cache.ensure(parts, b, range(len(shard))) is not None
     optimizers = {
         k: torch.optim.AdamW(list(runtime.parameters(s).values()), lr=1e-3) for k, s in specs.items()
     }
-
-    # ---- frozen forward: embeddings and each block (eval, no_grad), as the cache computes them
-    runtime.load(specs[1], starts[1])
-    model.eval()
-    embed_raw: list[list[float]] = [[] for _ in batches]
-    block_raw: list[list[float]] = [[] for _ in batches]
-    inputs = [collate(shard, b) for b in batches]
-
-    @torch.no_grad()
-    def frozen_unit() -> list[tuple[float, float]]:
-        out = []
-        for j, batch in enumerate(inputs):
-            t_embed = timed(parts.embed, batch["input_ids"])
-            hidden, am = cache.batch(0, batches[j])
-            mask = parts.mask(hidden, am)
-            out.append(
-                (t_embed, statistics.mean(timed(parts.blocks, hidden, mask, i, i + 1) for i in range(6)))
-            )
-        return out
-
-    for rep in range(args.repeats + 1):
-        for j, (t_embed, t_block) in enumerate(quiet.run(f"frozen rep {rep}", frozen_unit)):
-            if rep:
-                embed_raw[j].append(t_embed)
-                block_raw[j].append(t_block)
-    embed_med = np.array([statistics.median(r) for r in embed_raw])
-    block_med = np.array([statistics.median(r) for r in block_raw])
-    tok = np.array(tokens, dtype=float)
-    embed_s = float(relative_lstsq(tok[:, None], embed_med)[0])
-    prefix_block_s = float(relative_lstsq(tok[:, None], block_med)[0])
-    print(f"embed_s {embed_s:.3e}, prefix_block_s {prefix_block_s:.3e}", file=sys.stderr)
-
-    # ---- training steps, cached and uncached, interleaved, on the same batches
-    raw: dict[str, dict[int, list[list[float]]]] = {
-        m: {k: [[] for _ in batches] for k in specs} for m in ("cached", "uncached")
-    }
-    labels = [torch.tensor([shard.labels[i] for i in b], dtype=torch.long) for b in batches]
 
     def train_unit(k: int) -> list[tuple[float, float]]:
         lowest = BLOCKS - k
@@ -279,75 +313,67 @@ def main() -> None:  # noqa: C901
             for j, b in enumerate(batches)
         ]
 
+    def frozen_unit() -> list[tuple[float, float, float, float]]:
+        runtime.load(specs[1], starts[1])
+        return frozen_times(parts, cache, model, batches, ids)
+
+    # ---- interleaved repeats: frozen forwards, then cached/uncached steps per depth (same batches)
+    frozen_raw: list[list[tuple[float, float, float, float]]] = [[] for _ in batches]
+    raw: dict[str, dict[int, list[list[float]]]] = {
+        m: {k: [[] for _ in batches] for k in specs} for m in ("cached", "uncached")
+    }
     for rep in range(args.repeats + 1):
+        for j, times in enumerate(quiet.run(f"frozen rep {rep}", frozen_unit)):
+            if rep:
+                frozen_raw[j].append(times)
         for k in specs:
             for j, (t_c, t_u) in enumerate(quiet.run(f"train rep {rep} k {k}", lambda k=k: train_unit(k))):
                 if rep:
                     raw["cached"][k][j].append(t_c)
                     raw["uncached"][k][j].append(t_u)
         print(f"repeat {rep} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
     med = {m: {k: [statistics.median(r) for r in rows] for k, rows in d.items()} for m, d in raw.items()}
+    frozen_med = {
+        name: [statistics.median(t[c] for t in runs) for runs in frozen_raw]
+        for c, name in enumerate(("embed_eval", "block_eval", "embed_train", "block_train"))
+    }
+    frozen = {name: per_token(tokens, times) for name, times in frozen_med.items()}
 
-    # ---- fit the gradient path from cached steps: tokens*k, tokens, 1
-    feats, times = [], []
-    for k in specs:
-        for j, t in enumerate(med["cached"][k]):
-            feats.append([tokens[j] * k, tokens[j], 1.0])
-            times.append(t)
-    coef = relative_lstsq(np.array(feats), np.array(times))
-    train_block_s, head_s, step_s = (float(c) for c in coef)
-    cost = CostModel(
-        name="minilm-cpu",
-        num_blocks=BLOCKS,
-        embed_s=embed_s,
-        prefix_block_s=prefix_block_s,
-        train_block_s=train_block_s,
-        head_s=head_s,
-        step_s=step_s,
-        source="",
-    )
+    # ---- the gradient path from cached steps: time = tokens*k*train_block_s + tokens*head_s + step_s
+    feats = [[tokens[j] * k, tokens[j], 1.0] for k in specs for j in range(len(batches))]
+    times = [med["cached"][k][j] for k in specs for j in range(len(batches))]
+    train_block_s, head_s, step_s = (float(c) for c in relative_lstsq(np.array(feats), np.array(times)))
 
-    # ---- residuals per depth and mode: summed predicted vs summed measured medians
-    residuals, worst = [], {"cached": 0.0, "uncached": 0.0}
-    for k in specs:
-        lowest = BLOCKS - k
-        for mode in ("cached", "uncached"):
-            cached = mode == "cached"
-            pred = [
-                cost.task_seconds(tokens=tokens[j], lowest_block=lowest, steps=1, cached=cached)
-                for j in range(len(batches))
-            ]
-            meas = med[mode][k]
-            per_batch = [p / t - 1 for p, t in zip(pred, meas, strict=True)]
-            worst[mode] = max(worst[mode], max(abs(e) for e in per_batch))
-            residuals.append(
-                {
-                    "k": k,
-                    "lowest_block": lowest,
-                    "mode": mode,
-                    "measured_s_per_step": sum(meas) / len(meas),
-                    "predicted_s_per_step": sum(pred) / len(pred),
-                    "relative_error": sum(pred) / sum(meas) - 1,
-                    "max_abs_relative_error_per_batch": max(abs(e) for e in per_batch),
-                }
-            )
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/calibrate.py " + " ".join(sys.argv[1:])
-    when = time.strftime("%Y-%m-%d")
-    cost = CostModel(
-        **{
-            **cost.__dict__,
-            "source": (
-                f"benchmarks/calibrate.py on this host, {when}, torch {torch.__version__} CPU, "
-                f"{args.threads} threads, SST-2 batches {args.sizes} dynamic padding "
-                f"(mean {statistics.mean(tokens):.0f} tokens/step); relative least squares over "
-                f"(depth, batch) medians of {args.repeats} repeats in quiet windows; "
-                f"see benchmarks/results/calibration.json; command: {command.strip()}"
-            ),
-        }
+    def model_with(mode: str, source: str = "") -> CostModel:
+        return CostModel(
+            name="minilm-cpu",
+            num_blocks=BLOCKS,
+            embed_s=frozen[f"embed_{mode}"],
+            prefix_block_s=frozen[f"block_{mode}"],
+            train_block_s=train_block_s,
+            head_s=head_s,
+            step_s=step_s,
+            source=source,
+        )
+
+    command = ("HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/calibrate.py " + " ".join(sys.argv[1:])).strip()
+    cost = model_with(
+        args.prefix_mode,
+        f"benchmarks/calibrate.py on this host, {time.strftime('%Y-%m-%d')}, torch {torch.__version__} CPU, "
+        f"{args.threads} threads, SST-2 batches {args.sizes} with dynamic padding "
+        f"(mean {statistics.mean(tokens):.0f} tokens/step); gradient path: relative least squares over "
+        f"(depth 1-6, batch) medians of {args.repeats} cached-step repeats in quiet windows; embed/prefix: "
+        f"frozen forwards in {args.prefix_mode} mode; eval-mode prefix (cache fill) is "
+        f"{frozen['block_eval'] / frozen['block_train']:.2f}x the train-mode one; residuals in "
+        f"benchmarks/results/calibration.json; command: {command}",
     )
+    rows, worst = residuals(cost, tokens, med)
+    other = "eval" if args.prefix_mode == "train" else "train"
+    other_rows, other_worst = residuals(model_with(other), tokens, med)
     wall = time.perf_counter() - started
     result = {
-        "command": command.strip(),
+        "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "torch": torch.__version__,
         "threads": args.threads,
@@ -359,34 +385,37 @@ def main() -> None:  # noqa: C901
         "foreign_load_per_unit": quiet.log,
         "batches": [{"size": len(b), "tokens": t} for b, t in zip(batches, tokens, strict=True)],
         "raw_medians": {
-            "embed_forward_s": embed_med.tolist(),
-            "block_forward_s_mean_over_blocks": block_med.tolist(),
+            **{f"{name}_s": v for name, v in frozen_med.items()},
             "cached_step_s": {str(k): v for k, v in med["cached"].items()},
             "uncached_step_s": {str(k): v for k, v in med["uncached"].items()},
         },
         "raw_minimums": {
-            "embed_forward_s": [min(r) for r in embed_raw],
-            "block_forward_s_mean_over_blocks": [min(r) for r in block_raw],
             "cached_step_s": {str(k): [min(r) for r in v] for k, v in raw["cached"].items()},
             "uncached_step_s": {str(k): [min(r) for r in v] for k, v in raw["uncached"].items()},
         },
+        "frozen_per_token_s": frozen,
+        "prefix_mode": args.prefix_mode,
         "fit": cost.__dict__,
-        "residuals": residuals,
+        "residuals": rows,
         "worst_batch_relative_error": worst,
+        f"residuals_with_{other}_mode_prefix": other_rows,
+        f"worst_batch_relative_error_with_{other}_mode_prefix": other_worst,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not args.dry_run:
         cost.save(COSTMODEL)
     print(json.dumps(cost.__dict__, indent=2))
-    print("| k | lowest | mode | measured s/step | predicted s/step | error |")
-    print("|---|---|---|---|---|---|")
-    for r in residuals:
+    print("frozen per token: " + ", ".join(f"{k} {v:.3e}" for k, v in frozen.items()))
+    print(f"| k | lowest | mode | measured s/step | predicted s/step | error | error ({other}-mode prefix) |")
+    print("|---|---|---|---|---|---|---|")
+    for r, o in zip(rows, other_rows, strict=True):
         print(
             f"| {r['k']} | {r['lowest_block']} | {r['mode']} | {r['measured_s_per_step']:.4f} | "
-            f"{r['predicted_s_per_step']:.4f} | {100 * r['relative_error']:+.1f}% |"
+            f"{r['predicted_s_per_step']:.4f} | {100 * r['relative_error']:+.1f}% | "
+            f"{100 * o['relative_error']:+.1f}% |"
         )
-    print(f"wall {wall:.0f} s")
+    print(f"wall {wall:.0f} s; foreign load {quiet.summary()}")
 
 
 if __name__ == "__main__":
