@@ -92,9 +92,7 @@ class SlotLease:
             log.warning("slot %s: lease connection was lost; claiming the slot again", self.device_id)
             with contextlib.suppress(TransportError):
                 self.subscription.close()  # gives back the token it was handed
-            lease = reclaim_slot(
-                transport, run_id, self.device_id, self._stop, poll_s=poll_s, max_bytes=max_bytes
-            )
+            lease = reclaim_slot(transport, run_id, self.device_id, self._stop, max_bytes=max_bytes)
             if lease is None:
                 return  # stopped meanwhile
             with self._lock:
@@ -151,7 +149,8 @@ def reclaim_slot(
     device_id: str,
     stop: threading.Event,
     *,
-    poll_s: float = 1.0,
+    probe_s: float = 1.0,
+    backoff_s: float = 2.0,
     max_bytes: int = 1 << 20,
 ) -> SlotLease | None:
     """Hold ``device_id``'s token again; None if ``stop`` is set first.
@@ -166,15 +165,14 @@ def reclaim_slot(
     try:
         while not stop.is_set():
             try:
-                lease = claim_slot(
-                    transport, run_id, timeout_s=2 * poll_s, max_bytes=max_bytes, poll_s=poll_s
-                )
+                # a free token arrives within milliseconds: wait briefly, others may need what we hold
+                lease = claim_slot(transport, run_id, timeout_s=probe_s, max_bytes=max_bytes, poll_s=0.1)
             except (NoFreeSlot, TransportError) as exc:
                 log.debug("slot %s: not free yet (%s)", device_id, exc)
                 while held:
                     with contextlib.suppress(TransportError):
                         held.pop().release()
-                stop.wait(random.uniform(poll_s, 3 * poll_s))
+                stop.wait(random.uniform(0.1, 1.0) * backoff_s)
                 continue
             if lease.device_id == device_id:
                 return lease
