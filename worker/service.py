@@ -154,10 +154,17 @@ class WorkerService:
     def run_forever(
         self, stop: threading.Event | None = None, *, poll_s: float = 0.5, heartbeat_s: float = 5.0
     ) -> None:
-        """Loop until the run finishes or ``stop`` is set, with heartbeats from a side thread."""
+        """Loop until the run finishes or ``stop`` is set, with heartbeats from a side thread.
+
+        ``stop`` is only read: services sharing one event (threads in one process) keep running when
+        this worker finishes. The heartbeat thread has its own event, set when the loop ends."""
         stop = stop or threading.Event()
+        beating = threading.Event()
         beat = threading.Thread(
-            target=self._beat, args=(stop, heartbeat_s), daemon=True, name=f"heartbeat-{self.device_id}"
+            target=self._beat,
+            args=(stop, beating, heartbeat_s),
+            daemon=True,
+            name=f"heartbeat-{self.device_id}",
         )
         beat.start()
         try:
@@ -172,11 +179,11 @@ class WorkerService:
                     self._subscription = None
                     stop.wait(1.0)
         finally:
-            stop.set()
+            beating.set()
             beat.join(timeout=5)
 
-    def _beat(self, stop: threading.Event, every_s: float) -> None:
-        while not stop.wait(every_s):
+    def _beat(self, stop: threading.Event, done: threading.Event, every_s: float) -> None:
+        while not done.wait(every_s) and not stop.is_set():
             try:
                 self.heartbeat()
             except TransportError as exc:

@@ -7,9 +7,12 @@ import time
 
 import numpy as np
 
+from lorafleet import topology
+from lorafleet.messaging import publish_message
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from orchestrator.planning import global_spec
+from schemas.messages import RunFinished
 from schemas.tensors import tensors_from_bytes
 from tests.pipeline.helpers import NUM_BLOCKS, build_pipeline, expected_global, make_config
 
@@ -55,3 +58,28 @@ def test_a_vanished_device_is_dropped_within_its_lease_and_rounds_close_without_
     got = tensors_from_bytes(stored[1])
     for key, value in expected.items():
         np.testing.assert_allclose(got[key].numpy(), value, rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_a_worker_that_finishes_leaves_the_shared_stop_event_to_the_other_services(run_id: str) -> None:
+    # Given a worker whose queue holds the end of the run, and a stop event shared with other services
+    config = make_config(run_id, devices=1, rounds=1)
+    broker = InMemoryBroker()
+    pipeline = build_pipeline(
+        config, [InMemoryTransport(broker) for _ in range(3)], InMemoryStateStore(), deltas=[0.1], samples=[5]
+    )
+    worker = pipeline.workers[0]
+    pipeline.orchestrator.step(1.0)  # registers the device: its task queue exists
+    finished = RunFinished(run_id=run_id, reason="max_rounds", rounds_completed=0, final_accuracy=None)
+    publish_message(pipeline.orchestrator.transport, topology.TASKS_EXCHANGE, worker.device_id, finished)
+    stop = threading.Event()
+    # When the worker reads it and its loop ends
+    thread = threading.Thread(
+        target=worker.run_forever, args=(stop,), kwargs={"poll_s": 0.05, "heartbeat_s": 0.05}
+    )
+    thread.start()
+    thread.join(timeout=30)
+    ended, stopped_by_worker = not thread.is_alive(), stop.is_set()
+    stop.set()
+    # Then it is finished, and the event that stops the others was not set by it
+    assert ended and worker.finished
+    assert not stopped_by_worker
