@@ -24,9 +24,11 @@ eval mode once), and the padded positions of the cached states are zeros instead
 values at pad tokens; attention masks those keys, so the outputs at real tokens are the same. In
 eval mode the logits equal the plain forward up to float rounding.
 
-The split forward uses the BERT internals of transformers 5.x (``bert.embeddings``,
-``bert.encoder.layer[i](h, mask)``, ``bert._create_attention_masks``, ``bert.pooler``, ``dropout``,
-``classifier``); models without them are trained without the cache (:meth:`BertParts.of` gives None).
+The split forward uses the BERT modules of transformers 5.x (``bert.embeddings``,
+``bert.encoder.layer[i](h, mask)``, ``bert.pooler``, ``dropout``, ``classifier``) and the public
+mask builder ``transformers.masking_utils.create_bidirectional_mask`` (not the model's private
+``_create_attention_masks``, whose signature changed within 5.x); models without these parts are
+trained without the cache (:meth:`BertParts.of` gives None).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
 from torch.nn.utils.rnn import pad_sequence
+from transformers.masking_utils import create_bidirectional_mask
 
 from lorafleet.data import EncodedDataset
 
@@ -84,7 +87,6 @@ class BertParts:
             bert is None
             or not isinstance(layers, nn.ModuleList)
             or pooler is None
-            or not hasattr(bert, "_create_attention_masks")
             or not hasattr(bert, "embeddings")
             or not isinstance(getattr(base, "dropout", None), nn.Module)
             or not isinstance(getattr(base, "classifier", None), nn.Module)
@@ -101,14 +103,12 @@ class BertParts:
         return len(self.layers)
 
     def mask(self, hidden: Tensor, attention_mask: Tensor) -> Tensor | None:
-        """The attention mask the blocks take (as the model builds it) for a padded batch."""
-        mask: Tensor | None = self.bert._create_attention_masks(  # type: ignore[operator]
-            attention_mask=attention_mask,
-            encoder_attention_mask=None,
-            embedding_output=hidden,
-            encoder_hidden_states=None,
-            past_key_values=None,
-        )[0]
+        """The attention mask the blocks take for a padded batch, built as an encoder-only BERT builds
+        it (``transformers.masking_utils.create_bidirectional_mask``, whose form follows the model's
+        attention implementation)."""
+        mask: Tensor | None = create_bidirectional_mask(
+            config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
         return mask
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -186,8 +186,8 @@ class PrefixCache:
 
         The prefix runs in eval mode (the mode of ``parts.bert`` is restored after); the caller has
         the task's adapter active, whose LoRA is at or above ``boundary``, so the prefix is the frozen
-        base model. Returns None, computing nothing, when
-        the boundary cannot fit in ``max_bytes`` even with every other boundary evicted.
+        base model. Returns None, computing nothing, when the boundary cannot fit in ``max_bytes``
+        even with every other boundary evicted.
         """
         if not 0 <= boundary < parts.num_blocks:
             raise ValueError(f"boundary {boundary} outside 0..{parts.num_blocks - 1}")
@@ -252,8 +252,8 @@ class PrefixCache:
         else:
             hidden, attention = self.batch(source, rows)
             level, embed = source, 0
-        if level < boundary:
-            self._keep(out, level, rows, lengths, hidden)
+        if source < 0 and boundary > 0:
+            self._keep(out, 0, rows, lengths, hidden)
         mask = parts.mask(hidden, attention)
         tokens = hidden.shape[0] * hidden.shape[1]
         for b in range(level, boundary):
