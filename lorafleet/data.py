@@ -1,4 +1,4 @@
-"""Datasets, their IID split among devices, and tokenised batches.
+"""Datasets, their split among devices (lorafleet/partition.py), and tokenised batches.
 
 Datasets live under a data directory (``<data_dir>/sst2/{train,dev}.tsv``,
 ``<data_dir>/20newsgroups/{train,test}.jsonl.gz``); ``synthetic`` is generated in code (no files).
@@ -20,6 +20,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from lorafleet.partition import (
+    partition_classes,
+    partition_dirichlet,
+    partition_iid,
+    partition_quantity,
+)
 from schemas.config import RunConfig
 
 if TYPE_CHECKING:
@@ -240,34 +246,25 @@ def synthetic_rows(n: int, seed: int) -> tuple[list[str], list[int]]:
 # --------------------------------------------------------------------------- partitioning
 
 
-def partition_iid(n_items: int, n_devices: int, per_device: int | None, seed: int) -> list[list[int]]:
-    """Disjoint random shards of ``range(n_items)``, one per device, deterministic given ``seed``.
-
-    ``per_device`` items each, or (``None``) all items split evenly (sizes differ by at most one).
+def partition_rows(train: TextDataset, cfg: RunConfig) -> list[list[int]]:
+    """Row indices of every device slot's shard under ``cfg.data`` (partition, alpha, classes), seeded
+    by ``cfg.seed``.
 
     Raises:
-        ValueError: ``n_devices < 1``, ``per_device < 1``, or not enough items.
+        ValueError: not enough rows, or a skew the data cannot give.
     """
-    if n_devices < 1:
-        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-    if per_device is not None and per_device < 1:
-        raise ValueError(f"per_device must be >= 1, got {per_device}")
-    needed = n_devices * (per_device if per_device is not None else 1)
-    if n_items < needed:
-        raise ValueError(
-            f"not enough items: {n_devices} devices x {per_device or 1} need {needed}, have {n_items}"
-        )
-    order = list(range(n_items))
-    random.Random(seed).shuffle(order)
-    if per_device is not None:
-        return [order[d * per_device : (d + 1) * per_device] for d in range(n_devices)]
-    base, extra = divmod(n_items, n_devices)
-    bounds = [d * base + min(d, extra) for d in range(n_devices + 1)]
-    return [order[bounds[d] : bounds[d + 1]] for d in range(n_devices)]
+    data, n, seed = cfg.data, cfg.devices.count, cfg.seed
+    if data.partition == "dirichlet":
+        return partition_dirichlet(train.labels, n, data.alpha, data.samples_per_device, seed)
+    if data.partition == "classes":
+        return partition_classes(train.labels, n, data.classes_per_device, data.samples_per_device, seed)
+    if data.partition == "quantity":
+        return partition_quantity(len(train), n, data.alpha, data.samples_per_device, seed)
+    return partition_iid(len(train), n, data.samples_per_device, seed)
 
 
 def device_shard(cfg: RunConfig, device_index: int) -> TextDataset:
-    """The training rows of device slot ``device_index`` under ``cfg`` (IID, seeded by ``cfg.seed``).
+    """The training rows of device slot ``device_index`` under ``cfg`` (partitioned as ``cfg.data`` says).
 
     Raises:
         ValueError: ``device_index`` out of range or not enough rows; DataError: missing files.
@@ -275,8 +272,7 @@ def device_shard(cfg: RunConfig, device_index: int) -> TextDataset:
     if not 0 <= device_index < cfg.devices.count:
         raise ValueError(f"device index {device_index} out of range 0..{cfg.devices.count - 1}")
     train = load_split(cfg.data.dataset, cfg.data.data_dir, "train")
-    shards = partition_iid(len(train), cfg.devices.count, cfg.data.samples_per_device, cfg.seed)
-    return train.subset(shards[device_index])
+    return train.subset(partition_rows(train, cfg)[device_index])
 
 
 def eval_set(cfg: RunConfig) -> TextDataset:

@@ -6,7 +6,6 @@ The only place that knows how URLs map to adapters and how a device slot maps to
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ from lorafleet.data import (
     eval_set,
     load_split,
     num_labels,
-    partition_iid,
+    partition_rows,
 )
 from lorafleet.devices import DeviceEmulator
 from lorafleet.model import AdapterRuntime, load_tokenizer
+from lorafleet.partition import label_histogram as histogram
 from lorafleet.progress import RunReporter
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
@@ -79,7 +79,7 @@ class Shards:
     @classmethod
     def load(cls, config: RunConfig) -> Shards:
         train = load_split(config.data.dataset, config.data.data_dir, "train")
-        indices = partition_iid(len(train), config.devices.count, config.data.samples_per_device, config.seed)
+        indices = partition_rows(train, config)
         return cls(train, indices)
 
     def shard(self, index: int) -> TextDataset:
@@ -87,8 +87,7 @@ class Shards:
 
 
 def label_histogram(ds: TextDataset) -> list[int]:
-    counts = Counter(ds.labels)
-    return [counts.get(c, 0) for c in range(ds.num_labels)]
+    return histogram(ds.labels, ds.num_labels)
 
 
 class RuntimeEvaluator:

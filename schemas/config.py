@@ -50,7 +50,11 @@ class DataConfig(_Section):
     )
     samples_per_device: Annotated[int, Field(ge=1)] | None = 250
     eval_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole dev/test split
-    partition: Literal["iid"] = "iid"
+    # how rows are split among devices (lorafleet/partition.py): iid; dirichlet label skew with
+    # concentration `alpha`; `classes_per_device` classes each; quantity skew (sizes ~ Dir(alpha))
+    partition: Literal["iid", "dirichlet", "classes", "quantity"] = "iid"
+    alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
+    classes_per_device: Annotated[int, Field(ge=1, le=100_000)] = 2
 
 
 class LoraConfigSection(_Section):
