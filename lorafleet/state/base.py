@@ -16,6 +16,15 @@ The round protocol:
    so a crash between closing and aggregating loses nothing.
 
 Times are integer milliseconds passed in by the caller (services share one clock seam).
+
+Hierarchical runs (HierFedLoRA-style groups) add a *global round* above the rounds: the orchestrator
+``open_global_round``s it with each group's target number of intra-group aggregations; every
+intra-group round is an ordinary round as above. After aggregating one, the aggregator
+``record_group_aggregation``s it: counted once per round, atomically with the check whether every
+group has reached its target, which makes the global round *ready* exactly once and puts it in
+``pending_global_aggregations`` until ``mark_global_aggregated`` (which counts the global
+aggregation, once). ``set_group_target`` changes a target during the global round (a replan); it
+never goes below the group's count, and it can make the round ready too.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from typing import Any, Literal, Protocol
 RecordOutcome = Literal["counted", "duplicate", "late", "unknown_task", "wrong_device"]
 RoundStatus = Literal["open", "closed", "aggregated"]
 CloseReason = Literal["quorum", "deadline"]
+
+
+GlobalRoundStatus = Literal["open", "ready", "aggregated"]
 
 
 class StateStoreError(Exception):
@@ -52,6 +64,25 @@ class RoundInfo:
     closed_ms: int | None
     close_reason: CloseReason | None
     global_version: int | None
+
+
+@dataclass(frozen=True)
+class GroupProgress:
+    global_round: int
+    group: int
+    count: int  # intra-group aggregations counted in this global round
+    target: int  # the group's target frequency
+    counted: bool  # this call counted the round (False: counted before, or an unknown group/round)
+    ready_now: bool  # this call made the global round ready
+
+
+@dataclass(frozen=True)
+class GlobalRoundInfo:
+    run_id: str
+    global_round: int
+    status: GlobalRoundStatus
+    targets: dict[int, int]  # group -> target frequency
+    counts: dict[int, int]  # group -> intra-group aggregations counted
 
 
 class StateStore(Protocol):
@@ -120,6 +151,47 @@ class StateStore(Protocol):
     def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:
         """Mark a closed round aggregated; True the first time (idempotent)."""
         ...
+
+    # -- hierarchy (global rounds over groups) ------------------------------------------------------
+    def open_global_round(self, run_id: str, global_round: int, targets: dict[int, int]) -> bool:
+        """Open a global round with each group's target frequency (idempotent: False if opened before).
+
+        Raises:
+            ValueError: no groups, or a target below 1.
+        """
+        ...
+
+    def record_group_aggregation(
+        self, run_id: str, global_round: int, group: int, round_no: int
+    ) -> GroupProgress:
+        """Count intra-group round ``round_no`` of ``group`` once, and make the global round ready when
+        every group has reached its target (exactly once over the global round's life)."""
+        ...
+
+    def set_group_target(self, run_id: str, global_round: int, group: int, target: int) -> GroupProgress:
+        """Change an open global round's target for ``group`` (never below its count; may make the
+        round ready); no effect on a round that is ready or aggregated."""
+        ...
+
+    def get_global_round(self, run_id: str, global_round: int) -> GlobalRoundInfo | None: ...
+    def list_global_rounds(self, run_id: str) -> list[int]: ...
+    def pending_global_aggregations(self, run_id: str) -> list[int]:
+        """Ready global rounds not yet aggregated, ascending."""
+        ...
+
+    def mark_global_aggregated(self, run_id: str, global_round: int) -> bool:
+        """Mark a ready global round aggregated and count it; True the first time (idempotent)."""
+        ...
+
+    def global_aggregations(self, run_id: str) -> int:
+        """How many global rounds were aggregated."""
+        ...
+
+    def put_group_adapter(self, run_id: str, group: int, version: int, data: bytes) -> None:
+        """Store a group's adapter unless a newer version of it is stored."""
+        ...
+
+    def get_group_adapter(self, run_id: str, group: int) -> tuple[int, bytes] | None: ...
 
     # -- global adapter -----------------------------------------------------------------------------
     def put_global_adapter(self, run_id: str, version: int, data: bytes) -> None:

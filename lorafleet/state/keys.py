@@ -64,6 +64,31 @@ def global_adapter(run_id: str) -> str:
     return f"{_run(run_id)}:global"
 
 
+def global_round_state(run_id: str, global_round: int) -> str:
+    """HASH status, target:<group>, count:<group>, counted:<round> (nonce), ready_by, aggregated_by."""
+    return f"{_run(run_id)}:global:{global_round}:state"
+
+
+def global_rounds_index(run_id: str) -> str:
+    """ZSET global round -> global round number (every global round ever opened)."""
+    return f"{_run(run_id)}:global:index"
+
+
+def pending_global(run_id: str) -> str:
+    """ZSET global round -> number of global rounds ready but not yet aggregated (the outbox)."""
+    return f"{_run(run_id)}:global:pending"
+
+
+def hierarchy(run_id: str) -> str:
+    """HASH global_count: global aggregations done."""
+    return f"{_run(run_id)}:hierarchy"
+
+
+def group_adapter(run_id: str, group: int) -> str:
+    """HASH version, data: a group's latest adapter."""
+    return f"{_run(run_id)}:group:{group}:adapter"
+
+
 def round_metrics(run_id: str) -> str:
     """HASH round -> JSON metrics of that round."""
     return f"{_run(run_id)}:metrics"

@@ -11,7 +11,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet.state.base import CloseReason, RecordOutcome, RecordResult, RoundInfo, RoundStatus
+from lorafleet.state.base import (
+    CloseReason,
+    GlobalRoundInfo,
+    GlobalRoundStatus,
+    GroupProgress,
+    RecordOutcome,
+    RecordResult,
+    RoundInfo,
+    RoundStatus,
+)
 
 
 @dataclass
@@ -29,6 +38,14 @@ class _Round:
 
 
 @dataclass
+class _GlobalRound:
+    targets: dict[int, int]
+    counts: dict[int, int]
+    counted: set[int] = field(default_factory=set)
+    status: GlobalRoundStatus = "open"
+
+
+@dataclass
 class _Run:
     fields: dict[str, str] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
@@ -37,6 +54,9 @@ class _Run:
     global_adapter: tuple[int, bytes] | None = None
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    global_rounds: dict[int, _GlobalRound] = field(default_factory=dict)
+    global_count: int = 0
+    group_adapters: dict[int, tuple[int, bytes]] = field(default_factory=dict)
 
 
 class InMemoryStateStore:
@@ -185,6 +205,93 @@ class InMemoryStateStore:
             rnd.status = "aggregated"
             rnd.global_version = int(global_version)
             return True
+
+    # -- hierarchy ----------------------------------------------------------------------------------
+    def open_global_round(self, run_id: str, global_round: int, targets: dict[int, int]) -> bool:
+        if not targets or any(t < 1 for t in targets.values()):
+            raise ValueError(f"a global round needs groups with targets >= 1, got {targets}")
+        with self._lock:
+            rounds = self._run(run_id).global_rounds
+            if global_round in rounds:
+                return False
+            rounds[global_round] = _GlobalRound(
+                {int(g): int(t) for g, t in targets.items()}, dict.fromkeys(map(int, targets), 0)
+            )
+            return True
+
+    def _progress(
+        self, run: _Run, global_round: int, group: int, *, counted: bool, was_open: bool
+    ) -> GroupProgress:
+        gr = run.global_rounds[global_round]
+        ready_now = False
+        if was_open and gr.status == "open" and all(gr.counts[g] >= t for g, t in gr.targets.items()):
+            gr.status = "ready"
+            ready_now = True
+        return GroupProgress(global_round, group, gr.counts[group], gr.targets[group], counted, ready_now)
+
+    def record_group_aggregation(
+        self, run_id: str, global_round: int, group: int, round_no: int
+    ) -> GroupProgress:
+        with self._lock:
+            run = self._run(run_id)
+            gr = run.global_rounds.get(global_round)
+            if gr is None or group not in gr.targets:
+                return GroupProgress(global_round, group, 0, 0, False, False)
+            counted = round_no not in gr.counted
+            if counted:
+                gr.counted.add(round_no)
+                gr.counts[group] += 1
+            return self._progress(run, global_round, group, counted=counted, was_open=True)
+
+    def set_group_target(self, run_id: str, global_round: int, group: int, target: int) -> GroupProgress:
+        with self._lock:
+            run = self._run(run_id)
+            gr = run.global_rounds.get(global_round)
+            if gr is None or group not in gr.targets:
+                return GroupProgress(global_round, group, 0, 0, False, False)
+            if gr.status == "open":
+                gr.targets[group] = max(int(target), gr.counts[group], 1)
+            return self._progress(run, global_round, group, counted=False, was_open=True)
+
+    def get_global_round(self, run_id: str, global_round: int) -> GlobalRoundInfo | None:
+        with self._lock:
+            gr = self._run(run_id).global_rounds.get(global_round)
+            if gr is None:
+                return None
+            return GlobalRoundInfo(run_id, global_round, gr.status, dict(gr.targets), dict(gr.counts))
+
+    def list_global_rounds(self, run_id: str) -> list[int]:
+        with self._lock:
+            return sorted(self._run(run_id).global_rounds)
+
+    def pending_global_aggregations(self, run_id: str) -> list[int]:
+        with self._lock:
+            return sorted(h for h, gr in self._run(run_id).global_rounds.items() if gr.status == "ready")
+
+    def mark_global_aggregated(self, run_id: str, global_round: int) -> bool:
+        with self._lock:
+            run = self._run(run_id)
+            gr = run.global_rounds.get(global_round)
+            if gr is None or gr.status != "ready":
+                return False
+            gr.status = "aggregated"
+            run.global_count += 1
+            return True
+
+    def global_aggregations(self, run_id: str) -> int:
+        with self._lock:
+            return self._run(run_id).global_count
+
+    def put_group_adapter(self, run_id: str, group: int, version: int, data: bytes) -> None:
+        with self._lock:
+            adapters = self._run(run_id).group_adapters
+            current = adapters.get(group)
+            if current is None or current[0] <= version:
+                adapters[group] = (int(version), bytes(data))
+
+    def get_group_adapter(self, run_id: str, group: int) -> tuple[int, bytes] | None:
+        with self._lock:
+            return self._run(run_id).group_adapters.get(group)
 
     # -- global adapter -----------------------------------------------------------------------------
     def put_global_adapter(self, run_id: str, version: int, data: bytes) -> None:

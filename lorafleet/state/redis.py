@@ -33,6 +33,9 @@ from redis.retry import Retry
 from lorafleet.state import keys
 from lorafleet.state.base import (
     CloseReason,
+    GlobalRoundInfo,
+    GlobalRoundStatus,
+    GroupProgress,
     RecordOutcome,
     RecordResult,
     RoundInfo,
@@ -156,7 +159,7 @@ if st[1] == 'aggregated' and st[2] == ARGV[3] then return 1 end  -- replay of th
 return 0
 """
 
-# KEYS: global adapter hash   ARGV: version, data
+# KEYS: global (or a group's) adapter hash   ARGV: version, data
 _PUT_GLOBAL = """
 local current = redis.call('HGET', KEYS[1], 'version')
 if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
@@ -170,6 +173,101 @@ local current = redis.call('HGET', KEYS[1], ARGV[1])
 if (current or '') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
+"""
+
+# Shared Lua helpers of the hierarchy scripts: is every group of a global round at its target, and
+# make the round ready (once; a replay with the same nonce sees its own readiness again).
+_LUA_READY = """
+local function all_reached(key)
+  local flat = redis.call('HGETALL', key)
+  local targets, counts = {}, {}
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if string.sub(f, 1, 7) == 'target:' then targets[string.sub(f, 8)] = tonumber(v)
+    elseif string.sub(f, 1, 6) == 'count:' then counts[string.sub(f, 7)] = tonumber(v) end
+  end
+  for g, t in pairs(targets) do
+    if (counts[g] or 0) < t then return false end
+  end
+  return true
+end
+local function maybe_ready(key, pending, h, nonce)
+  if redis.call('HGET', key, 'status') == 'open' and all_reached(key) then
+    redis.call('HSET', key, 'status', 'ready', 'ready_by', nonce)
+    redis.call('ZADD', pending, h, h)
+    return 1
+  end
+  if redis.call('HGET', key, 'ready_by') == nonce then return 1 end
+  return 0
+end
+"""
+
+# KEYS: global round state, global rounds index   ARGV: global round, nonce, group/target pairs...
+_OPEN_GLOBAL = """
+local opened_by = redis.call('HGET', KEYS[1], 'opened_by')
+if opened_by then
+  if opened_by == ARGV[2] then return 1 end
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'open', 'opened_by', ARGV[2])
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], 'target:' .. ARGV[i], ARGV[i + 1], 'count:' .. ARGV[i], 0)
+end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[1])
+return 1
+"""
+
+# KEYS: global round state, pending global   ARGV: global round, group, round, nonce
+# Returns {counted, count, target, ready_now}; {0, 0, 0, 0} for an unknown global round or group.
+_RECORD_GROUP = (
+    _LUA_READY
+    + """
+local g = ARGV[2]
+local st = redis.call('HMGET', KEYS[1], 'status', 'target:' .. g)
+if not st[1] or not st[2] then return {0, 0, 0, 0} end
+local memo = redis.call('HGET', KEYS[1], 'counted:' .. ARGV[3])
+local counted = 0
+if not memo then
+  redis.call('HSET', KEYS[1], 'counted:' .. ARGV[3], ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'count:' .. g, 1)
+  counted = 1
+elseif memo == ARGV[4] then
+  counted = 1  -- replay of this very call
+end
+local ready = maybe_ready(KEYS[1], KEYS[2], ARGV[1], ARGV[4])
+local now = redis.call('HMGET', KEYS[1], 'count:' .. g, 'target:' .. g)
+return {counted, tonumber(now[1]), tonumber(now[2]), ready}
+"""
+)
+
+# KEYS: global round state, pending global   ARGV: global round, group, target, nonce
+_SET_TARGET = (
+    _LUA_READY
+    + """
+local g = ARGV[2]
+local st = redis.call('HMGET', KEYS[1], 'status', 'target:' .. g, 'count:' .. g)
+if not st[1] or not st[2] then return {0, 0, 0, 0} end
+if st[1] == 'open' then
+  redis.call('HSET', KEYS[1], 'target:' .. g, math.max(tonumber(ARGV[3]), tonumber(st[3]), 1))
+end
+local ready = maybe_ready(KEYS[1], KEYS[2], ARGV[1], ARGV[4])
+local now = redis.call('HMGET', KEYS[1], 'count:' .. g, 'target:' .. g)
+return {0, tonumber(now[1]), tonumber(now[2]), ready}
+"""
+)
+
+# KEYS: global round state, pending global, hierarchy   ARGV: global round, nonce
+_MARK_GLOBAL = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'aggregated_by')
+if st[1] == 'ready' then
+  redis.call('HSET', KEYS[1], 'status', 'aggregated', 'aggregated_by', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], 'global_count', 1)
+  return 1
+end
+if st[1] == 'aggregated' and st[2] == ARGV[2] then return 1 end  -- replay of this very call
+return 0
 """
 
 _ROUND_FIELDS = ("status", "quorum", "deadline_ms", "opened_ms", "reported", "closed_ms", "close_reason",
@@ -258,6 +356,10 @@ class RedisStateStore:
         self._mark_aggregated = client.register_script(_MARK_AGGREGATED)
         self._put_global = client.register_script(_PUT_GLOBAL)
         self._cas_field = client.register_script(_CAS_FIELD)
+        self._open_global = client.register_script(_OPEN_GLOBAL)
+        self._record_group = client.register_script(_RECORD_GROUP)
+        self._set_target = client.register_script(_SET_TARGET)
+        self._mark_global = client.register_script(_MARK_GLOBAL)
 
     # -- run ----------------------------------------------------------------------------------------
     @_translated
@@ -419,6 +521,93 @@ class RedisStateStore:
             args=[round_no, int(global_version), nonce],
         )
         return bool(done)
+
+    # -- hierarchy ----------------------------------------------------------------------------------
+    @_translated
+    def open_global_round(self, run_id: str, global_round: int, targets: dict[int, int]) -> bool:
+        if not targets or any(t < 1 for t in targets.values()):
+            raise ValueError(f"a global round needs groups with targets >= 1, got {targets}")
+        pairs = [str(v) for g, t in sorted(targets.items()) for v in (int(g), int(t))]
+        opened = self._open_global(
+            keys=[keys.global_round_state(run_id, global_round), keys.global_rounds_index(run_id)],
+            args=[int(global_round), _nonce(), *pairs],
+        )
+        return bool(opened)
+
+    @_translated
+    def record_group_aggregation(
+        self, run_id: str, global_round: int, group: int, round_no: int
+    ) -> GroupProgress:
+        return self._record_group_with(run_id, global_round, group, round_no, _nonce())
+
+    def _record_group_with(
+        self, run_id: str, global_round: int, group: int, round_no: int, nonce: str
+    ) -> GroupProgress:
+        """record_group_aggregation with an explicit nonce (a replay returns the first answer)."""
+        counted, count, target, ready = self._record_group(
+            keys=[keys.global_round_state(run_id, global_round), keys.pending_global(run_id)],
+            args=[int(global_round), int(group), int(round_no), nonce],
+        )
+        return GroupProgress(global_round, group, int(count), int(target), bool(counted), bool(ready))
+
+    @_translated
+    def set_group_target(self, run_id: str, global_round: int, group: int, target: int) -> GroupProgress:
+        _, count, now, ready = self._set_target(
+            keys=[keys.global_round_state(run_id, global_round), keys.pending_global(run_id)],
+            args=[int(global_round), int(group), int(target), _nonce()],
+        )
+        return GroupProgress(global_round, group, int(count), int(now), False, bool(ready))
+
+    @_translated
+    def get_global_round(self, run_id: str, global_round: int) -> GlobalRoundInfo | None:
+        raw = cast(dict[bytes, bytes], self._r.hgetall(keys.global_round_state(run_id, global_round)))
+        fields = {_s(k): _s(v) for k, v in raw.items()}
+        if "status" not in fields:
+            return None
+        targets = {int(k[7:]): int(v) for k, v in fields.items() if k.startswith("target:")}
+        counts = {int(k[6:]): int(v) for k, v in fields.items() if k.startswith("count:")}
+        status = cast(GlobalRoundStatus, fields["status"])
+        return GlobalRoundInfo(run_id, global_round, status, targets, counts)
+
+    @_translated
+    def list_global_rounds(self, run_id: str) -> list[int]:
+        raw = cast(list[bytes], self._r.zrange(keys.global_rounds_index(run_id), 0, -1))
+        return sorted(int(r) for r in raw)
+
+    @_translated
+    def pending_global_aggregations(self, run_id: str) -> list[int]:
+        raw = cast(list[bytes], self._r.zrange(keys.pending_global(run_id), 0, -1))
+        return sorted(int(r) for r in raw)
+
+    @_translated
+    def mark_global_aggregated(self, run_id: str, global_round: int) -> bool:
+        done = self._mark_global(
+            keys=[
+                keys.global_round_state(run_id, global_round),
+                keys.pending_global(run_id),
+                keys.hierarchy(run_id),
+            ],
+            args=[int(global_round), _nonce()],
+        )
+        return bool(done)
+
+    @_translated
+    def global_aggregations(self, run_id: str) -> int:
+        raw = cast(bytes | None, self._r.hget(keys.hierarchy(run_id), "global_count"))
+        return 0 if raw is None else int(raw)
+
+    @_translated
+    def put_group_adapter(self, run_id: str, group: int, version: int, data: bytes) -> None:
+        self._put_global(keys=[keys.group_adapter(run_id, group)], args=[int(version), bytes(data)])
+
+    @_translated
+    def get_group_adapter(self, run_id: str, group: int) -> tuple[int, bytes] | None:
+        version, data = cast(
+            list[bytes | None], self._r.hmget(keys.group_adapter(run_id, group), ["version", "data"])
+        )
+        if version is None or data is None:
+            return None
+        return int(version), data
 
     # -- global adapter -----------------------------------------------------------------------------
     @_translated
