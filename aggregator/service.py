@@ -168,6 +168,7 @@ class AggregatorService:
         for round_no in self.state.pending_aggregations(self.run_id):
             self._aggregate(round_no)
             did = True
+        did = self._after_aggregations() or did
         if self._to_evaluate:
             self._evaluate(self._to_evaluate.pop(0))
             did = True
@@ -195,10 +196,19 @@ class AggregatorService:
                             "aggregator: device %s vanished; round %d goes on without it", device_id, round_no
                         )
 
+    def _after_aggregations(self) -> bool:
+        """Work that follows round aggregations (a hierarchical run's global ones); True if any."""
+        return False
+
+    #: how many of the latest rounds may still be open (one at a time, and a restart's overlap)
+    open_window = 3
+
     def _open_rounds(self) -> list[int]:
         rounds = self.state.list_rounds(self.run_id)
         return [
-            r for r in rounds[-3:] if (info := self.state.get_round(self.run_id, r)) and info.status == "open"
+            r
+            for r in rounds[-self.open_window :]
+            if (info := self.state.get_round(self.run_id, r)) and info.status == "open"
         ]
 
     def run_forever(self, stop: object | None = None, *, poll_s: float = 0.5) -> None:
@@ -270,7 +280,8 @@ class AggregatorService:
         if bound is not None:
             spec_json = self.state.get_task_spec(self.run_id, update.round, update.task_id)
             assert spec_json is not None  # the shapes check found it
-            start = select_for_spec(self._global()[1], LoraSpec.model_validate_json(spec_json))
+            spec = LoraSpec.model_validate_json(spec_json)
+            start = select_for_spec(self._start_tensors(update.round), spec)
             norm = update_norm(start, tensors)
             if norm > bound:
                 raise DecodeError("norm_exceeded", f"update changes the adapter by {norm:.3g} > {bound:.3g}")
@@ -294,6 +305,10 @@ class AggregatorService:
         if stored is None:
             raise RuntimeError(f"run {self.run_id}: no global adapter in the state store")
         return stored[0], tensors_from_bytes(stored[1])
+
+    def _start_tensors(self, round_no: int) -> Tensors:
+        """The adapter a round's tasks started from: the global one."""
+        return self._global()[1]
 
     def _global_spec(self) -> LoraSpec:
         return LoraSpec.model_validate_json(self.state.get_run_fields(self.run_id)["global_spec"])

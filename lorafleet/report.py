@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet import __version__
+from lorafleet.rounds import parse_round
 from lorafleet.state.base import StateStore
 from schemas.config import RunConfig
 
@@ -20,9 +21,13 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
     final_round = int(fields.get("final_round", 0))
     metrics = state.get_round_metrics(run_id)
     rounds = [_round_entry(n, m) for n, m in sorted(metrics.items()) if 0 < n <= final_round]
+    for entry in rounds:
+        groups = metrics[entry["round"]].get("groups")
+        if groups:  # a hierarchical run's global round: its plan and what each group did
+            entry["groups"] = _groups_entry(groups, metrics[entry["round"]])
     counters = state.get_counters(run_id)
     target = config.rounds.target_accuracy
-    return {
+    report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "lorafleet_version": __version__,
         "run_id": run_id,
@@ -46,6 +51,62 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "tasks_failed": counters.get("task_failed", 0),
         "tasks_dropped": counters.get("task_dropped", 0),
         "tasks_purged": counters.get("tasks_purged", 0),
+        "devices": {
+            d: {
+                "num_samples": info.get("num_samples"),
+                "label_histogram": info.get("label_histogram"),
+                "tier": (info.get("profile") or {}).get("tier"),
+            }
+            for d, info in sorted(state.get_devices(run_id).items())
+        },
+    }
+    if config.hierarchical:
+        report["group_rounds"] = [
+            {
+                **_round_entry(n, m),
+                "global_round": m.get("global_round"),
+                "group": m.get("group"),
+                "step": m.get("step"),
+            }
+            for n, m in sorted(metrics.items())
+            if (parsed := parse_round(n)) is not None and parsed.global_round <= final_round
+        ]
+        report["hierarchy"] = hierarchy_counters(state, run_id)
+        report["replans_on_drift"] = counters.get("replan_drift", 0)
+    return report
+
+
+def hierarchy_counters(state: StateStore, run_id: str) -> dict[str, Any]:
+    """The group and global aggregation counters of a hierarchical run, as the state store has them."""
+    global_rounds = []
+    for h in state.list_global_rounds(run_id):
+        info = state.get_global_round(run_id, h)
+        if info is not None:
+            global_rounds.append(
+                {
+                    "global_round": h,
+                    "status": info.status,
+                    "targets": {str(g): t for g, t in sorted(info.targets.items())},
+                    "counts": {str(g): c for g, c in sorted(info.counts.items())},
+                }
+            )
+    return {"global_aggregations": state.global_aggregations(run_id), "global_rounds": global_rounds}
+
+
+def _groups_entry(groups: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+    done = m.get("group_rounds", {})
+    virtual = m.get("group_virtual_s", {})
+    return {
+        g: {
+            "devices": plan.get("devices"),
+            "depth": plan.get("depth"),
+            "frequency": plan.get("frequency"),
+            "rounds_done": done.get(g),
+            "planned_round_s": plan.get("round_s"),
+            "virtual_s": virtual.get(g),
+            "divergence": plan.get("divergence"),
+        }
+        for g, plan in sorted(groups.items(), key=lambda kv: int(kv[0]))
     }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.evaluation import evaluate
+from aggregator.hierarchical import aggregator_class
 from aggregator.service import AggregatorService
 from lorafleet.adapters import Tensors
 from lorafleet.clock import Clock
@@ -30,6 +31,7 @@ from lorafleet.partition import label_histogram as histogram
 from lorafleet.progress import RunReporter
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
+from orchestrator.hierarchical import orchestrator_class
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id
 from schemas.messages import LoraSpec
@@ -120,7 +122,7 @@ def build_orchestrator(
     reporter: RunReporter | None = None,
     clock: Clock | None = None,
 ) -> OrchestratorService:
-    return OrchestratorService(
+    return orchestrator_class(config)(
         transport,
         state,
         config=config,
@@ -150,7 +152,7 @@ def build_aggregator(
     def write_checkpoint(spec: LoraSpec, tensors: Tensors, directory: Path) -> None:
         runtime.save_peft_checkpoint(spec, tensors, directory, dataset=config.data.dataset)
 
-    return AggregatorService(
+    return aggregator_class(config)(
         transport,
         state,
         config=config,

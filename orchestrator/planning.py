@@ -57,7 +57,7 @@ def plan_fedlora(device_ids: Sequence[str], config: RunConfig, num_blocks: int) 
 
 def global_spec(config: RunConfig, num_blocks: int) -> LoraSpec:
     """The LoRA the global adapter carries: every block any plan may use, at the highest rank."""
-    if config.strategy in ("fedlora", "fedra"):
+    if config.strategy in ("fedlora", "fedra") or config.hierarchical:
         return uniform_spec(config.lora, num_blocks)
     top = max(config.legend.top_ranks)
     return LoraSpec(

@@ -23,7 +23,7 @@ from lorafleet.state.base import StateStore
 from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
 from orchestrator.capacity import DeviceEstimate, Measurement, update_estimate
 from orchestrator.legend import DeviceInput
-from orchestrator.planning import global_spec, quorum_size, sample_devices, task_id
+from orchestrator.planning import DevicePlan, global_spec, quorum_size, sample_devices, task_id
 from orchestrator.strategies import STRATEGIES, PlanningContext, size_model
 from schemas.config import RunConfig
 from schemas.envelope import encode
@@ -73,7 +73,7 @@ class OrchestratorService:
         self.out_dir = out_dir
         self.clock = clock or SystemClock()
         self.reporter = reporter or RunReporter(config, quiet=True)
-        self.strategy = STRATEGIES[config.strategy]
+        self.strategy = STRATEGIES.get(config.strategy, STRATEGIES["fedlora"])  # hierarchical: own planner
         self.cost = cost or cost_model_for(config.model.name, num_blocks, config.model.tiny_hidden)
         self.estimates: dict[str, DeviceEstimate] = {}
         self.global_spec = global_spec(config, num_blocks)
@@ -143,8 +143,12 @@ class OrchestratorService:
         self.estimates = {d: DeviceEstimate(**e) for d, e in raw.items()}
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
-        info = self.state.get_round(self.run_id, self.round)
         log.info("orchestrator: resuming run %s at round %d", self.run_id, self.round)
+        self._resume_round()
+
+    def _resume_round(self) -> None:
+        """Go on with the current round after a restart."""
+        info = self.state.get_round(self.run_id, self.round)
         if info is not None and info.status == "open":
             self._publish_tasks(self.round)  # tasks may not all have gone out before the crash
         elif info is not None and info.status == "aggregated":
@@ -181,10 +185,13 @@ class OrchestratorService:
                 self._begin()
             elif waited > self.config.rounds.registration_timeout_s:
                 self._finish("aborted", 0)
-        elif self.phase == "running" and self._over_time_budget():
-            info = self.state.get_round(self.run_id, self.round)
-            if info is None or info.status == "aggregated":
-                self._finish("time_budget", self.round)
+        elif self.phase == "running" and self._over_time_budget() and self._round_aggregated(self.round):
+            self._finish("time_budget", self.round)
+
+    def _round_aggregated(self, round_no: int) -> bool:
+        """The round is over (aggregated), or there is none."""
+        info = self.state.get_round(self.run_id, round_no)
+        return info is None or info.status == "aggregated"
 
     def _over_time_budget(self) -> bool:
         budget = self.config.rounds.time_budget_s
@@ -205,7 +212,7 @@ class OrchestratorService:
             elif isinstance(message, RoundEvaluated):
                 self._on_round_evaluated(message)
             elif isinstance(message, ReplanRequest):
-                log.info("orchestrator: replan requested after round %d: %s", message.round, message.reason)
+                self._on_replan(message)
             else:
                 raise DecodeError(
                     "unexpected_kind", f"the orchestrator does not consume {type(message).__name__}"
@@ -213,6 +220,10 @@ class OrchestratorService:
             delivery.ack()
         except DecodeError as exc:
             self.rejections.reject(delivery, exc)
+
+    def _on_replan(self, message: ReplanRequest) -> None:
+        """Flat strategies replan every round anyway."""
+        log.info("orchestrator: replan requested after round %d: %s", message.round, message.reason)
 
     def _on_registered(self, message: DeviceRegistered) -> None:
         info = message.model_dump(mode="json", exclude={"run_id", "device_id"})
@@ -309,14 +320,15 @@ class OrchestratorService:
         self.state.put_run_field(self.run_id, "status", "running")
         self._open_round(1)
 
-    def _open_round(self, round_no: int) -> None:
+    def _planning_context(self, round_no: int) -> PlanningContext:
+        """This round's sample of the registered devices, with their estimates."""
         registered = self.state.get_devices(self.run_id)
         devices = sample_devices(
             list(registered), self.config.rounds.sample_fraction, round_no, self.config.seed
         )
         stored = self.state.get_global_adapter(self.run_id)
         assert stored is not None
-        ctx = PlanningContext(
+        return PlanningContext(
             round_no=round_no,
             devices=[
                 DeviceInput(d, int(registered[d].get("num_samples", 1)), self.estimates.get(d))
@@ -327,14 +339,11 @@ class OrchestratorService:
             cost=self.cost,
             sizes=size_model(tensors_from_bytes(stored[1])),
         )
-        round_plan = self.strategy(ctx)
-        plans = round_plan.plans
-        tasks = {task_id(self.run_id, round_no, p.device_id): p.device_id for p in plans}
-        specs = {task_id(self.run_id, round_no, p.device_id): p.lora.model_dump_json() for p in plans}
+
+    def _open_round(self, round_no: int) -> None:
+        round_plan = self.strategy(self._planning_context(round_no))
         now = self.clock.now()
-        deadline = now + self.config.rounds.round_deadline_s
-        quorum = quorum_size(len(tasks), self.config.rounds.quorum_fraction)
-        self.state.open_round(self.run_id, round_no, tasks, specs, quorum, to_ms(deadline), to_ms(now))
+        self._open_state_round(round_no, round_plan.plans, now)
         self.state.put_run_field(self.run_id, "round", round_no)
         self.round = round_no
         self.state.put_round_metrics(
@@ -342,19 +351,25 @@ class OrchestratorService:
             round_no,
             {
                 "opened_at": now,
-                "tasks_issued": len(tasks),
+                "tasks_issued": len(round_plan.plans),
                 "planned_round_s": round_plan.deadline_s,
-                "depths": {p.device_id: len(p.lora.layer_ranks) for p in plans},
+                "depths": {p.device_id: len(p.lora.layer_ranks) for p in round_plan.plans},
             },
         )
         self._publish_tasks(round_no)
 
+    def _open_state_round(self, round_no: int, plans: list[DevicePlan], now: float) -> None:
+        """Record a round's tasks, their specs, quorum and deadline in the state store (idempotent)."""
+        tasks = {task_id(self.run_id, round_no, p.device_id): p.device_id for p in plans}
+        specs = {task_id(self.run_id, round_no, p.device_id): p.lora.model_dump_json() for p in plans}
+        deadline = now + self.config.rounds.round_deadline_s
+        quorum = quorum_size(len(tasks), self.config.rounds.quorum_fraction)
+        self.state.open_round(self.run_id, round_no, tasks, specs, quorum, to_ms(deadline), to_ms(now))
+
     def _publish_tasks(self, round_no: int) -> None:
         info = self.state.get_round(self.run_id, round_no)
         assert info is not None
-        stored = self.state.get_global_adapter(self.run_id)
-        assert stored is not None
-        global_tensors = tensors_from_bytes(stored[1])
+        global_tensors = self._start_tensors(round_no)
         payloads: dict[str, object] = {}
         bytes_down = 0
         for tid, device_id in sorted(info.tasks.items()):
@@ -380,7 +395,16 @@ class OrchestratorService:
             self.transport.publish(topology.TASKS_EXCHANGE, device_id, body, message_id=task.message_id)
             bytes_down += len(body)
         self.state.put_round_metrics(self.run_id, round_no, {"bytes_down": bytes_down})
-        self.reporter.round_opened(round_no, len(info.tasks))
+        self._report_opened(round_no, len(info.tasks))
+
+    def _report_opened(self, round_no: int, tasks: int) -> None:
+        self.reporter.round_opened(round_no, tasks)
+
+    def _start_tensors(self, round_no: int) -> Tensors:
+        """The adapter a round's tasks start from: the global one."""
+        stored = self.state.get_global_adapter(self.run_id)
+        assert stored is not None
+        return tensors_from_bytes(stored[1])
 
     def _purge_stale_tasks(self, device_id: str) -> None:
         """Drop tasks still waiting for a device (from a closed round, or this round's earlier copy):

@@ -8,6 +8,15 @@
   with zero-padding and norm weights (aggregator/hetero.py).
 * ``fedra``: each round a random subset of blocks per device, as many as LEGEND would give it
   (same budget, random placement instead of top-aligned), one rank.
+
+Hierarchical strategies plan a *global round* instead (:func:`plan_global_round`): near-IID groups
+(orchestrator/grouping.py), then a depth and an intra-group aggregation frequency per group
+(orchestrator/hierarchy.py):
+
+* ``hierfedlora``: HierFedLoRA-style, groups and the joint depth/frequency plan.
+* ``hier_no_grouping``: one group of every device (the planner still picks depth and frequency).
+* ``hier_fixed_frequency``: groups, every group ``hier.fixed_frequency`` intra-group rounds.
+* ``hier_fixed_depth``: groups, every group at depth ``hier.fixed_depth``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from dataclasses import dataclass, replace
 
 from lorafleet.adapters import Tensors, parse_key
 from lorafleet.costmodel import CostModel
+from orchestrator.grouping import GroupingDevice, divergence, group_devices
+from orchestrator.hierarchy import GroupInput, HierOptions, plan_hierarchy
 from orchestrator.legend import DeviceInput, LegendOptions, SizeModel, plan_legend
 from orchestrator.planning import DevicePlan, plan_fedlora
 from schemas.config import RunConfig
@@ -163,3 +174,112 @@ STRATEGIES: dict[str, Strategy] = {
     "hetlora": strategy_hetlora,
     "fedra": strategy_fedra,
 }
+
+
+# -- hierarchical strategies --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupRound:
+    """One group's share of a global round."""
+
+    group: int
+    devices: list[str]
+    depth: int
+    frequency: int  # intra-group rounds this global round
+    round_s: float  # predicted time of one intra-group round (0: not measured)
+    divergence: float  # KL of the group's label distribution from the fleet's
+    plans: list[DevicePlan]
+
+
+@dataclass(frozen=True)
+class GlobalRoundPlan:
+    groups: list[GroupRound]
+    period_s: float  # predicted global round time (0: profiling round)
+
+
+def form_groups(
+    ctx: PlanningContext, histograms: dict[str, list[int]]
+) -> tuple[list[list[str]], list[float]]:
+    """The groups of ``ctx.devices`` for the strategy (one group for ``hier_no_grouping``), and each
+    group's label divergence from the fleet's."""
+    devices = [
+        GroupingDevice(
+            d.device_id,
+            tuple(histograms.get(d.device_id) or [1]),
+            None if d.estimate is None else d.estimate.slowdown,
+        )
+        for d in ctx.devices
+    ]
+    width = max(len(g.histogram) for g in devices)
+    devices = [
+        GroupingDevice(g.device_id, g.histogram + (0,) * (width - len(g.histogram)), g.slowdown)
+        for g in devices
+    ]
+    if ctx.config.strategy == "hier_no_grouping":
+        members = sorted(d.device_id for d in devices)
+        total = [sum(col) for col in zip(*(d.histogram for d in devices), strict=True)]
+        return [members], [divergence(total, total)]
+    grouping = group_devices(devices, ctx.config.hier.groups, speed_weight=ctx.config.hier.speed_weight)
+    return grouping.groups, grouping.divergence
+
+
+def hier_options(ctx: PlanningContext) -> HierOptions:
+    cfg = ctx.config
+    h = cfg.hier
+    return HierOptions(
+        depths=None if h.depths is None else tuple(d for d in h.depths if d <= ctx.num_blocks),
+        rank=cfg.lora.rank,
+        decay=cfg.legend.decay,
+        min_frequency=h.min_frequency,
+        max_frequency=h.max_frequency,
+        skew_frequency=h.skew_frequency,
+        fixed_depth=min(h.fixed_depth, ctx.num_blocks) if cfg.strategy == "hier_fixed_depth" else None,
+        fixed_frequency=h.fixed_frequency if cfg.strategy == "hier_fixed_frequency" else None,
+        within_group=h.within_group,
+        cached=cfg.activation_cache,
+        local_epochs=cfg.training.local_epochs,
+        batch_size=cfg.training.batch_size,
+    )
+
+
+def plan_global_round(
+    ctx: PlanningContext, groups: list[list[str]], divergences: list[float]
+) -> GlobalRoundPlan:
+    """Depth, frequency and every device's LoRA for each group of a global round."""
+    by_id = {d.device_id: d for d in ctx.devices}
+    inputs = [
+        GroupInput(g, [by_id[m] for m in members], div)
+        for g, (members, div) in enumerate(zip(groups, divergences, strict=True))
+        if members
+    ]
+    plan = plan_hierarchy(
+        inputs, num_blocks=ctx.num_blocks, cost=ctx.cost, sizes=ctx.sizes, options=hier_options(ctx)
+    )
+    lora = ctx.config.lora
+    out = []
+    for gp, gi in zip(plan.groups, inputs, strict=True):
+        plans = [
+            DevicePlan(
+                d.device_id,
+                LoraSpec(
+                    target_modules=list(lora.target_modules),
+                    layer_ranks=gp.layer_ranks[d.device_id],
+                    alpha_ratio=lora.alpha_ratio,
+                    dropout=lora.dropout,
+                ),
+            )
+            for d in gi.devices
+        ]
+        out.append(
+            GroupRound(
+                gp.group,
+                [d.device_id for d in gi.devices],
+                gp.depth,
+                gp.frequency,
+                gp.round_s,
+                gi.divergence,
+                plans,
+            )
+        )
+    return GlobalRoundPlan(out, plan.period_s)

@@ -16,7 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas.messages import DeviceProfile, RunId
 
-StrategyName = Literal["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
+StrategyName = Literal[
+    "fedlora",
+    "legend",
+    "legend_uniform_rank",
+    "legend_fixed_depth",
+    "hetlora",
+    "fedra",
+    "hierfedlora",
+    "hier_no_grouping",
+    "hier_fixed_frequency",
+    "hier_fixed_depth",
+]
+#: strategies that run global rounds over groups (orchestrator/hierarchy.py)
+HIERARCHICAL_STRATEGIES = ("hierfedlora", "hier_no_grouping", "hier_fixed_frequency", "hier_fixed_depth")
 AggregationName = Literal["auto", "rank_wise", "hetlora", "svd"]
 DatasetName = Literal["sst2", "20newsgroups", "synthetic"]
 
@@ -88,6 +101,34 @@ class LegendConfig(_Section):
     replan_drift: Annotated[float, Field(gt=0.0)] = (
         0.25  # relative drift in measured times that asks for a replan
     )
+
+
+class HierConfig(_Section):
+    """HierFedLoRA-style hierarchical runs (strategies ``hierfedlora`` and ``hier_*``).
+
+    Devices are split into ``groups`` near-IID groups (``speed_weight`` trades label balance for
+    similar speeds within a group); each global round, every group runs its own number of
+    intra-group rounds (``min_frequency``..``max_frequency``) at its own depth, planned jointly;
+    ``within_group: legend`` lets each device of a group go deeper when it has the time (LEGEND-style).
+    """
+
+    groups: Annotated[int, Field(ge=1, le=99)] = 4
+    speed_weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.1
+    min_frequency: Annotated[int, Field(ge=1, le=99)] = 1
+    max_frequency: Annotated[int, Field(ge=1, le=99)] = 4
+    skew_frequency: bool = True  # groups more label-skewed than average aggregate once more
+    within_group: Literal["uniform", "legend"] = "uniform"
+    depths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] | None = None
+    fixed_depth: Annotated[int, Field(ge=1)] = 3  # the hier_fixed_depth ablation
+    fixed_frequency: Annotated[int, Field(ge=1, le=99)] = 2  # the hier_fixed_frequency ablation
+
+    @model_validator(mode="after")
+    def _frequencies(self) -> HierConfig:
+        if self.min_frequency > self.max_frequency:
+            raise ValueError(
+                f"hier.min_frequency ({self.min_frequency}) exceeds hier.max_frequency ({self.max_frequency})"
+            )
+        return self
 
 
 class TrainingConfig(_Section):
@@ -206,6 +247,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     legend: LegendConfig = Field(default_factory=LegendConfig)
+    hier: HierConfig = Field(default_factory=HierConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
@@ -220,7 +262,17 @@ class RunConfig(_Section):
             raise ValueError(
                 f"rounds.min_devices ({min_devices}) exceeds devices.count ({self.devices.count})"
             )
+        if self.hierarchical and self.rounds.max_rounds > 99_999:
+            raise ValueError(
+                f"rounds.max_rounds ({self.rounds.max_rounds}) exceeds 99999, the most global rounds "
+                "a hierarchical strategy can number"
+            )
         return self
+
+    @property
+    def hierarchical(self) -> bool:
+        """The strategy runs global rounds over groups."""
+        return self.strategy in HIERARCHICAL_STRATEGIES
 
     @property
     def merge_rule(self) -> str:

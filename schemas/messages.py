@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 TaskId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,191}$")]
-Round = Annotated[int, Field(ge=0, le=1_000_000)]
+Round = Annotated[int, Field(ge=0, le=1_000_000_000)]  # hierarchical runs: lorafleet/rounds.py
 Seconds = Annotated[float, Field(ge=0.0)]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -205,7 +205,7 @@ class RoundClosed(StrictModel):
     KIND: ClassVar[str] = "round_closed"
     run_id: RunId
     round: Round
-    reason: Literal["quorum", "deadline"]
+    reason: Literal["quorum", "deadline", "global"]  # global: a hierarchical run's global aggregation
     tasks_issued: Annotated[int, Field(ge=0)]
     devices_reported: Annotated[int, Field(ge=0)]
     bytes_up: Annotated[int, Field(ge=0)]

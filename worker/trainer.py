@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -150,18 +151,35 @@ class LoraTrainer:
 class FakeTrainer:
     """Returns ``start + delta`` for every tensor (exactly checkable aggregation); optional sleep."""
 
-    def __init__(self, delta: float, num_samples: int, sleep_s: float = 0.0) -> None:
+    def __init__(
+        self, delta: float, num_samples: int, sleep_s: float = 0.0, tokens_per_sample: int = 0
+    ) -> None:
         self.delta = delta
         self.num_samples = num_samples
         self.sleep_s = sleep_s
+        self.tokens_per_sample = tokens_per_sample  # reported work, for the virtual clock and planners
 
     def train(self, task: TrainTask, start: dict[str, Tensor]) -> TrainOutcome:
-        """``{k: v + delta}``, with steps=1, train_loss=0.0 and the measured time (incl. the sleep)."""
+        """``{k: v + delta}``, with train_loss=0.0, the measured time (incl. the sleep) and
+        ``tokens_per_sample`` tokens per sample through the task's LoRA blocks (and then as many steps
+        as a real trainer would take; one step otherwise)."""
         started = time.perf_counter()
         if self.sleep_s > 0:
             time.sleep(self.sleep_s)
         tensors = {k: v + self.delta for k, v in start.items()}
         metrics = TrainMetrics(
-            train_loss=0.0, steps=1, examples=self.num_samples, compute_s=time.perf_counter() - started
+            train_loss=0.0,
+            steps=self._steps(task),
+            examples=self.num_samples,
+            compute_s=time.perf_counter() - started,
+            tokens=self.num_samples * self.tokens_per_sample,
+            lowest_block=min(task.lora.layer_ranks, default=0),
         )
         return TrainOutcome(tensors, metrics, self.num_samples)
+
+    def _steps(self, task: TrainTask) -> int:
+        """One step, or (when it reports tokens) the steps a real trainer would take."""
+        if not self.tokens_per_sample:
+            return 1
+        h = task.hparams
+        return math.ceil(self.num_samples / h.batch_size) * h.local_epochs

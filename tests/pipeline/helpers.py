@@ -8,15 +8,19 @@ from typing import Any
 
 import torch
 
+from aggregator.hierarchical import aggregator_class
 from aggregator.service import AggregatorService
 from lorafleet.adapters import Tensors
 from lorafleet.auth import derive_device_key
+from lorafleet.costmodel import cost_model_for
+from lorafleet.devices import DeviceEmulator
 from lorafleet.embedded import drive
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
+from orchestrator.hierarchical import orchestrator_class
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id, parse_run_config
-from schemas.messages import LoraSpec
+from schemas.messages import DeviceProfile, LoraSpec
 from worker.service import WorkerService
 from worker.trainer import FakeTrainer
 
@@ -108,24 +112,27 @@ def build_pipeline(
     samples: list[int],
     worker_clock: Any = None,
     fleet_key: bytes | None = None,
+    speeds: list[float] | None = None,
+    tokens_per_sample: int = 0,
 ) -> Pipeline:
     """``transports``: one per service (orchestrator, aggregator, then one per worker)."""
     evaluator = MeanEvaluator()
-    orchestrator = OrchestratorService(
+    orchestrator = orchestrator_class(config)(
         transports[0], state, config=config, num_blocks=NUM_BLOCKS, initial_adapter=initial_adapter
     )
-    aggregator = AggregatorService(
+    aggregator = aggregator_class(config)(
         transports[1], state, config=config, evaluator=evaluator, fleet_key=fleet_key
     )
     workers = [
         WorkerService(
             transports[2 + i],
-            FakeTrainer(delta=deltas[i], num_samples=samples[i]),
+            FakeTrainer(delta=deltas[i], num_samples=samples[i], tokens_per_sample=tokens_per_sample),
             run_id=config.run_id,
             device_id=device_id(i),
             num_samples=samples[i],
             clock=worker_clock,
             signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
+            **({} if speeds is None else _emulated(config, i, speeds[i])),
         )
         for i in range(config.devices.count)
     ]
@@ -134,6 +141,14 @@ def build_pipeline(
     for worker in workers:
         worker.start()
     return Pipeline(config, orchestrator, aggregator, workers, evaluator, deltas, samples)
+
+
+def _emulated(config: RunConfig, index: int, speed: float) -> dict[str, Any]:
+    """A worker's profile and emulator at ``speed`` (so its updates carry device times and the
+    orchestrator forms capacity estimates)."""
+    profile = DeviceProfile(speed=speed)
+    cost = cost_model_for(config.model.name, NUM_BLOCKS, config.model.tiny_hidden)
+    return {"profile": profile, "emulator": DeviceEmulator(device_id(index), profile, cost, seed=config.seed)}
 
 
 def expected_global(spec: LoraSpec, rounds: int, deltas: list[float], samples: list[int]) -> dict[str, Any]:

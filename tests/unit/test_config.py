@@ -162,7 +162,7 @@ def test_bad_field_names_its_dotted_path(data: dict[str, Any], path: str) -> Non
     [
         ({"data": {"dataset": "imdb"}}, "data.dataset", "imdb", ["sst2", "20newsgroups", "synthetic"]),
         ({"strategy": "fedprox"}, "strategy", "fedprox", ["fedlora"]),
-        ({"data": {"partition": "dirichlet"}}, "data.partition", "dirichlet", ["iid"]),
+        ({"data": {"partition": "pathological"}}, "data.partition", "pathological", ["iid", "dirichlet"]),
     ],
 )
 def test_bad_enum_value_names_path_and_allowed_values(

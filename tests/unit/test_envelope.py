@@ -274,7 +274,7 @@ def _by_type(cls: type[StrictModel]) -> StrictModel:
         (RoundClosed, {"reason": "bored"}),
         (RunFinished, {"final_accuracy": math.nan}),
         (TrainTask, {"issued_at": -math.inf}),
-        (TrainTask, {"round": 1_000_001}),
+        (TrainTask, {"round": 1_000_000_001}),
         (TrainTask, {"lora": {"target_modules": ["query"], "layer_ranks": {}}}),
         (TrainTask, {"lora": {"target_modules": ["query"], "layer_ranks": {"0": 8}}}),
         (TrainTask, {"lora": {"target_modules": ["query"], "layer_ranks": {0: 0}}}),

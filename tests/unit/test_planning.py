@@ -220,5 +220,5 @@ def test_task_id_format() -> None:
     assert task_id("run-1", 12, "dev-0003") == tid
     assert len({task_id("r", r, d) for r in range(3) for d in devices(4)}) == 12
     adapter = TypeAdapter(TaskId)
-    longest = task_id("r" * 64, 1_000_000, "d" * 64)
+    longest = task_id("r" * 64, 1_000_000_000, "d" * 64)
     assert adapter.validate_python(longest) == longest

@@ -1,0 +1,258 @@
+"""The orchestrator of hierarchical (HierFedLoRA-style) runs: global rounds over near-IID groups.
+
+Each global round ``h``: the registered devices are grouped (orchestrator/grouping.py; regrouped
+only when the members change, or once when every member has a speed estimate), a depth and an
+intra-group aggregation frequency are planned per group (orchestrator/hierarchy.py), the global
+round is opened in the state store with each group's target frequency, and every group's first
+intra-group round is opened. From then on the groups run at their own pace: when the aggregator
+closes one of a group's rounds, the group's next round opens at once (from the group's adapter),
+until the group has reached its target. The aggregator merges the groups when the last one gets
+there and asks for a replan, which opens global round ``h + 1`` from fresh measurements.
+
+A drift ``ReplanRequest`` for an intra-group round (its measured time far from the planned one)
+re-fits that group's frequency to what is left of the period.
+
+The plan of a global round is stored with its metrics (``groups``: members, depth, frequency and
+predicted times per group), so a restarted orchestrator resumes it instead of planning again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from lorafleet.adapters import Tensors
+from lorafleet.rounds import intra_round, parse_round
+from orchestrator.planning import DevicePlan
+from orchestrator.service import OrchestratorService
+from orchestrator.strategies import PlanningContext, form_groups, plan_global_round
+from schemas.config import RunConfig
+from schemas.messages import LoraSpec, ReplanRequest, RoundClosed
+from schemas.tensors import tensors_from_bytes
+
+log = logging.getLogger(__name__)
+
+
+def refit_frequency(
+    *, period_s: float, elapsed_s: float, round_s: float, done: int, opened: int, max_frequency: int
+) -> int:
+    """A group's new target after a drift: the rounds done, plus as many more as fit what is left of
+    the period at the measured round time; never fewer than the rounds already opened."""
+    more = math.floor(max(0.0, period_s - elapsed_s) / round_s * (1 + 1e-9)) if round_s > 0 else 0
+    return max(opened, min(max_frequency, done + more), 1)
+
+
+class HierarchicalOrchestrator(OrchestratorService):
+    """:class:`OrchestratorService` whose rounds are global rounds over groups (module docstring)."""
+
+    # -- planning ---------------------------------------------------------------------------------
+    def _groups(self, ctx: PlanningContext) -> tuple[list[list[str]], list[float]]:
+        """The groups for this global round: the stored ones while their members and the knowledge
+        of their speeds are unchanged, else new ones."""
+        members = sorted(d.device_id for d in ctx.devices)
+        speeds_known = all(d.estimate is not None for d in ctx.devices)
+        saved = self.state.get_run_fields(self.run_id).get("grouping")
+        if (
+            isinstance(saved, dict)
+            and saved.get("members") == members
+            and saved.get("speeds_known") == speeds_known
+        ):
+            return saved["groups"], saved["divergence"]
+        registered = self.state.get_devices(self.run_id)
+        histograms = {d: list(registered[d].get("label_histogram") or []) for d in members}
+        groups, divergence = form_groups(ctx, histograms)
+        self.state.put_run_field(
+            self.run_id,
+            "grouping",
+            {"members": members, "speeds_known": speeds_known, "groups": groups, "divergence": divergence},
+        )
+        log.info("orchestrator: %d groups of %s devices", len(groups), [len(g) for g in groups])
+        return groups, divergence
+
+    def _open_round(self, round_no: int) -> None:
+        """Open global round ``round_no`` (planned now, or as planned before a restart)."""
+        plan = self._stored_plan(round_no)
+        if plan is None:
+            ctx = self._planning_context(round_no)
+            groups, divergence = self._groups(ctx)
+            planned = plan_global_round(ctx, groups, divergence)
+            plan = {
+                str(g.group): {
+                    "devices": g.devices,
+                    "depth": g.depth,
+                    "frequency": g.frequency,
+                    "round_s": g.round_s,
+                    "divergence": g.divergence,
+                    "depths": {p.device_id: len(p.lora.layer_ranks) for p in g.plans},
+                }
+                for g in planned.groups
+            }
+            self.state.put_round_metrics(
+                self.run_id,
+                round_no,
+                {
+                    "opened_at": self.clock.now(),
+                    "planned_round_s": planned.period_s,
+                    "groups": plan,
+                    "depths": {d: n for g in plan.values() for d, n in g["depths"].items()},
+                },
+            )
+        self.state.open_global_round(
+            self.run_id, round_no, {int(g): int(p["frequency"]) for g, p in plan.items()}
+        )
+        self.state.put_run_field(self.run_id, "round", round_no)
+        self.round = round_no
+        self.reporter.round_opened(round_no, sum(len(p["devices"]) for p in plan.values()))
+        for group in sorted(plan, key=int):
+            self._continue_group(round_no, int(group))
+
+    def _stored_plan(self, global_round: int) -> dict[str, Any] | None:
+        plan = self.state.get_round_metrics(self.run_id).get(global_round, {}).get("groups")
+        return plan if isinstance(plan, dict) and plan else None
+
+    def _spec(self, depth: int) -> LoraSpec:
+        lora = self.config.lora
+        return LoraSpec(
+            target_modules=list(lora.target_modules),
+            layer_ranks={b: lora.rank for b in range(self.num_blocks - depth, self.num_blocks)},
+            alpha_ratio=lora.alpha_ratio,
+            dropout=lora.dropout,
+        )
+
+    # -- intra-group rounds ----------------------------------------------------------------------
+    def _continue_group(self, global_round: int, group: int) -> None:
+        """Open the group's next intra-group round, if it has not reached its target (idempotent)."""
+        info = self.state.get_global_round(self.run_id, global_round)
+        plan = self._stored_plan(global_round)
+        if info is None or info.status != "open" or plan is None or group not in info.targets:
+            return
+        count, target = info.counts[group], info.targets[group]
+        step = count + 1
+        if count >= target:
+            return
+        round_no = intra_round(global_round, group, step)
+        existing = self.state.get_round(self.run_id, round_no)
+        if existing is not None:
+            if existing.status == "open":
+                self._publish_tasks(round_no)  # after a restart: its tasks may not all have gone out
+            return
+        entry = plan[str(group)]
+        plans = [DevicePlan(d, self._spec(int(entry["depths"][d]))) for d in entry["devices"]]
+        now = self.clock.now()
+        self._open_state_round(round_no, plans, now)
+        self.state.put_round_metrics(
+            self.run_id,
+            round_no,
+            {
+                "opened_at": now,
+                "global_round": global_round,
+                "group": group,
+                "step": step,
+                "tasks_issued": len(plans),
+                "planned_round_s": float(entry["round_s"]),
+                "depths": {p.device_id: len(p.lora.layer_ranks) for p in plans},
+            },
+        )
+        self._publish_tasks(round_no)
+
+    def _start_tensors(self, round_no: int) -> Tensors:
+        """A group's first round starts from the global adapter, later ones from the group's."""
+        parsed = parse_round(round_no)
+        if parsed is None or parsed.step == 1:
+            return super()._start_tensors(round_no)
+        stored = self.state.get_group_adapter(self.run_id, parsed.group)
+        expected = intra_round(parsed.global_round, parsed.group, parsed.step - 1)
+        if stored is None or stored[0] != expected:
+            raise RuntimeError(
+                f"round {round_no}: group {parsed.group}'s adapter is at "
+                f"{None if stored is None else stored[0]}, not at round {expected}"
+            )
+        return tensors_from_bytes(stored[1])
+
+    def _report_opened(self, round_no: int, tasks: int) -> None:
+        parsed = parse_round(round_no)
+        if parsed is None:
+            super()._report_opened(round_no, tasks)
+        else:
+            log.info(
+                "orchestrator: global round %d group %d round %d: %d tasks out",
+                parsed.global_round,
+                parsed.group,
+                parsed.step,
+                tasks,
+            )
+
+    # -- messages ---------------------------------------------------------------------------------
+    def _on_round_closed(self, message: RoundClosed) -> None:
+        parsed = parse_round(message.round)
+        if parsed is None:
+            super()._on_round_closed(message)  # a global round: account it and go on (replan)
+        elif parsed.global_round == self.round and self.phase == "running":
+            self._continue_group(parsed.global_round, parsed.group)
+
+    def _on_replan(self, message: ReplanRequest) -> None:
+        parsed = parse_round(message.round)
+        if parsed is None:
+            # a global aggregation: the same as its RoundClosed (whichever comes first replans)
+            current = message.round == self.round and self.phase in ("running", "finishing")
+            if current and self._round_aggregated(message.round) and self._account_round(message.round):
+                self._after_round(message.round)
+            return
+        if parsed.global_round != self.round or self.phase != "running":
+            return
+        self._refit_group(parsed.global_round, parsed.group)
+
+    def _refit_group(self, global_round: int, group: int) -> None:
+        """Re-fit a group's frequency to the rest of the period at its measured round time."""
+        info = self.state.get_global_round(self.run_id, global_round)
+        metrics = self.state.get_round_metrics(self.run_id)
+        period = float(metrics.get(global_round, {}).get("planned_round_s", 0.0))
+        if info is None or info.status != "open" or period <= 0:
+            return
+        done = info.counts[group]
+        rounds = [intra_round(global_round, group, k) for k in range(1, done + 1)]
+        elapsed = sum(float(metrics.get(r, {}).get("virtual_round_s", 0.0)) for r in rounds)
+        last = float(metrics.get(rounds[-1], {}).get("virtual_round_s", 0.0)) if rounds else 0.0
+        opened = sum(
+            1
+            for k in range(1, done + 2)
+            if self.state.get_round(self.run_id, intra_round(global_round, group, k))
+        )
+        target = refit_frequency(
+            period_s=period,
+            elapsed_s=elapsed,
+            round_s=last,
+            done=done,
+            opened=opened,
+            max_frequency=self.config.hier.max_frequency,
+        )
+        progress = self.state.set_group_target(self.run_id, global_round, group, target)
+        log.info(
+            "orchestrator: drift in global round %d group %d: target %d -> %d",
+            global_round,
+            group,
+            info.targets[group],
+            progress.target,
+        )
+
+    # -- rounds over, restarts ----------------------------------------------------------------------
+    def _round_aggregated(self, round_no: int) -> bool:
+        info = self.state.get_global_round(self.run_id, round_no)
+        return info is None or info.status == "aggregated"
+
+    def _resume_round(self) -> None:
+        info = self.state.get_global_round(self.run_id, self.round)
+        if info is None:
+            self._open_round(self.round)  # planned (and stored) before the crash, never opened
+        elif info.status == "aggregated":
+            self._account_round(self.round)
+            self._after_round(self.round)
+        else:
+            for group in sorted(info.targets):
+                self._continue_group(self.round, group)
+
+
+def orchestrator_class(config: RunConfig) -> type[OrchestratorService]:
+    """The orchestrator for a run's strategy."""
+    return HierarchicalOrchestrator if config.hierarchical else OrchestratorService

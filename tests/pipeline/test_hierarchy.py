@@ -1,0 +1,251 @@
+"""Hierarchical (HierFedLoRA-style) runs with a fake trainer: exact aggregates, and the group and
+global counters in the state store agreeing with report.json, on the twins and the real servers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lorafleet.adapters import parse_key
+from lorafleet.report import build_report
+from lorafleet.rounds import intra_round
+from lorafleet.state.base import StateStore
+from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport.base import Transport
+from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
+from orchestrator.planning import global_spec
+from schemas.config import RunConfig
+from schemas.tensors import tensors_from_bytes
+from tests.pipeline.helpers import NUM_BLOCKS, Pipeline, build_pipeline, initial_adapter, make_config
+
+DELTAS = [0.1, 0.2, 0.3, 1.0, 2.0, 4.0]
+SAMPLES = [10, 20, 30, 40, 50, 60]
+SPEEDS = [1.0, 1.0, 1.0, 0.1, 0.1, 0.1]  # a fast tier and a tier ten times slower
+TOKENS_PER_SAMPLE = 32  # what the planner assumes for devices it has not seen: it predicts them right
+
+
+def hier_config(run_id: str, rounds: int = 4, **hier: Any) -> RunConfig:
+    return make_config(
+        run_id,
+        devices=6,
+        rounds=rounds,
+        extra={
+            "strategy": "hierfedlora",
+            "hier": {"groups": 2, "speed_weight": 10.0, "max_frequency": 3, "skew_frequency": False, **hier},
+        },
+    )
+
+
+def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Independent computation from the plan in the report: a group of fake trainers adds its
+    members' sample-weighted mean delta to the blocks it trains (and the head) once per intra-group
+    round; the global merge takes, per tensor, the mean over the groups that trained it weighted by
+    their samples."""
+    current = {
+        k: v.numpy().astype(np.float64) for k, v in initial_adapter(global_spec(config, NUM_BLOCKS)).items()
+    }
+    index = {f"dev-{i:04d}": i for i in range(len(DELTAS))}
+    for entry in report["rounds"]:
+        sums = {k: np.zeros_like(v) for k, v in current.items()}
+        weights = dict.fromkeys(current, 0.0)
+        for group in entry["groups"].values():
+            members = [index[d] for d in group["devices"]]
+            n = float(sum(SAMPLES[i] for i in members))
+            mean_delta = sum(SAMPLES[i] * DELTAS[i] for i in members) / n
+            blocks = set(range(NUM_BLOCKS - group["depth"], NUM_BLOCKS))
+            for key, value in current.items():
+                block = parse_key(key).block
+                if block is None or block in blocks:
+                    sums[key] += n * (value + group["rounds_done"] * mean_delta)
+                    weights[key] += n
+        current = {k: sums[k] / weights[k] if weights[k] else v for k, v in current.items()}
+    return current
+
+
+def check_counters_agree(state: StateStore, config: RunConfig, report: dict[str, Any]) -> None:
+    """The state store's group and global counters say what report.json's rounds say."""
+    run_id = config.run_id
+    assert state.global_aggregations(run_id) == report["final_round"] == len(report["rounds"])
+    assert state.list_global_rounds(run_id) == [r["round"] for r in report["rounds"]]
+    for entry in report["rounds"]:
+        info = state.get_global_round(run_id, entry["round"])
+        assert info is not None and info.status == "aggregated"
+        for g, group in entry["groups"].items():
+            assert info.counts[int(g)] == info.targets[int(g)] == group["rounds_done"]
+            steps = [
+                r
+                for r in report["group_rounds"]
+                if r["global_round"] == entry["round"] and r["group"] == int(g)
+            ]
+            assert [r["step"] for r in steps] == list(range(1, group["rounds_done"] + 1))
+            for r in steps:
+                assert r["round"] == intra_round(entry["round"], int(g), r["step"])
+        assert entry["tasks_issued"] == sum(
+            len(group["devices"]) * group["rounds_done"] for group in entry["groups"].values()
+        )
+    assert report["hierarchy"]["global_aggregations"] == len(report["rounds"])
+    # the global round's virtual time is its slowest group's sum of intra-group round times
+    for entry in report["rounds"]:
+        per_group = {
+            g: sum(
+                r["virtual_round_s"]
+                for r in report["group_rounds"]
+                if r["global_round"] == entry["round"] and r["group"] == int(g)
+            )
+            for g in entry["groups"]
+        }
+        assert entry["virtual_round_s"] == pytest.approx(max(per_group.values()))
+
+
+class Servers:
+    def __init__(self, transports: list[Transport], state: StateStore, threaded: bool) -> None:
+        self.transports, self.state, self.threaded = transports, state, threaded
+
+
+@pytest.fixture(params=["memory", pytest.param("real", marks=[pytest.mark.rabbitmq, pytest.mark.redis])])
+def servers(request: pytest.FixtureRequest, run_id: str) -> Iterator[Servers]:
+    if request.param == "memory":
+        broker = InMemoryBroker()
+        yield Servers([InMemoryTransport(broker) for _ in range(8)], InMemoryStateStore(), threaded=False)
+        return
+    from lorafleet.state.redis import RedisStateStore
+    from lorafleet.transport.rabbitmq import PikaTransport
+
+    url = request.getfixturevalue("rabbitmq_url")
+    state = RedisStateStore(request.getfixturevalue("redis_url"))
+    transports: list[Transport] = [PikaTransport(url) for _ in range(8)]
+    try:
+        yield Servers(transports, state, threaded=True)
+    finally:
+        for t in transports:
+            t.close()
+        state.delete_run(run_id)
+        state.close()
+
+
+def run_to_end(servers: Servers, pipeline: Pipeline, timeout: float = 120.0) -> None:
+    if not servers.threaded:
+        pipeline.drive()
+        return
+    stop = threading.Event()
+    pipeline.start_threads(stop)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (pipeline.orchestrator.finished and pipeline.aggregator.finished):
+            assert time.monotonic() < deadline, "the hierarchical run did not finish in time"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in pipeline.threads:
+            t.join(timeout=10)
+
+
+def test_a_hierarchical_run_aggregates_exactly_and_its_counters_agree_with_the_report(
+    servers: Servers, run_id: str
+) -> None:
+    # Given six devices in two speed tiers, two groups, up to three intra-group rounds per global round
+    config = hier_config(run_id)
+    pipeline = build_pipeline(
+        config,
+        servers.transports,
+        servers.state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        speeds=SPEEDS,
+        tokens_per_sample=TOKENS_PER_SAMPLE,
+    )
+    # When the run goes through its four global rounds
+    run_to_end(servers, pipeline)
+    report = build_report(config, servers.state)
+    # Then: the first global round profiles (every group once, at the shallowest depth); later ones
+    # follow the measured speeds: the fast group aggregates more often than the slow one
+    assert report["final_round"] == 4 and report["finish_reason"] == "max_rounds"
+    first = report["rounds"][0]["groups"]
+    assert {(g["depth"], g["frequency"]) for g in first.values()} == {(1, 1)}
+    later = report["rounds"][-1]["groups"]
+    by_speed = {frozenset(g["devices"]): g for g in later.values()}
+    fast, slow = (
+        by_speed[frozenset(["dev-0000", "dev-0001", "dev-0002"])],
+        by_speed[frozenset(["dev-0003", "dev-0004", "dev-0005"])],
+    )
+    assert fast["frequency"] > slow["frequency"]
+    assert all(g["rounds_done"] == g["frequency"] for e in report["rounds"] for g in e["groups"].values())
+    assert report["replans_on_drift"] == 0  # the planner predicted the fake devices' times
+    # ... the counters in the state store agree with the report's rounds
+    check_counters_agree(servers.state, config, report)
+    # ... and the global adapter is exactly the independent computation from the plan
+    stored = servers.state.get_global_adapter(run_id)
+    assert stored is not None and stored[0] == 4
+    got = tensors_from_bytes(stored[1])
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "check"),
+    [
+        ("hier_no_grouping", lambda groups: len(groups) == 1),
+        ("hier_fixed_frequency", lambda groups: {g["frequency"] for g in groups.values()} == {2}),
+        ("hier_fixed_depth", lambda groups: {g["depth"] for g in groups.values()} == {2}),
+    ],
+)
+def test_the_ablations_plan_what_they_say(run_id: str, strategy: str, check: Any) -> None:
+    config = make_config(
+        run_id,
+        devices=6,
+        rounds=3,
+        extra={
+            "strategy": strategy,
+            "hier": {"groups": 2, "max_frequency": 3, "fixed_frequency": 2, "fixed_depth": 2},
+        },
+    )
+    broker, state = InMemoryBroker(), InMemoryStateStore()
+    pipeline = build_pipeline(
+        config,
+        [InMemoryTransport(broker) for _ in range(8)],
+        state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        speeds=SPEEDS,
+        tokens_per_sample=TOKENS_PER_SAMPLE,
+    )
+    pipeline.drive()
+    report = build_report(config, state)
+    assert report["final_round"] == 3
+    assert check(report["rounds"][-1]["groups"])  # measured rounds follow the ablation
+    check_counters_agree(state, config, report)
+    got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_a_group_faster_than_planned_gets_more_rounds_within_the_global_round(run_id: str) -> None:
+    # Given fake devices that report no tokens: their rounds take far less than the planner predicts
+    config = hier_config(run_id, rounds=3)
+    broker, state = InMemoryBroker(), InMemoryStateStore()
+    pipeline = build_pipeline(
+        config,
+        [InMemoryTransport(broker) for _ in range(8)],
+        state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        speeds=SPEEDS,
+        tokens_per_sample=0,
+    )
+    # When the run goes on
+    pipeline.drive()
+    report = build_report(config, state)
+    # Then the aggregator asked for replans on the drift, and the slow group, planned to aggregate
+    # once per global round, was given more rounds to fill the period, and ran them
+    assert report["replans_on_drift"] > 0
+    slow = next(g for g in report["rounds"][-1]["groups"].values() if "dev-0005" in g["devices"])
+    assert slow["frequency"] == 1 and slow["rounds_done"] > 1
+    check_counters_agree(state, config, report)
+    got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
