@@ -192,7 +192,7 @@ def time_matrix(
     )
     bytes_ = np.array([c.bytes for c in cands], dtype=np.float64)
     compute = (tokens[:, None] * per_token[None, :] + steps[:, None] * cost.step_s) * slowdown[:, None]
-    return compute + per_byte[:, None] * bytes_[None, :]
+    return np.asarray(compute + per_byte[:, None] * bytes_[None, :])
 
 
 def best_deadline(times: np.ndarray, utilities: np.ndarray, weights: np.ndarray) -> float:

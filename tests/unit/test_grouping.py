@@ -1,0 +1,108 @@
+"""Near-IID grouping: decisions on hand-made device sets, and the objective against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from orchestrator.grouping import GroupingDevice, divergence, group_devices, group_objective
+
+
+def _dev(name: str, hist: list[int], slowdown: float | None = None) -> GroupingDevice:
+    return GroupingDevice(name, tuple(hist), slowdown)
+
+
+def _pooled(groups: list[list[str]], devices: list[GroupingDevice]) -> list[list[int]]:
+    by_id = {d.device_id: d for d in devices}
+    return [[sum(col) for col in zip(*(by_id[m].histogram for m in g), strict=True)] for g in groups]
+
+
+def test_opposite_devices_are_paired_into_balanced_groups() -> None:
+    # Given four single-class devices, two of each class
+    devices = [_dev("a", [10, 0]), _dev("b", [10, 0]), _dev("c", [0, 10]), _dev("d", [0, 10])]
+    # When grouped in two
+    grouping = group_devices(devices, 2, speed_weight=0.0)
+    # Then each group holds one device of each class: both match the fleet's distribution
+    assert _pooled(grouping.groups, devices) == [[10, 10], [10, 10]]
+    assert max(grouping.divergence) < 1e-9
+
+
+def test_equal_labels_group_by_speed() -> None:
+    devices = [_dev(f"d{i}", [5, 5], s) for i, s in enumerate([1.0, 6.0, 1.1, 6.5, 0.9, 5.5])]
+    grouping = group_devices(devices, 2, speed_weight=1.0)
+    assert sorted(map(sorted, grouping.groups)) == [["d0", "d2", "d4"], ["d1", "d3", "d5"]]
+
+
+def test_speed_weight_trades_label_balance_for_similar_speeds() -> None:
+    # Fast devices hold class 0, slow devices class 1
+    devices = [
+        _dev("f1", [10, 0], 1.0),
+        _dev("f2", [10, 0], 1.0),
+        _dev("s1", [0, 10], 6.0),
+        _dev("s2", [0, 10], 6.0),
+    ]
+    by_labels = group_devices(devices, 2, speed_weight=0.0)
+    by_speed = group_devices(devices, 2, speed_weight=10.0)
+    assert all(set(g) in ({"f1", "s1"}, {"f1", "s2"}, {"f2", "s1"}, {"f2", "s2"}) for g in by_labels.groups)
+    assert sorted(map(sorted, by_speed.groups)) == [["f1", "f2"], ["s1", "s2"]]
+
+
+def test_unmeasured_devices_do_not_enter_the_speed_term() -> None:
+    devices = [_dev("a", [10, 0]), _dev("b", [10, 0], 1.0), _dev("c", [0, 10], 9.0), _dev("d", [0, 10])]
+    grouping = group_devices(devices, 2, speed_weight=100.0)
+    # with only one measured device per group the spread is zero: labels decide alone
+    assert _pooled(grouping.groups, devices) == [[10, 10], [10, 10]]
+
+
+def _brute_force_best(devices: list[GroupingDevice], speed_weight: float) -> float:
+    ids = [d.device_id for d in devices]
+    best = float("inf")
+    for first in itertools.combinations(ids, len(ids) // 2):
+        if ids[0] not in first:
+            continue
+        second = [i for i in ids if i not in first]
+        best = min(best, group_objective([list(first), second], devices, speed_weight=speed_weight))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_two_groups_reach_the_brute_force_optimum_or_close(seed: int) -> None:
+    rng = random.Random(seed)
+    devices = [
+        _dev(f"d{i}", [rng.randint(0, 12) for _ in range(5)], rng.choice([1.0, 2.5, 6.0])) for i in range(8)
+    ]
+    grouping = group_devices(devices, 2, speed_weight=0.1)
+    ours = group_objective(grouping.groups, devices, speed_weight=0.1)
+    assert ours == pytest.approx(grouping.objective, rel=1e-6)
+    best = _brute_force_best(devices, 0.1)
+    assert ours <= best * 1.05 + 1e-9
+    # and far better than a typical random split
+    ids = [d.device_id for d in devices]
+    rng.shuffle(ids)
+    assert ours <= group_objective([ids[:4], ids[4:]], devices, speed_weight=0.1) + 1e-9
+
+
+def test_groups_are_sized_nonempty_and_deterministic() -> None:
+    rng = random.Random(0)
+    devices = [_dev(f"d{i:02d}", [rng.randint(0, 9) for _ in range(4)], rng.uniform(1, 6)) for i in range(23)]
+    grouping = group_devices(devices, 5)
+    assert sorted(i for g in grouping.groups for i in g) == sorted(d.device_id for d in devices)
+    assert all(1 <= len(g) <= 5 for g in grouping.groups)  # ceil(23 / 5)
+    assert group_devices(list(reversed(devices)), 5) == grouping
+    assert len(group_devices(devices[:3], 5).groups) == 3  # never more groups than devices
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="no devices"):
+        group_devices([], 2)
+    with pytest.raises(ValueError, match="num_groups"):
+        group_devices([_dev("a", [1])], 0)
+    with pytest.raises(ValueError, match="different lengths"):
+        group_devices([_dev("a", [1, 2]), _dev("b", [1])], 1)
+
+
+def test_divergence_is_zero_for_the_reference_and_grows_with_skew() -> None:
+    assert divergence([5, 5], [1, 1]) == pytest.approx(0.0, abs=1e-9)
+    assert 0 < divergence([6, 4], [1, 1]) < divergence([9, 1], [1, 1]) < divergence([10, 0], [1, 1])
