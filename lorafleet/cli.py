@@ -298,6 +298,67 @@ def dlq(
         )
 
 
+@app.command()
+def status(
+    state: StateOpt,
+    run_id: Annotated[str, typer.Option("--run", envvar="LORAFLEET_RUN_ID", help="The run's run_id")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Show a run's state: round, devices, open rounds, counters, and group/global aggregation counts."""
+    import json as _json
+
+    from rich.table import Table
+
+    from lorafleet.state.base import StateStoreError
+    from lorafleet.status import run_status
+    from lorafleet.wiring import open_state
+
+    try:
+        store = open_state(state)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        snapshot = run_status(store, run_id)
+    except (LookupError, StateStoreError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(_json.dumps(snapshot, indent=2))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{run_id}[/bold] ({snapshot['strategy']}): {snapshot['status']}, round {snapshot['round']}"
+        f"/{snapshot['max_rounds']}, {snapshot['devices_registered']} devices "
+        f"({snapshot['devices_lease_expired']} with an expired lease)",
+        highlight=False,
+    )
+    hierarchy = snapshot.get("hierarchy")
+    if hierarchy:
+        table = Table(title=f"global aggregations: {hierarchy['global_aggregations']}")
+        for column in ("global round", "status", "group", "count", "target"):
+            table.add_column(column)
+        for entry in hierarchy["global_rounds"][-5:]:
+            for group, target in entry["targets"].items():
+                table.add_row(
+                    str(entry["global_round"]),
+                    entry["status"],
+                    group,
+                    str(entry["counts"][group]),
+                    str(target),
+                )
+        console.print(table)
+    for entry in snapshot["open_rounds"]:
+        console.print(
+            f"  round {entry['round']} {entry['status']}: {entry['reported']}/{entry['tasks']} reported "
+            f"(quorum {entry['quorum']})",
+            highlight=False,
+        )
+    console.print(f"  counters: {snapshot['counters']}", highlight=False)
+
+
 @app.command(name="device-key")
 def device_key(
     device_id: Annotated[str, typer.Argument(help="The device to provision, e.g. dev-0003")],

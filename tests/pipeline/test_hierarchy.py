@@ -3,6 +3,7 @@ global counters in the state store agreeing with report.json, on the twins and t
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -249,3 +250,44 @@ def test_a_group_faster_than_planned_gets_more_rounds_within_the_global_round(ru
     got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
     for key, value in expected_from_plan(config, report).items():
         np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.redis
+def test_lorafleet_status_shows_the_group_and_global_counters_in_redis(redis_url: str, run_id: str) -> None:
+    from typer.testing import CliRunner
+
+    from lorafleet.cli import app
+    from lorafleet.state.redis import RedisStateStore
+
+    # Given a hierarchical run whose state lives in the real Redis
+    state = RedisStateStore(redis_url)
+    try:
+        config = hier_config(run_id, rounds=2)
+        broker = InMemoryBroker()
+        pipeline = build_pipeline(
+            config,
+            [InMemoryTransport(broker) for _ in range(8)],
+            state,
+            deltas=DELTAS,
+            samples=SAMPLES,
+            speeds=SPEEDS,
+            tokens_per_sample=TOKENS_PER_SAMPLE,
+        )
+        pipeline.drive()
+        report = build_report(config, state)
+        # When `lorafleet status` reads it
+        runner = CliRunner()
+        shown = runner.invoke(app, ["status", "--state", redis_url, "--run", run_id, "--json"])
+        table = runner.invoke(app, ["status", "--state", redis_url, "--run", run_id])
+        missing = runner.invoke(app, ["status", "--state", redis_url, "--run", f"{run_id}-nope"])
+    finally:
+        state.delete_run(run_id)
+        state.close()
+    # Then it shows the counters the report was built from, and says when there is no such run
+    assert shown.exit_code == 0, shown.output
+    snapshot = json.loads(shown.output)
+    assert snapshot["status"] == "finished" and snapshot["round"] == 2
+    assert snapshot["hierarchy"] == report["hierarchy"]
+    assert snapshot["counters"]["update_counted"] == sum(r["devices_reported"] for r in report["rounds"])
+    assert table.exit_code == 0 and "global aggregations: 2" in table.output
+    assert missing.exit_code == 1 and "no run" in missing.output
