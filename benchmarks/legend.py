@@ -36,7 +36,11 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "run_id": "bench-legend",
         "seed": args.seed,
-        "model": {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32} if quick else {"name": "minilm"},
+        "model": (
+            {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32, "torch_threads": args.threads}
+            if quick
+            else {"name": "minilm", "torch_threads": args.threads}
+        ),
         "data": {
             "dataset": "synthetic" if quick else "sst2",
             "samples_per_device": args.samples_per_device,
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--budget-virtual-s", type=float, default=None)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--no-cache", action="store_true", help="workers do not use the activation cache")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-legend"))

@@ -1,0 +1,223 @@
+"""HierFedLoRA-style hierarchical runs against the baselines under non-IID data (not a test).
+
+For every (dataset, Dirichlet alpha) pair, every strategy runs embedded over the same devices (three
+speed tiers: 1x, 2.5x and 6x slower than this host, 1-20 Mbit/s links, 10% per-round jitter),
+shards and seeds. FedLoRA runs first, for ``--fedlora-rounds`` rounds: its final accuracy is the
+run's target and its virtual time the budget; every other strategy runs until that budget.
+``hierfedlora_legend`` is HierFedLoRA-style with LEGEND-style depths within groups
+(``hier.within_group: legend``), the combination. Results: benchmarks/results/hierfedlora.{json,md,png}.
+
+    python benchmarks/hierfedlora.py              # the committed results
+    python benchmarks/hierfedlora.py --quick      # tiny model, synthetic data: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import markdown_table, merge, run_strategy, summarise, write_json  # noqa: E402
+from benchmarks.legend import pin_cost_model  # noqa: E402
+
+#: benchmark row -> (strategy, configuration overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedlora": ("fedlora", {}),
+    "legend": ("legend", {}),
+    "hierfedlora": ("hierfedlora", {"hier": {"within_group": "uniform"}}),
+    "hierfedlora_legend": ("hierfedlora", {"hier": {"within_group": "legend"}}),
+    "hier_no_grouping": ("hier_no_grouping", {}),
+    "hier_fixed_frequency": ("hier_fixed_frequency", {}),
+    "hier_fixed_depth": ("hier_fixed_depth", {}),
+}
+THIRD = 1.0 / 3.0
+
+
+def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[str, Any]:
+    quick = args.quick
+    return {
+        "run_id": "bench-hier",
+        "seed": args.seed,
+        "model": (
+            {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32, "torch_threads": args.threads}
+            if quick
+            else {"name": "minilm", "max_seq_len": args.max_seq_len, "torch_threads": args.threads}
+        ),
+        "data": {
+            "dataset": "synthetic" if quick else dataset,
+            "samples_per_device": args.samples_per_device,
+            "eval_samples": args.eval_samples,
+            "partition": "dirichlet",
+            "alpha": alpha,
+        },
+        "lora": {"rank": 8, "target_modules": ["query", "value"]},
+        "legend": {"top_ranks": [4, 8]},
+        "hier": {"groups": args.groups, "max_frequency": args.max_frequency},
+        "training": {"batch_size": 16, "lr": args.lr},
+        "devices": {
+            "count": args.devices,
+            "jitter": 0.1,
+            "tiers": [
+                {"name": "fast", "fraction": THIRD, "speed": 1.0, "uplink_mbps": 20.0, "downlink_mbps": 20.0},
+                {"name": "mid", "fraction": THIRD, "speed": 0.4, "uplink_mbps": 5.0, "downlink_mbps": 10.0},
+                {"name": "slow", "fraction": THIRD, "speed": 1 / 6, "uplink_mbps": 1.0, "downlink_mbps": 2.0},
+            ],
+        },
+    }
+
+
+def run_pair(
+    args: argparse.Namespace, dataset: str, alpha: float, names: list[str], console: Console, done: list[Any]
+) -> dict[str, Any]:
+    base = base_config(args, dataset, alpha)
+    runs = args.runs / f"{dataset}-a{alpha}"
+    console.print(f"[bold]{dataset}, alpha {alpha}[/bold]: fedlora for {args.fedlora_rounds} rounds")
+    fed = run_strategy(base, "fedlora", runs, max_rounds=args.fedlora_rounds)
+    target = float(fed["final_accuracy"])
+    budget = float(fed["virtual_time_s"])
+    entry: dict[str, Any] = {
+        "dataset": dataset,
+        "alpha": alpha,
+        "target": target,
+        "target_is": "FedLoRA's final accuracy",
+        "budget_virtual_s": budget,
+        "strategies": {"fedlora": summarise(fed, target, budget)},
+    }
+    console.print(f"  target {target:.4f}, budget {budget:.1f} virtual s, wall {fed['bench_wall_s']:.0f} s")
+    for name in names:
+        if name == "fedlora":
+            continue
+        strategy, overrides = VARIANTS[name]
+        console.print(f"  [bold]{name}[/bold]")
+        report = run_strategy(
+            merge(base, overrides) | {"run_id": f"bench-{name}"},
+            strategy,
+            runs / name,
+            max_rounds=args.max_rounds,
+            virtual_budget_s=budget,
+        )
+        row = summarise(report, target, budget)
+        row["groups"] = report["rounds"][-1].get("groups") if report["rounds"] else None
+        entry["strategies"][name] = row
+        write_results(args, [*done, entry], partial=True)
+        console.print(
+            f"    to target {row['time_to_target_virtual_s']} virtual s, at budget "
+            f"{row['accuracy_at_budget']:.4f}, {row['rounds']} rounds, wall {row['wall_s']:.0f} s"
+        )
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--datasets", default="20newsgroups,sst2")
+    parser.add_argument("--alphas", default="0.1,0.5")
+    parser.add_argument("--devices", type=int, default=21)
+    parser.add_argument("--samples-per-device", type=int, default=50)
+    parser.add_argument("--eval-samples", type=int, default=500, help="a seeded subset of the eval split")
+    parser.add_argument("--max-seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--groups", type=int, default=3)
+    parser.add_argument("--max-frequency", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fedlora-rounds", type=int, default=10)
+    parser.add_argument("--max-rounds", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--strategies", default=",".join(VARIANTS))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-hier"))
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    args.cost_model = pin_cost_model(args.runs)
+    args.started = time.perf_counter()
+    names = args.strategies.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; known: {sorted(VARIANTS)}")
+    done: list[dict[str, Any]] = []
+    for dataset in args.datasets.split(","):
+        for alpha in (float(a) for a in args.alphas.split(",")):
+            done.append(run_pair(args, dataset, alpha, names, console, done))
+            write_results(args, done, partial=True)
+    console.print(write_results(args, done, partial=False))
+
+
+def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], *, partial: bool) -> str:
+    """JSON, markdown and PNG, rewritten after every strategy (an interrupted run keeps what it did)."""
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    suffix = "-quick" if args.quick else ""
+    result = {
+        "command": command,
+        "partial": partial,
+        "wall_s": time.perf_counter() - args.started,
+        "virtual_clock": (
+            "calibrated cost model (lorafleet/costmodels/minilm-cpu.json) counting what a device with the "
+            "activation cache computes, / device speed x jitter, + bytes / bandwidth; a global round lasts "
+            "as long as its slowest group's intra-group rounds together"
+        ),
+        "cost_model": args.cost_model,
+        "setup": {k: v for k, v in vars(args).items() if k not in ("cost_model", "started", "out", "runs")},
+        "runs": runs,
+    }
+    write_json(args.out / f"hierfedlora{suffix}.json", json.loads(json.dumps(result, default=str)))
+    parts = [f"# HierFedLoRA-style vs baselines under non-IID data\n\n`{command}`\n"]
+    parts.append(f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n")
+    for run in runs:
+        parts.append(
+            f"## {run['dataset']}, Dirichlet alpha {run['alpha']}\n\ntarget {run['target']:.4f} "
+            f"({run['target_is']}), budget {run['budget_virtual_s']:.1f} virtual s\n\n"
+            + markdown_table(run["strategies"], "fedlora")
+            + "\n"
+        )
+    text = "\n".join(parts)
+    (args.out / f"hierfedlora{suffix}.md").write_text(text, encoding="utf-8")
+    plot_runs(runs, args.out / f"hierfedlora{suffix}.png")
+    return text
+
+
+def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        return
+    cols = min(2, len(runs))
+    rows = (len(runs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
+    for ax, run in zip(axes.ravel(), runs, strict=False):
+        for name, row in run["strategies"].items():
+            ax.plot(
+                [p[0] for p in row["curve"]],
+                [p[1] for p in row["curve"]],
+                marker="o",
+                markersize=2,
+                label=name,
+            )
+        ax.axhline(run["target"], color="grey", linestyle="--", linewidth=1)
+        ax.axvline(run["budget_virtual_s"], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{run['dataset']}, alpha {run['alpha']}")
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(runs) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
