@@ -76,7 +76,7 @@ def run_embedded(
     runtime = build_runtime(config)
     shards = Shards.load(config)
     orchestrator = build_orchestrator(
-        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, reporter=reporter
+        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, reporter=reporter, embedded=True
     )
     orchestrator.start()
     fleet_key = secrets.token_bytes(32) if config.security.require_signatures else None

@@ -121,6 +121,7 @@ def build_orchestrator(
     out_dir: Path | None,
     reporter: RunReporter | None = None,
     clock: Clock | None = None,
+    embedded: bool = False,
 ) -> OrchestratorService:
     return orchestrator_class(config)(
         transport,
@@ -132,6 +133,7 @@ def build_orchestrator(
         reporter=reporter,
         clock=clock,
         cost=build_cost_model(config, runtime),
+        plan_live_only=not embedded,
     )
 
 

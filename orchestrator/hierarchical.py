@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 from lorafleet.adapters import Tensors
+from lorafleet.clock import to_ms
 from lorafleet.rounds import intra_round, parse_round
 from orchestrator.planning import DevicePlan
 from orchestrator.service import OrchestratorService
@@ -47,6 +49,17 @@ class HierarchicalOrchestrator(OrchestratorService):
     """:class:`OrchestratorService` whose rounds are global rounds over groups (module docstring)."""
 
     # -- planning ---------------------------------------------------------------------------------
+    def _planning_context(self, round_no: int) -> PlanningContext:
+        """The registered devices, less those whose lease has run out when ``plan_live_only`` (a
+        vanished device would hold up each of its group's rounds until its lease ran out; it is
+        planned again, and the groups formed again, once it heartbeats)."""
+        ctx = super()._planning_context(round_no)
+        if not self.plan_live_only:
+            return ctx
+        gone = set(self.state.expired_devices(self.run_id, to_ms(self.clock.now())))
+        live = [d for d in ctx.devices if d.device_id not in gone]
+        return replace(ctx, devices=live) if live else ctx
+
     def _groups(self, ctx: PlanningContext) -> tuple[list[list[str]], list[float]]:
         """The groups for this global round: the stored ones while their members and the knowledge
         of their speeds are unchanged, else new ones."""

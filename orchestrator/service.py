@@ -63,6 +63,7 @@ class OrchestratorService:
         clock: Clock | None = None,
         reporter: RunReporter | None = None,
         cost: CostModel | None = None,
+        plan_live_only: bool = False,
     ) -> None:
         self.transport = transport
         self.state = state
@@ -75,6 +76,9 @@ class OrchestratorService:
         self.reporter = reporter or RunReporter(config, quiet=True)
         self.strategy = STRATEGIES.get(config.strategy, STRATEGIES["fedlora"])  # hierarchical: own planner
         self.cost = cost or cost_model_for(config.model.name, num_blocks, config.model.tiny_hidden)
+        # plan only devices whose liveness lease holds (distributed hierarchical runs; in-process
+        # devices send no heartbeats)
+        self.plan_live_only = plan_live_only
         self.estimates: dict[str, DeviceEstimate] = {}
         self.global_spec = global_spec(config, num_blocks)
         self.phase: Phase = "registering"

@@ -114,33 +114,67 @@ def build_pipeline(
     fleet_key: bytes | None = None,
     speeds: list[float] | None = None,
     tokens_per_sample: int = 0,
+    workers: int | None = None,
+    plan_live_only: bool = False,
 ) -> Pipeline:
-    """``transports``: one per service (orchestrator, aggregator, then one per worker)."""
+    """``transports``: one per service (orchestrator, aggregator, then one per worker); ``workers``:
+    start only the first so many devices (:func:`make_worker` makes the others later)."""
     evaluator = MeanEvaluator()
     orchestrator = orchestrator_class(config)(
-        transports[0], state, config=config, num_blocks=NUM_BLOCKS, initial_adapter=initial_adapter
+        transports[0],
+        state,
+        config=config,
+        num_blocks=NUM_BLOCKS,
+        initial_adapter=initial_adapter,
+        plan_live_only=plan_live_only,
     )
     aggregator = aggregator_class(config)(
         transports[1], state, config=config, evaluator=evaluator, fleet_key=fleet_key
     )
-    workers = [
-        WorkerService(
+    started = [
+        make_worker(
+            config,
+            i,
             transports[2 + i],
-            FakeTrainer(delta=deltas[i], num_samples=samples[i], tokens_per_sample=tokens_per_sample),
-            run_id=config.run_id,
-            device_id=device_id(i),
-            num_samples=samples[i],
-            clock=worker_clock,
-            signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
-            **({} if speeds is None else _emulated(config, i, speeds[i])),
+            deltas=deltas,
+            samples=samples,
+            worker_clock=worker_clock,
+            fleet_key=fleet_key,
+            speeds=speeds,
+            tokens_per_sample=tokens_per_sample,
         )
-        for i in range(config.devices.count)
+        for i in range(config.devices.count if workers is None else workers)
     ]
     orchestrator.start()
     aggregator.start()
-    for worker in workers:
+    for worker in started:
         worker.start()
-    return Pipeline(config, orchestrator, aggregator, workers, evaluator, deltas, samples)
+    return Pipeline(config, orchestrator, aggregator, started, evaluator, deltas, samples)
+
+
+def make_worker(
+    config: RunConfig,
+    index: int,
+    transport: Transport,
+    *,
+    deltas: list[float],
+    samples: list[int],
+    worker_clock: Any = None,
+    fleet_key: bytes | None = None,
+    speeds: list[float] | None = None,
+    tokens_per_sample: int = 0,
+) -> WorkerService:
+    """Device slot ``index``'s worker with a fake trainer (not started)."""
+    return WorkerService(
+        transport,
+        FakeTrainer(delta=deltas[index], num_samples=samples[index], tokens_per_sample=tokens_per_sample),
+        run_id=config.run_id,
+        device_id=device_id(index),
+        num_samples=samples[index],
+        clock=worker_clock,
+        signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(index)),
+        **({} if speeds is None else _emulated(config, index, speeds[index])),
+    )
 
 
 def _emulated(config: RunConfig, index: int, speed: float) -> dict[str, Any]:

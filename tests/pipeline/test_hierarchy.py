@@ -291,3 +291,62 @@ def test_lorafleet_status_shows_the_group_and_global_counters_in_redis(redis_url
     assert snapshot["counters"]["update_counted"] == sum(r["devices_reported"] for r in report["rounds"])
     assert table.exit_code == 0 and "global aggregations: 2" in table.output
     assert missing.exit_code == 1 and "no run" in missing.output
+
+
+def _step_until(services: list[Any], done: Any, max_s: float = 60.0) -> None:
+    deadline = time.monotonic() + max_s
+    while not done():
+        assert time.monotonic() < deadline, "the run did not get there in time"
+        if not any(s.step(0.0) for s in services if not s.finished):
+            time.sleep(0.002)
+
+
+def _opened(state: StateStore, run_id: str, global_round: int) -> bool:
+    return state.get_global_round(run_id, global_round) is not None
+
+
+def test_devices_that_join_or_leave_are_grouped_again_and_the_run_goes_on(run_id: str) -> None:
+    from tests.pipeline.helpers import make_worker
+
+    # Given a hierarchical run that starts with five of its six devices
+    config = make_config(
+        run_id,
+        devices=6,
+        rounds=4,
+        extra={"strategy": "hierfedlora", "hier": {"groups": 2, "max_frequency": 3}},
+        min_devices=5,
+    )
+    broker, state = InMemoryBroker(), InMemoryStateStore()
+    transports: list[Transport] = [InMemoryTransport(broker) for _ in range(8)]
+    kw: dict[str, Any] = {
+        "deltas": DELTAS,
+        "samples": SAMPLES,
+        "speeds": SPEEDS,
+        "tokens_per_sample": TOKENS_PER_SAMPLE,
+    }
+    pipeline = build_pipeline(config, transports, state, workers=5, plan_live_only=True, **kw)
+    services: list[Any] = pipeline.services
+    _step_until(services, lambda: _opened(state, run_id, 2))
+    # When the sixth device joins during global round 2 ...
+    late = make_worker(config, 5, transports[7], **kw)
+    late.start()
+    services.append(late)
+    _step_until(services, lambda: _opened(state, run_id, 3))
+    # ... and dev-0001 vanishes during global round 3 (its lease runs out; it no longer works)
+    services.remove(pipeline.workers[1])
+    state.touch_device(run_id, "dev-0001", 0)
+    _step_until(services, lambda: pipeline.aggregator.finished)
+    report = build_report(config, state)
+    # Then round 2 went on without the late device, round 3 was grouped again with it, and it trained
+    members = [sorted(d for g in r["groups"].values() for d in g["devices"]) for r in report["rounds"]]
+    assert "dev-0005" not in members[1] and "dev-0005" in members[2]
+    metrics = state.get_round_metrics(run_id)
+    trained_in_3 = {
+        d for r in report["group_rounds"] if r["global_round"] == 3 for d in metrics[r["round"]]["devices"]
+    }
+    assert "dev-0005" in trained_in_3
+    # ... dev-0001's open tasks were dropped, and round 4 was grouped again without it
+    assert report["tasks_dropped"] >= 1
+    assert "dev-0001" in members[2] and "dev-0001" not in members[3]
+    assert report["final_round"] == 4 and report["finish_reason"] == "max_rounds"
+    check_counters_agree(state, config, report)
