@@ -106,6 +106,7 @@ def group_devices(
     *,
     speed_weight: float = 1.0,
     max_passes: int = 10,
+    max_partners: int = 256,
 ) -> Grouping:
     """Near-IID, speed-homogeneous groups (see the module docstring).
 
@@ -143,16 +144,21 @@ def group_devices(
         )
         delta = np.where(state.n < cap, after - before, np.inf)
         state.move(i, int(np.argmin(delta)))
-    _swap_search(state, objective, max_passes)
+    _swap_search(state, objective, max_passes, max_partners)
     groups = [
         sorted(ordered[i].device_id for i in np.flatnonzero(state.group_of == g)) for g in range(num_groups)
     ]
     return Grouping(groups, kl_to(state.counts, reference).tolist(), float(objective.of(state).sum()))
 
 
-def _swap_search(state: _State, objective: _Objective, max_passes: int) -> None:
-    """Apply the best improving swap for each device in turn, until a pass improves nothing."""
+def _swap_search(state: _State, objective: _Objective, max_passes: int, max_partners: int) -> None:
+    """Apply the best improving swap for each device in turn, until a pass improves nothing.
+
+    Each device tries every device of the other groups, or a seeded sample of ``max_partners`` of
+    them in large fleets (a pass is then O(N * max_partners * classes) instead of O(N^2 * classes)).
+    """
     n = len(state.group_of)
+    rng = np.random.default_rng(n)
     for _ in range(max_passes):
         improved = False
         for i in range(n):
@@ -160,6 +166,8 @@ def _swap_search(state: _State, objective: _Objective, max_passes: int) -> None:
             others = np.flatnonzero(state.group_of != a)
             if not len(others):
                 return
+            if len(others) > max_partners:
+                others = np.sort(rng.choice(others, size=max_partners, replace=False))
             b = state.group_of[others]
             hi, hj = state.hists[i], state.hists[others]
             wi, wj = state.known[i], state.known[others]
