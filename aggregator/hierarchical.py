@@ -25,14 +25,12 @@ import time
 from collections.abc import Sequence
 
 from aggregator.fedavg import WeightedUpdate, aggregate
-from aggregator.service import AggregatorService, checkpoint_dir, device_measurement, merge
-from lorafleet import topology
+from aggregator.service import AggregatorService, checkpoint_dir, merge
 from lorafleet.adapters import Tensors, parse_key
-from lorafleet.messaging import publish_message
 from lorafleet.rounds import IntraRound, intra_round, parse_round
 from schemas.config import RunConfig
 from schemas.messages import LoraSpec, ReplanRequest, RoundClosed
-from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
+from schemas.tensors import tensors_from_bytes, tensors_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,66 +64,27 @@ class HierarchicalAggregator(AggregatorService):
         if parsed is None:
             raise RuntimeError(f"round {round_no} is not an intra-group round of a hierarchical run")
         started = time.perf_counter()
-        stored = self.state.get_updates(self.run_id, round_no)
-        messages = [self._stored_update(body) for body in stored.values() if body]
+        stored, messages = self._round_updates(round_no)
         group_stored = self.state.get_group_adapter(self.run_id, parsed.group)
         if group_stored is None or group_stored[0] < round_no:
-            weighted = [
-                WeightedUpdate(decode_tensors(m.adapter, check_finite=False), float(m.num_samples))
-                for m in messages
-            ]
-            merged = merge(self.config, self._start_tensors(round_no), weighted)
+            merged = merge(self.config, self._start_tensors(round_no), self._weighted(messages))
             self.state.put_group_adapter(self.run_id, parsed.group, round_no, tensors_to_bytes(merged))
-        info = self.state.get_round(self.run_id, round_no)
-        assert info is not None
-        bytes_up = sum(len(body) for body in stored.values())
-        reason = info.close_reason or "deadline"
+        closed = self._record_round_metrics(round_no, stored, messages, started, extra=parsed._asdict())
         virtual = max((m.metrics.device_time_s for m in messages), default=0.0)
-        self.state.put_round_metrics(
-            self.run_id,
-            round_no,
-            {
-                "global_round": parsed.global_round,
-                "group": parsed.group,
-                "step": parsed.step,
-                "devices_reported": len(messages),
-                "virtual_round_s": virtual,
-                "devices": {m.device_id: device_measurement(m) for m in messages},
-                "reports": len(stored),
-                "tasks_issued": len(info.tasks),
-                "bytes_up": bytes_up,
-                "close_reason": reason,
-                "closed_at": (info.closed_ms or 0) / 1000.0,
-                "aggregation_s": time.perf_counter() - started,
-            },
-        )
         self._check_drift(round_no, parsed, virtual)
         progress = self.state.record_group_aggregation(
             self.run_id, parsed.global_round, parsed.group, round_no
         )
-        publish_message(
-            self.transport,
-            topology.ROUNDS_EXCHANGE,
-            topology.ROUNDS_KEY,
-            RoundClosed(
-                run_id=self.run_id,
-                round=round_no,
-                reason=reason,
-                tasks_issued=len(info.tasks),
-                devices_reported=len(messages),
-                bytes_up=bytes_up,
-                global_version=parsed.global_round - 1,
-            ),
-        )
+        self._publish(closed.model_copy(update={"global_version": parsed.global_round - 1}))
         self.state.mark_aggregated(self.run_id, round_no, parsed.global_round - 1)
         log.info(
             "aggregator: global round %d group %d round %d closed (%s) with %d/%d updates; group at %d/%d",
             parsed.global_round,
             parsed.group,
             parsed.step,
-            reason,
-            len(messages),
-            len(info.tasks),
+            closed.reason,
+            closed.devices_reported,
+            closed.tasks_issued,
             progress.count,
             progress.target,
         )
@@ -137,17 +96,14 @@ class HierarchicalAggregator(AggregatorService):
             return  # a profiling round, or nothing measured
         drift = abs(measured_s - planned) / planned
         if drift > self.config.legend.replan_drift:
-            publish_message(
-                self.transport,
-                topology.ROUNDS_EXCHANGE,
-                topology.ROUNDS_KEY,
+            self._publish(
                 ReplanRequest(
                     run_id=self.run_id,
                     round=round_no,
                     reason=(
                         f"drift: group {parsed.group} round took {measured_s:.3f} s, planned {planned:.3f} s"
                     ),
-                ),
+                )
             )
             self.state.incr_counter(self.run_id, "replan_drift")
 
@@ -246,10 +202,7 @@ class HierarchicalAggregator(AggregatorService):
                 "aggregation_s": time.perf_counter() - started,
             },
         )
-        publish_message(
-            self.transport,
-            topology.ROUNDS_EXCHANGE,
-            topology.ROUNDS_KEY,
+        self._publish(
             RoundClosed(
                 run_id=self.run_id,
                 round=global_round,
@@ -258,16 +211,11 @@ class HierarchicalAggregator(AggregatorService):
                 devices_reported=devices_reported,
                 bytes_up=bytes_up,
                 global_version=global_round,
-            ),
+            )
         )
         self.state.mark_global_aggregated(self.run_id, global_round)
-        publish_message(
-            self.transport,
-            topology.ROUNDS_EXCHANGE,
-            topology.ROUNDS_KEY,
-            ReplanRequest(
-                run_id=self.run_id, round=global_round, reason=f"global aggregation {global_round}"
-            ),
+        self._publish(
+            ReplanRequest(run_id=self.run_id, round=global_round, reason=f"global aggregation {global_round}")
         )
         self._to_evaluate.append(global_round)
         log.info(

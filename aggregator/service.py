@@ -32,7 +32,7 @@ from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Tran
 from schemas.config import RunConfig
 from schemas.envelope import decode
 from schemas.errors import DecodeError
-from schemas.messages import LoraSpec, LoraUpdate, RoundClosed, RoundEvaluated, TaskFailed
+from schemas.messages import LoraSpec, LoraUpdate, ReplanRequest, RoundClosed, RoundEvaluated, TaskFailed
 from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
 
 log = logging.getLogger(__name__)
@@ -317,19 +317,49 @@ class AggregatorService:
     def _aggregate(self, round_no: int) -> None:
         started = time.perf_counter()
         version, current = self._global()
-        stored = self.state.get_updates(self.run_id, round_no)
-        messages = [self._stored_update(body) for body in stored.values() if body]
+        stored, messages = self._round_updates(round_no)
         if version >= round_no:
             merged = current  # aggregated before a crash; the stored result stands
         else:
-            weighted = [
-                WeightedUpdate(decode_tensors(m.adapter, check_finite=False), float(m.num_samples))
-                for m in messages
-            ]
-            merged = merge(self.config, current, weighted)
+            merged = merge(self.config, current, self._weighted(messages))
             self.state.put_global_adapter(self.run_id, round_no, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, round_no))
+        closed = self._record_round_metrics(round_no, stored, messages, started)
+        self._publish(closed.model_copy(update={"global_version": round_no}))
+        self.state.mark_aggregated(self.run_id, round_no, round_no)
+        self._to_evaluate.append(round_no)
+        log.info(
+            "aggregator: round %d closed (%s) with %d/%d updates",
+            round_no,
+            closed.reason,
+            closed.devices_reported,
+            closed.tasks_issued,
+        )
+
+    def _round_updates(self, round_no: int) -> tuple[dict[str, bytes], list[LoraUpdate]]:
+        """A closed round's stored reports (task id -> bytes; empty for dropped or failed tasks) and
+        the updates among them."""
+        stored = self.state.get_updates(self.run_id, round_no)
+        return stored, [self._stored_update(body) for body in stored.values() if body]
+
+    @staticmethod
+    def _weighted(messages: list[LoraUpdate]) -> list[WeightedUpdate]:
+        return [
+            WeightedUpdate(decode_tensors(m.adapter, check_finite=False), float(m.num_samples))
+            for m in messages
+        ]
+
+    def _record_round_metrics(
+        self,
+        round_no: int,
+        stored: dict[str, bytes],
+        messages: list[LoraUpdate],
+        started: float,
+        extra: dict[str, object] | None = None,
+    ) -> RoundClosed:
+        """Store a closed round's metrics (what its devices reported and measured); the RoundClosed
+        that announces it (``global_version`` 0: the caller sets it)."""
         info = self.state.get_round(self.run_id, round_no)
         assert info is not None
         bytes_up = sum(len(body) for body in stored.values())
@@ -338,6 +368,7 @@ class AggregatorService:
             self.run_id,
             round_no,
             {
+                **(extra or {}),
                 "devices_reported": len(messages),
                 "virtual_round_s": max((m.metrics.device_time_s for m in messages), default=0.0),
                 "devices": {m.device_id: device_measurement(m) for m in messages},
@@ -349,29 +380,19 @@ class AggregatorService:
                 "aggregation_s": time.perf_counter() - started,
             },
         )
-        publish_message(
-            self.transport,
-            topology.ROUNDS_EXCHANGE,
-            topology.ROUNDS_KEY,
-            RoundClosed(
-                run_id=self.run_id,
-                round=round_no,
-                reason=reason,
-                tasks_issued=len(info.tasks),
-                devices_reported=len(messages),
-                bytes_up=bytes_up,
-                global_version=round_no,
-            ),
+        return RoundClosed(
+            run_id=self.run_id,
+            round=round_no,
+            reason=reason,
+            tasks_issued=len(info.tasks),
+            devices_reported=len(messages),
+            bytes_up=bytes_up,
+            global_version=0,
         )
-        self.state.mark_aggregated(self.run_id, round_no, round_no)
-        self._to_evaluate.append(round_no)
-        log.info(
-            "aggregator: round %d closed (%s) with %d/%d updates",
-            round_no,
-            reason,
-            len(messages),
-            len(info.tasks),
-        )
+
+    def _publish(self, message: RoundClosed | RoundEvaluated | ReplanRequest) -> None:
+        """Tell the orchestrator (the rounds exchange)."""
+        publish_message(self.transport, topology.ROUNDS_EXCHANGE, topology.ROUNDS_KEY, message)
 
     @staticmethod
     def _stored_update(body: bytes) -> LoraUpdate:
@@ -389,11 +410,8 @@ class AggregatorService:
         self.state.put_round_metrics(
             self.run_id, round_no, {"accuracy": accuracy, "loss": loss, "eval_s": eval_s}
         )
-        publish_message(
-            self.transport,
-            topology.ROUNDS_EXCHANGE,
-            topology.ROUNDS_KEY,
-            RoundEvaluated(run_id=self.run_id, round=round_no, accuracy=accuracy, loss=loss, eval_s=eval_s),
+        self._publish(
+            RoundEvaluated(run_id=self.run_id, round=round_no, accuracy=accuracy, loss=loss, eval_s=eval_s)
         )
         log.info("aggregator: round %d accuracy %.4f loss %.4f", round_no, accuracy, loss)
 

@@ -15,6 +15,13 @@ from typing import Any
 from lorafleet.embedded import run_embedded
 from schemas.config import parse_run_config
 
+#: three device tiers: 1x, 2.5x and 6x slower than this host, 20/5/1 Mbit/s up and 20/10/2 down
+TIERS: list[dict[str, Any]] = [
+    {"name": "fast", "fraction": 1 / 3, "speed": 1.0, "uplink_mbps": 20.0, "downlink_mbps": 20.0},
+    {"name": "mid", "fraction": 1 / 3, "speed": 0.4, "uplink_mbps": 5.0, "downlink_mbps": 10.0},
+    {"name": "slow", "fraction": 1 / 3, "speed": 1 / 6, "uplink_mbps": 1.0, "downlink_mbps": 2.0},
+]
+
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)

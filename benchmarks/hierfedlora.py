@@ -25,7 +25,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import markdown_table, merge, run_strategy, summarise, write_json  # noqa: E402
+from benchmarks.harness import TIERS, markdown_table, merge, run_strategy, summarise, write_json  # noqa: E402
 from benchmarks.legend import pin_cost_model  # noqa: E402
 
 #: benchmark row -> (strategy, configuration overrides)
@@ -38,7 +38,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hier_fixed_frequency": ("hier_fixed_frequency", {}),
     "hier_fixed_depth": ("hier_fixed_depth", {}),
 }
-THIRD = 1.0 / 3.0
 
 
 def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[str, Any]:
@@ -65,11 +64,7 @@ def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[st
         "devices": {
             "count": args.devices,
             "jitter": 0.1,
-            "tiers": [
-                {"name": "fast", "fraction": THIRD, "speed": 1.0, "uplink_mbps": 20.0, "downlink_mbps": 20.0},
-                {"name": "mid", "fraction": THIRD, "speed": 0.4, "uplink_mbps": 5.0, "downlink_mbps": 10.0},
-                {"name": "slow", "fraction": THIRD, "speed": 1 / 6, "uplink_mbps": 1.0, "downlink_mbps": 2.0},
-            ],
+            "tiers": TIERS,
         },
     }
 

@@ -25,10 +25,9 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import markdown_table, plot, run_strategy, summarise, write_json  # noqa: E402
+from benchmarks.harness import TIERS, markdown_table, plot, run_strategy, summarise, write_json  # noqa: E402
 
 STRATEGIES = ["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
-THIRD = 1.0 / 3.0
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,11 +52,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         "devices": {
             "count": args.devices,
             "jitter": 0.1,
-            "tiers": [
-                {"name": "fast", "fraction": THIRD, "speed": 1.0, "uplink_mbps": 20.0, "downlink_mbps": 20.0},
-                {"name": "mid", "fraction": THIRD, "speed": 0.4, "uplink_mbps": 5.0, "downlink_mbps": 10.0},
-                {"name": "slow", "fraction": THIRD, "speed": 1 / 6, "uplink_mbps": 1.0, "downlink_mbps": 2.0},
-            ],
+            "tiers": TIERS,
         },
     }
 
