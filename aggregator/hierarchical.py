@@ -159,19 +159,24 @@ class HierarchicalAggregator(AggregatorService):
         started = time.perf_counter()
         version, current = self._global()
         per_group = self._group_rounds(global_round)
+        metrics = self.state.get_round_metrics(self.run_id)
         if version >= global_round:
             merged = current  # aggregated before a crash; the stored result stands
         else:
+            trained = {  # a group none of whose devices reported kept the old adapter: it does not pull
+                g: rs
+                for g, rs in per_group.items()
+                if any(metrics.get(r, {}).get("devices_reported") for r in rs)
+            }
             contributions = [
                 c
-                for g, rs in sorted(per_group.items())
+                for g, rs in sorted(trained.items())
                 if (c := self._group_contribution(g, rs[-1])) is not None
             ]
             merged = merge_groups(current, contributions)
             self.state.put_global_adapter(self.run_id, global_round, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, global_round))
-        metrics = self.state.get_round_metrics(self.run_id)
         intra = [metrics.get(r, {}) for rs in per_group.values() for r in rs]
         group_time = {
             g: sum(float(metrics.get(r, {}).get("virtual_round_s", 0.0)) for r in rs)

@@ -14,7 +14,7 @@ import pytest
 
 from lorafleet.adapters import parse_key
 from lorafleet.report import build_report
-from lorafleet.rounds import intra_round
+from lorafleet.rounds import intra_round, parse_round
 from lorafleet.state.base import StateStore
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.base import Transport
@@ -54,7 +54,14 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
     for entry in report["rounds"]:
         sums = {k: np.zeros_like(v) for k, v in current.items()}
         weights = dict.fromkeys(current, 0.0)
-        for group in entry["groups"].values():
+        for g, group in entry["groups"].items():
+            reported = [
+                r["devices_reported"]
+                for r in report["group_rounds"]
+                if r["global_round"] == entry["round"] and r["group"] == int(g)
+            ]
+            if not any(reported):
+                continue  # nobody in the group trained: it does not pull the merge
             members = [index[d] for d in group["devices"]]
             n = float(sum(SAMPLES[i] for i in members))
             mean_delta = sum(SAMPLES[i] * DELTAS[i] for i in members) / n
@@ -350,3 +357,44 @@ def test_devices_that_join_or_leave_are_grouped_again_and_the_run_goes_on(run_id
     assert "dev-0001" in members[2] and "dev-0001" not in members[3]
     assert report["final_round"] == 4 and report["finish_reason"] == "max_rounds"
     check_counters_agree(state, config, report)
+
+
+class FailingFrom:
+    """A trainer that fails every task from global round ``first`` on (its device reports TaskFailed)."""
+
+    def __init__(self, inner: Any, first: int) -> None:
+        self.inner, self.first = inner, first
+
+    def train(self, task: Any, start: Any) -> Any:
+        parsed = parse_round(task.round)
+        if parsed is not None and parsed.global_round >= self.first:
+            raise RuntimeError("this device fails")
+        return self.inner.train(task, start)
+
+
+def test_a_group_whose_devices_all_fail_does_not_pull_the_global_merge(run_id: str) -> None:
+    # Given the slow devices failing every task from global round 2 on (when they form their own group)
+    config = hier_config(run_id, rounds=3)
+    broker, state = InMemoryBroker(), InMemoryStateStore()
+    pipeline = build_pipeline(
+        config,
+        [InMemoryTransport(broker) for _ in range(8)],
+        state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        speeds=SPEEDS,
+        tokens_per_sample=TOKENS_PER_SAMPLE,
+    )
+    for worker in pipeline.workers[3:]:
+        worker.trainer = FailingFrom(worker.trainer, first=2)
+    # When the run goes on
+    pipeline.drive()
+    report = build_report(config, state)
+    # Then their group's rounds closed with no update, and the global adapter is the other group's
+    # merge alone (the independent computation skips a group nobody in it trained)
+    slow = next(g for g in report["rounds"][-1]["groups"].values() if "dev-0005" in g["devices"])
+    assert slow["devices"] == ["dev-0003", "dev-0004", "dev-0005"]
+    assert report["tasks_failed"] >= 6
+    got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
