@@ -429,6 +429,8 @@ class OrchestratorService:
             lr=t.lr,
             weight_decay=t.weight_decay,
             seed=self.config.seed,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
         )
 
     # -- end ------------------------------------------------------------------------------------

@@ -137,6 +137,11 @@ class TrainingConfig(_Section):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # the local optimiser, new for every task: AdamW, or SGD (which keeps the sum of the devices'
+    # updates close to the fleet's gradient when their labels are skewed; AdamW's per-coordinate
+    # normalisation does not)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 class TierConfig(_Section):

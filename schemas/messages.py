@@ -70,6 +70,8 @@ class TrainHyperParams(StrictModel):
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     seed: Annotated[int, Field(ge=0)] = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd only
 
 
 class TrainMetrics(StrictModel):

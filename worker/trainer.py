@@ -63,7 +63,7 @@ def task_batches(n: int, hp: TrainHyperParams, seed: int) -> list[list[int]]:
 
 
 class LoraTrainer:
-    """Trains the task's LoRA on a local shard with AdamW; deterministic given the same inputs.
+    """Trains the task's LoRA on a local shard (AdamW or SGD); deterministic given the same inputs.
 
     With ``cache=True`` (the default) the trainer keeps a :class:`~lorafleet.prefix_cache.PrefixCache`
     of its shard: a task whose lowest LoRA block is ``b`` reads the hidden states entering block ``b``
@@ -107,7 +107,7 @@ class LoraTrainer:
             needed = sorted({i for batch in batches for i in batch})
             counts = self.cache.ensure(parts, lowest, needed)
         params = list(self.runtime.parameters(task.lora).values())
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = local_optimizer(params, hp)
         torch.manual_seed(seed)
         model.train()
         tokens, examples, loss_sum = 0, 0, 0.0
@@ -146,6 +146,13 @@ class LoraTrainer:
             cached=cached,
         )
         return TrainOutcome(self.runtime.export(task.lora), metrics, len(self.shard))
+
+
+def local_optimizer(params: list[torch.nn.Parameter], hp: TrainHyperParams) -> torch.optim.Optimizer:
+    """A task's optimiser, new for every task."""
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
 
 
 class FakeTrainer:

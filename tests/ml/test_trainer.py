@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from pydantic import ValidationError
 
 from aggregator.evaluation import evaluate
 from lorafleet.data import EncodedDataset
 from lorafleet.model import AdapterRuntime
+from schemas.messages import TrainHyperParams
 from tests.ml.conftest import TINY, Synthetic, make_spec, make_task
-from worker.trainer import FakeTrainer, LoraTrainer, task_seed
+from worker.trainer import FakeTrainer, LoraTrainer, local_optimizer, task_seed
 
 
 def _subset(encoded: EncodedDataset, n: int) -> EncodedDataset:
@@ -88,3 +91,13 @@ def test_fake_trainer_sleeps() -> None:
         make_task(make_spec({0: 2}), start), start
     )
     assert outcome.metrics.compute_s >= 0.05
+
+
+def test_the_task_names_its_local_optimiser() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = local_optimizer(params, TrainHyperParams(optimizer="sgd", lr=0.1, momentum=0.5))
+    adamw = local_optimizer(params, TrainHyperParams(lr=0.01))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.5
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 0.01
+    with pytest.raises(ValidationError):
+        TrainHyperParams(optimizer="rmsprop")  # type: ignore[arg-type]

@@ -271,3 +271,15 @@ def test_a_task_sent_to_the_wrong_exchange_is_a_forged_sender(run_id: str) -> No
     assert [dead_letter_reason(h) for _, h in dead] == ["wrong_sender"]
     assert isinstance(decode(dead[0][0]), TrainTask)
     assert pipeline.orchestrator.report is not None and pipeline.orchestrator.report["final_round"] == 1
+
+
+def test_tasks_carry_the_configured_local_optimiser(run_id: str) -> None:
+    config = make_config(
+        run_id, devices=1, rounds=1, extra={"training": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}}
+    )
+    broker = InMemoryBroker()
+    pipeline = build_pipeline(
+        config, [InMemoryTransport(broker) for _ in range(3)], InMemoryStateStore(), deltas=[0.1], samples=[5]
+    )
+    hparams = pipeline.orchestrator._hparams()
+    assert (hparams.optimizer, hparams.lr, hparams.momentum) == ("sgd", 0.5, 0.9)
