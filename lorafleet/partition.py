@@ -5,12 +5,10 @@ its seed. ``per_device`` fixes how many rows a device holds (its mean, under qua
 splits every row.
 
 * :func:`partition_iid`: uniformly random shards.
-* :func:`partition_dirichlet`: label skew. With ``per_device``, each device draws its own class
-  proportions ``p ~ Dir(alpha)`` and takes its rows class by class in those proportions (a class
-  that runs out is replaced by the device's next most likely classes). Without it, each class's rows
-  are divided among the devices in proportions ``q ~ Dir(alpha)`` drawn per class (Hsu et al. 2019,
-  "LDA partition"). Small ``alpha`` (0.1) gives each device one or two dominant classes; large
-  ``alpha`` approaches IID.
+* :func:`partition_dirichlet`: label skew (Hsu et al. 2019): each class's rows are divided among
+  the devices in proportions ``q ~ Dir(alpha)`` drawn per class, so the fleet as a whole keeps the
+  data set's label distribution while each device sees a few classes. Small ``alpha`` (0.1) gives
+  each device one or two dominant classes (and unequal sizes); large ``alpha`` approaches IID.
 * :func:`partition_classes`: each device holds rows of exactly ``k`` classes (pathological non-IID,
   McMahan et al. 2017), the classes dealt out so that every class is used.
 * :func:`partition_quantity`: IID labels, device sizes proportional to ``Dir(alpha)`` over devices
@@ -67,61 +65,58 @@ def _class_pools(labels: Sequence[int], rng: np.random.Generator) -> dict[int, l
 
 
 def partition_dirichlet(
-    labels: Sequence[int], n_devices: int, alpha: float, per_device: int | None, seed: int
+    labels: Sequence[int],
+    n_devices: int,
+    alpha: float,
+    per_device: int | None,
+    seed: int,
+    min_size: int | None = None,
 ) -> list[list[int]]:
-    """Label-skewed shards with Dirichlet(``alpha``) class proportions (see the module docstring).
+    """Label-skewed shards: each class's rows divided among the devices in Dir(``alpha``) proportions
+    (Hsu et al. 2019), so that the fleet as a whole keeps the data set's label distribution.
+
+    With ``per_device``, a stratified sample of ``per_device * n_devices`` rows is divided (device
+    sizes then vary around ``per_device``); without it, every row. A device left with fewer than
+    ``min_size`` rows (default: a fifth of ``per_device``, at least 1) takes random rows from the
+    largest devices until it has them.
 
     Raises:
-        ValueError: ``alpha <= 0``, ``n_devices < 1``, ``per_device < 1``, or not enough rows.
+        ValueError: ``alpha <= 0``, ``n_devices < 1``, ``per_device < 1``, or fewer than ``min_size``
+            rows per device.
     """
     if not alpha > 0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a positive number, got {alpha}")
     _check(len(labels), n_devices, per_device)
     rng = np.random.default_rng(seed)
     pools = _class_pools(labels, rng)
-    classes = list(pools)
-    if per_device is None:
-        return _dirichlet_by_class(pools, n_devices, alpha, rng)
-    shards: list[list[int]] = []
-    taken = dict.fromkeys(classes, 0)
-    for _ in range(n_devices):
-        proportions = rng.dirichlet(np.full(len(classes), alpha))
-        wanted = rng.multinomial(per_device, proportions)
-        shard: list[int] = []
-        short = 0
-        for c, count in zip(classes, wanted.tolist(), strict=True):
-            got = min(count, len(pools[c]) - taken[c])
-            shard += pools[c][taken[c] : taken[c] + got]
-            taken[c] += got
-            short += count - got
-        # classes that ran out: fill from this device's next most likely classes
-        for c in [classes[i] for i in np.argsort(-proportions, kind="stable")]:
-            if short == 0:
-                break
-            got = min(short, len(pools[c]) - taken[c])
-            shard += pools[c][taken[c] : taken[c] + got]
-            taken[c] += got
-            short -= got
-        shards.append(sorted(shard))
-    return shards
-
-
-def _dirichlet_by_class(
-    pools: dict[int, list[int]], n_devices: int, alpha: float, rng: np.random.Generator
-) -> list[list[int]]:
-    """Every row dealt out: each class split among devices in Dir(alpha) proportions; every device
-    ends up with at least one row (taken from the largest shard) so that none is empty."""
+    if per_device is not None:
+        pools = _stratified(pools, per_device * n_devices)
+    floor = max(1, (per_device or 0) // 5) if min_size is None else min_size
+    total = sum(len(p) for p in pools.values())
+    if total < floor * n_devices:
+        raise ValueError(f"{total} rows cannot give {n_devices} devices {floor} each")
     shards: list[list[int]] = [[] for _ in range(n_devices)]
     for pool in pools.values():
         proportions = rng.dirichlet(np.full(n_devices, alpha))
         cuts = (np.cumsum(proportions) * len(pool)).astype(int)[:-1]
         for device, part in enumerate(np.split(np.array(pool, dtype=np.int64), cuts)):
             shards[device] += part.tolist()
+    # devices below the minimum take rows from the largest ones (the fleet's labels stay as they are)
     for device in range(n_devices):
-        if not shards[device]:
+        while len(shards[device]) < floor:
             donor = max(range(n_devices), key=lambda d: (len(shards[d]), -d))
-            shards[device].append(shards[donor].pop())
+            shards[device].append(shards[donor].pop(int(rng.integers(len(shards[donor])))))
     return [sorted(s) for s in shards]
+
+
+def _stratified(pools: dict[int, list[int]], count: int) -> dict[int, list[int]]:
+    """``count`` rows taken class by class in the data set's proportions (largest remainders)."""
+    total = sum(len(p) for p in pools.values())
+    shares = {c: len(p) * count / total for c, p in pools.items()}
+    take = {c: int(math.floor(v)) for c, v in shares.items()}
+    for c in sorted(shares, key=lambda c: (take[c] - shares[c], c))[: count - sum(take.values())]:
+        take[c] += 1
+    return {c: pool[: take[c]] for c, pool in pools.items()}
 
 
 def partition_classes(

@@ -32,7 +32,8 @@ def _tv_from_uniform(shard: list[int], labels: list[int], classes: int) -> float
 
 def test_dirichlet_shards_are_disjoint_sized_and_seeded() -> None:
     shards = partition_dirichlet(LABELS, 20, 0.5, 100, seed=3)
-    assert [len(s) for s in shards] == [100] * 20
+    sizes = [len(s) for s in shards]
+    assert sum(sizes) == 2000 and min(sizes) >= 20  # the total, and at least a fifth of per_device each
     assert _disjoint(shards)
     assert shards == partition_dirichlet(LABELS, 20, 0.5, 100, seed=3)
     assert shards != partition_dirichlet(LABELS, 20, 0.5, 100, seed=4)
@@ -49,13 +50,21 @@ def test_smaller_alpha_gives_more_skewed_shards() -> None:
     assert iid < 0.15
 
 
-def test_dirichlet_fills_a_device_from_other_classes_when_its_class_runs_out() -> None:
-    # Given a class with only 5 rows, and devices that all want mostly that class
-    labels = [0] * 5 + [1] * 500 + [2] * 500
-    shards = partition_dirichlet(labels, 6, 0.05, 50, seed=1)
-    # Then every device still gets its 50 rows, and no row is used twice
-    assert [len(s) for s in shards] == [50] * 6
-    assert _disjoint(shards)
+def test_the_fleet_keeps_the_data_sets_label_distribution_however_skewed_its_devices() -> None:
+    # Given an unbalanced data set (class 0 is half of it)
+    labels = [0] * 3000 + [c % 4 + 1 for c in range(3000)]
+    shards = partition_dirichlet(labels, 25, 0.1, 80, seed=1)
+    # Then each device is skewed, but together they hold the data set's proportions
+    fleet = Counter(labels[i] for s in shards for i in s)
+    assert fleet == {0: 1000, 1: 250, 2: 250, 3: 250, 4: 250}
+    assert sum(_tv_from_uniform(s, labels, 5) for s in shards) / 25 > 0.4
+
+
+def test_dirichlet_gives_every_device_its_minimum() -> None:
+    shards = partition_dirichlet([i % 2 for i in range(5000)], 21, 0.05, 50, seed=0, min_size=20)
+    assert min(len(s) for s in shards) >= 20 and sum(len(s) for s in shards) == 1050
+    with pytest.raises(ValueError, match="cannot give"):
+        partition_dirichlet(LABELS, 20, 0.1, 50, seed=0, min_size=60)
 
 
 def test_dirichlet_without_per_device_deals_out_every_row() -> None:
