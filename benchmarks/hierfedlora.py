@@ -79,6 +79,7 @@ def run_pair(
     target = float(fed["final_accuracy"])
     budget = float(fed["virtual_time_s"])
     entry: dict[str, Any] = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "dataset": dataset,
         "alpha": alpha,
         "target": target,
@@ -120,14 +121,15 @@ def main() -> None:
     parser.add_argument("--samples-per-device", type=int, default=50)
     parser.add_argument("--eval-samples", type=int, default=500, help="a seeded subset of the eval split")
     parser.add_argument("--max-seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--groups", type=int, default=3)
     parser.add_argument("--max-frequency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fedlora-rounds", type=int, default=10)
+    parser.add_argument("--fedlora-rounds", type=int, default=12)
     parser.add_argument("--max-rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--strategies", default=",".join(VARIANTS))
+    parser.add_argument("--keep-others", action="store_true", help="keep other pairs' committed results")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-hier"))
@@ -140,6 +142,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown strategies {unknown}; known: {sorted(VARIANTS)}")
     done: list[dict[str, Any]] = []
+    previous = args.out / f"hierfedlora{'-quick' if args.quick else ''}.json"
+    if args.keep_others and previous.exists():  # runs of other (dataset, alpha) pairs stay
+        wanted = {(d, float(a)) for d in args.datasets.split(",") for a in args.alphas.split(",")}
+        kept = json.loads(previous.read_text(encoding="utf-8"))["runs"]
+        args.kept = [r for r in kept if (r["dataset"], float(r["alpha"])) not in wanted]
     for dataset in args.datasets.split(","):
         for alpha in (float(a) for a in args.alphas.split(",")):
             done.append(run_pair(args, dataset, alpha, names, console, done))
@@ -150,6 +157,7 @@ def main() -> None:
 def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], *, partial: bool) -> str:
     """JSON, markdown and PNG, rewritten after every strategy (an interrupted run keeps what it did)."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    runs = [*getattr(args, "kept", []), *runs]
     suffix = "-quick" if args.quick else ""
     result = {
         "command": command,
@@ -161,7 +169,9 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], *, parti
             "as long as its slowest group's intra-group rounds together"
         ),
         "cost_model": args.cost_model,
-        "setup": {k: v for k, v in vars(args).items() if k not in ("cost_model", "started", "out", "runs")},
+        "setup": {
+            k: v for k, v in vars(args).items() if k not in ("cost_model", "started", "out", "runs", "kept")
+        },
         "runs": runs,
     }
     write_json(args.out / f"hierfedlora{suffix}.json", json.loads(json.dumps(result, default=str)))
@@ -169,7 +179,8 @@ def write_results(args: argparse.Namespace, runs: list[dict[str, Any]], *, parti
     parts.append(f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n")
     for run in runs:
         parts.append(
-            f"## {run['dataset']}, Dirichlet alpha {run['alpha']}\n\ntarget {run['target']:.4f} "
+            f"## {run['dataset']}, Dirichlet alpha {run['alpha']}\n\n`{run.get('command', command)}`\n\n"
+            f"target {run['target']:.4f} "
             f"({run['target_is']}), budget {run['budget_virtual_s']:.1f} virtual s\n\n"
             + markdown_table(run["strategies"], "fedlora")
             + "\n"
