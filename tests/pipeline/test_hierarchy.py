@@ -42,6 +42,23 @@ def hier_config(run_id: str, rounds: int = 4, **hier: Any) -> RunConfig:
     )
 
 
+def fleet(
+    config: RunConfig, state: StateStore, transports: list[Transport] | None = None, **kw: Any
+) -> Pipeline:
+    """The six fake devices of these tests (two speed tiers) on ``state``, in-process by default."""
+    options: dict[str, Any] = {
+        "deltas": DELTAS,
+        "samples": SAMPLES,
+        "speeds": SPEEDS,
+        "tokens_per_sample": TOKENS_PER_SAMPLE,
+        **kw,
+    }
+    if transports is None:
+        broker = InMemoryBroker()
+        transports = [InMemoryTransport(broker) for _ in range(8)]
+    return build_pipeline(config, transports, state, **options)
+
+
 def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, np.ndarray]:
     """Independent computation from the plan in the report: a group of fake trainers adds its
     members' sample-weighted mean delta to the blocks it trains (and the head) once per intra-group
@@ -158,15 +175,7 @@ def test_a_hierarchical_run_aggregates_exactly_and_its_counters_agree_with_the_r
 ) -> None:
     # Given six devices in two speed tiers, two groups, up to three intra-group rounds per global round
     config = hier_config(run_id)
-    pipeline = build_pipeline(
-        config,
-        servers.transports,
-        servers.state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        speeds=SPEEDS,
-        tokens_per_sample=TOKENS_PER_SAMPLE,
-    )
+    pipeline = fleet(config, servers.state, servers.transports)
     # When the run goes through its four global rounds
     run_to_end(servers, pipeline)
     report = build_report(config, servers.state)
@@ -212,16 +221,8 @@ def test_the_ablations_plan_what_they_say(run_id: str, strategy: str, check: Any
             "hier": {"groups": 2, "max_frequency": 3, "fixed_frequency": 2, "fixed_depth": 2},
         },
     )
-    broker, state = InMemoryBroker(), InMemoryStateStore()
-    pipeline = build_pipeline(
-        config,
-        [InMemoryTransport(broker) for _ in range(8)],
-        state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        speeds=SPEEDS,
-        tokens_per_sample=TOKENS_PER_SAMPLE,
-    )
+    state = InMemoryStateStore()
+    pipeline = fleet(config, state)
     pipeline.drive()
     report = build_report(config, state)
     assert report["final_round"] == 3
@@ -235,16 +236,8 @@ def test_the_ablations_plan_what_they_say(run_id: str, strategy: str, check: Any
 def test_a_group_faster_than_planned_gets_more_rounds_within_the_global_round(run_id: str) -> None:
     # Given fake devices that report no tokens: their rounds take far less than the planner predicts
     config = hier_config(run_id, rounds=3)
-    broker, state = InMemoryBroker(), InMemoryStateStore()
-    pipeline = build_pipeline(
-        config,
-        [InMemoryTransport(broker) for _ in range(8)],
-        state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        speeds=SPEEDS,
-        tokens_per_sample=0,
-    )
+    state = InMemoryStateStore()
+    pipeline = fleet(config, state, tokens_per_sample=0)
     # When the run goes on
     pipeline.drive()
     report = build_report(config, state)
@@ -270,16 +263,7 @@ def test_lorafleet_status_shows_the_group_and_global_counters_in_redis(redis_url
     state = RedisStateStore(redis_url)
     try:
         config = hier_config(run_id, rounds=2)
-        broker = InMemoryBroker()
-        pipeline = build_pipeline(
-            config,
-            [InMemoryTransport(broker) for _ in range(8)],
-            state,
-            deltas=DELTAS,
-            samples=SAMPLES,
-            speeds=SPEEDS,
-            tokens_per_sample=TOKENS_PER_SAMPLE,
-        )
+        pipeline = fleet(config, state)
         pipeline.drive()
         report = build_report(config, state)
         # When `lorafleet status` reads it
@@ -375,16 +359,8 @@ class FailingFrom:
 def test_a_group_whose_devices_all_fail_does_not_pull_the_global_merge(run_id: str) -> None:
     # Given the slow devices failing every task from global round 2 on (when they form their own group)
     config = hier_config(run_id, rounds=3)
-    broker, state = InMemoryBroker(), InMemoryStateStore()
-    pipeline = build_pipeline(
-        config,
-        [InMemoryTransport(broker) for _ in range(8)],
-        state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        speeds=SPEEDS,
-        tokens_per_sample=TOKENS_PER_SAMPLE,
-    )
+    state = InMemoryStateStore()
+    pipeline = fleet(config, state)
     for worker in pipeline.workers[3:]:
         worker.trainer = FailingFrom(worker.trainer, first=2)
     # When the run goes on
