@@ -167,4 +167,5 @@ def test_ten_thousand_malformed_messages_change_nothing_and_are_each_counted(run
     rejected = {k: v for k, v in state.get_counters(run_id).items() if k.startswith("rejected_")}
     assert sum(rejected.values()) == N_MESSAGES
     assert len(rejected) >= 8, rejected  # many distinct reasons, not one catch-all
+    print(f"\n{N_MESSAGES} malformed messages, dead-lettered by reason: {dict(sorted(rejected.items()))}")
     assert pipeline.aggregator.rejections.counts.total() == N_MESSAGES
