@@ -6,6 +6,8 @@ import random
 
 import msgpack
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorafleet import topology
 from lorafleet.state.memory import InMemoryStateStore
@@ -169,3 +171,74 @@ def test_ten_thousand_malformed_messages_change_nothing_and_are_each_counted(run
     assert len(rejected) >= 8, rejected  # many distinct reasons, not one catch-all
     print(f"\n{N_MESSAGES} malformed messages, dead-lettered by reason: {dict(sorted(rejected.items()))}")
     assert pipeline.aggregator.rejections.counts.total() == N_MESSAGES
+
+
+_PLAIN = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.text(max_size=40),
+    st.binary(max_size=64),
+)
+_VALUES = st.recursive(
+    _PLAIN,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
+    max_leaves=30,
+)
+_KINDS = st.sampled_from(["lora_update", "task_failed", "heartbeat", "run_finished", "train_task", "nope"])
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> bytes:
+    """Raw bytes, or an envelope of a real or made-up kind whose body is anything msgpack holds."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=512))
+    envelope = {
+        "v": draw(st.sampled_from([SCHEMA_VERSION, 0, 99, "1"])),
+        "kind": draw(_KINDS),
+        "id": "h",
+        "at": 0.0,
+    }
+    envelope["body"] = draw(_VALUES)
+    return bytes(msgpack.packb(envelope, use_bin_type=True))
+
+
+class _Target:
+    """One aggregator with round 1 open, shared by every generated example."""
+
+    def __init__(self) -> None:
+        self.run_id = "t-hypothesis"
+        config = make_config(self.run_id, devices=2, rounds=1, lease_s=3600.0)
+        self.broker, self.state = InMemoryBroker(), InMemoryStateStore()
+        self.pipeline = build_pipeline(
+            config,
+            [InMemoryTransport(self.broker) for _ in range(4)],
+            self.state,
+            deltas=[0.1, 0.2],
+            samples=[1, 1],
+        )
+        for _ in range(10):
+            self.pipeline.orchestrator.step(0.0)
+        self.before = self.state.get_global_adapter(self.run_id)
+        self.attacker = InMemoryTransport(self.broker)
+
+
+_TARGET: list[_Target] = []
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_hostile())
+def test_generated_hostile_messages_are_each_refused_and_counted(body: bytes) -> None:
+    if not _TARGET:
+        _TARGET.append(_Target())
+    target = _TARGET[0]
+    refused = target.pipeline.aggregator.rejections.counts.total()
+    # When one generated message reaches the aggregator
+    target.attacker.publish(topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, body, message_id="h")
+    target.pipeline.aggregator.step(0.0)
+    # Then it is refused and counted, nothing is counted as an update, the adapter is untouched
+    assert target.pipeline.aggregator.rejections.counts.total() == refused + 1
+    assert target.state.get_counters(target.run_id).get("update_counted", 0) == 0
+    assert target.state.get_global_adapter(target.run_id) == target.before
+    assert not target.pipeline.aggregator.finished
