@@ -431,6 +431,7 @@ class OrchestratorService:
             seed=self.config.seed,
             optimizer=t.optimizer,
             momentum=t.momentum,
+            prox_mu=t.prox_mu,
         )
 
     # -- end ------------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ class TrainingConfig(_Section):
     # normalisation does not)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # FedProx (Li et al. 2020): (prox_mu / 2) ||w - w_start||^2 added to the local loss (0: off)
+    prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
 
 
 class TierConfig(_Section):

@@ -72,6 +72,7 @@ class TrainHyperParams(StrictModel):
     seed: Annotated[int, Field(ge=0)] = 0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd only
+    prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0  # FedProx proximal weight (0: off)
 
 
 class TrainMetrics(StrictModel):

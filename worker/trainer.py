@@ -107,6 +107,7 @@ class LoraTrainer:
             needed = sorted({i for batch in batches for i in batch})
             counts = self.cache.ensure(parts, lowest, needed)
         params = list(self.runtime.parameters(task.lora).values())
+        anchor = [p.detach().clone() for p in params] if hp.prox_mu > 0 else []
         optimizer = local_optimizer(params, hp)
         torch.manual_seed(seed)
         model.train()
@@ -122,6 +123,8 @@ class LoraTrainer:
                 batch = collate(self.shard, indices)
                 loss = model(**batch).loss
                 tokens += int(batch["input_ids"].numel())
+            if anchor:  # FedProx: (mu / 2) ||w - w_start||^2 keeps a skewed device near the global model
+                loss = loss + proximal_term(params, anchor, hp.prox_mu)
             loss.backward()
             optimizer.step()
             examples += len(indices)
@@ -146,6 +149,14 @@ class LoraTrainer:
             cached=cached,
         )
         return TrainOutcome(self.runtime.export(task.lora), metrics, len(self.shard))
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchor: list[Tensor], mu: float) -> Tensor:
+    """FedProx's (mu / 2) * ||w - w_start||^2 over the trained tensors."""
+    total = torch.zeros(())
+    for p, a in zip(params, anchor, strict=True):
+        total = total + ((p - a) ** 2).sum()
+    return 0.5 * mu * total
 
 
 def local_optimizer(params: list[torch.nn.Parameter], hp: TrainHyperParams) -> torch.optim.Optimizer:

@@ -11,7 +11,7 @@ from lorafleet.data import EncodedDataset
 from lorafleet.model import AdapterRuntime
 from schemas.messages import TrainHyperParams
 from tests.ml.conftest import TINY, Synthetic, make_spec, make_task
-from worker.trainer import FakeTrainer, LoraTrainer, local_optimizer, task_seed
+from worker.trainer import FakeTrainer, LoraTrainer, local_optimizer, proximal_term, task_seed
 
 
 def _subset(encoded: EncodedDataset, n: int) -> EncodedDataset:
@@ -101,3 +101,20 @@ def test_the_task_names_its_local_optimiser() -> None:
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 0.01
     with pytest.raises(ValidationError):
         TrainHyperParams(optimizer="rmsprop")  # type: ignore[arg-type]
+
+
+def test_fedprox_keeps_the_trained_tensors_closer_to_where_they_started(synthetic: Synthetic) -> None:
+    runtime = AdapterRuntime(TINY, num_labels=2, seed=0)
+    spec = make_spec({0: 4, 1: 4})
+    start = runtime.initial_adapter(spec, 0)
+    train, _ = synthetic
+    shard = _subset(train, 256)
+
+    def moved(mu: float) -> float:
+        task = make_task(spec, start, batch_size=32, lr=1e-2, local_epochs=2, prox_mu=mu)
+        out = LoraTrainer(runtime, shard).train(task, start)
+        return sum(float(((out.tensors[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+
+    free, held = moved(0.0), moved(10.0)
+    assert 0 < held < free
+    assert proximal_term([torch.nn.Parameter(torch.ones(3))], [torch.zeros(3)], 2.0).item() == 3.0

@@ -275,11 +275,14 @@ def test_a_task_sent_to_the_wrong_exchange_is_a_forged_sender(run_id: str) -> No
 
 def test_tasks_carry_the_configured_local_optimiser(run_id: str) -> None:
     config = make_config(
-        run_id, devices=1, rounds=1, extra={"training": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}}
+        run_id,
+        devices=1,
+        rounds=1,
+        extra={"training": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "prox_mu": 0.01}},
     )
     broker = InMemoryBroker()
     pipeline = build_pipeline(
         config, [InMemoryTransport(broker) for _ in range(3)], InMemoryStateStore(), deltas=[0.1], samples=[5]
     )
     hparams = pipeline.orchestrator._hparams()
-    assert (hparams.optimizer, hparams.lr, hparams.momentum) == ("sgd", 0.5, 0.9)
+    assert (hparams.optimizer, hparams.lr, hparams.momentum, hparams.prox_mu) == ("sgd", 0.5, 0.9, 0.01)
