@@ -32,8 +32,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_strategy(base: dict[str, Any], strategy: str, out_dir: Path, **rounds: Any) -> dict[str, Any]:
-    """Run one strategy embedded; returns its report with ``bench_wall_s`` added."""
+def run_strategy(
+    base: dict[str, Any], strategy: str, out_dir: Path, *, resume: bool = False, **rounds: Any
+) -> dict[str, Any]:
+    """Run one strategy embedded; returns its report with ``bench_wall_s`` added.
+
+    With ``resume``, a finished run's ``report.json`` under ``out_dir`` whose configuration equals
+    this one is reused instead of training again (its own wall time stands for ``bench_wall_s``).
+    """
     raw = merge(
         base,
         {
@@ -43,6 +49,12 @@ def run_strategy(base: dict[str, Any], strategy: str, out_dir: Path, **rounds: A
         },
     )
     config = parse_run_config(raw, source=f"benchmark {strategy}")
+    previous = out_dir / strategy / "report.json"
+    if resume and previous.exists():
+        report: dict[str, Any] = json.loads(previous.read_text(encoding="utf-8"))
+        if report.get("config") == config.model_dump(mode="json"):
+            report["bench_wall_s"] = report.get("wall_time_s")
+            return report
     started = time.perf_counter()
     report = run_embedded(config, out_dir / strategy, quiet=True)
     report["bench_wall_s"] = time.perf_counter() - started

@@ -75,7 +75,7 @@ def run_pair(
     base = base_config(args, dataset, alpha)
     runs = args.runs / f"{dataset}-a{alpha}"
     console.print(f"[bold]{dataset}, alpha {alpha}[/bold]: fedlora for {args.fedlora_rounds} rounds")
-    fed = run_strategy(base, "fedlora", runs, max_rounds=args.fedlora_rounds)
+    fed = run_strategy(base, "fedlora", runs, resume=args.resume, max_rounds=args.fedlora_rounds)
     target = float(fed["final_accuracy"])
     budget = float(fed["virtual_time_s"])
     entry: dict[str, Any] = {
@@ -100,6 +100,7 @@ def run_pair(
             merge(base, overrides) | {"run_id": f"bench-{name}"},
             strategy,
             runs / name,
+            resume=args.resume,
             max_rounds=args.max_rounds,
             virtual_budget_s=budget,
         )
@@ -162,6 +163,9 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(VARIANTS))
     parser.add_argument("--keep-others", action="store_true", help="keep other pairs' committed results")
     parser.add_argument("--rebuild", action="store_true", help="recompute the JSON from the runs' reports")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse finished runs whose configuration is unchanged"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-hier"))
