@@ -60,7 +60,12 @@ def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[st
         "lora": {"rank": 8, "target_modules": ["query", "value"]},
         "legend": {"top_ranks": [4, 8]},
         "hier": {"groups": args.groups, "max_frequency": args.max_frequency},
-        "training": {"batch_size": 16, "lr": args.lr},
+        "training": {
+            "batch_size": 16,
+            "lr": args.lr,
+            "optimizer": args.optimizer,
+            "local_epochs": args.local_epochs,
+        },
         "devices": {
             "count": args.devices,
             "jitter": 0.1,
@@ -154,6 +159,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=500, help="a seeded subset of the eval split")
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="local optimiser (under strong label skew SGD keeps FedAvg's first-order equivalence)",
+    )
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--groups", type=int, default=3)
     parser.add_argument("--max-frequency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
