@@ -432,6 +432,7 @@ class OrchestratorService:
             optimizer=t.optimizer,
             momentum=t.momentum,
             prox_mu=t.prox_mu,
+            max_grad_norm=t.max_grad_norm,
         )
 
     # -- end ------------------------------------------------------------------------------------

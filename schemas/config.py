@@ -144,6 +144,9 @@ class TrainingConfig(_Section):
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # FedProx (Li et al. 2020): (prox_mu / 2) ||w - w_start||^2 added to the local loss (0: off)
     prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+    # clip the global norm of each step's gradient over the trained tensors (null: off); bounds a
+    # skewed device's step when a high lr or a deep configuration would otherwise blow it up
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = None
 
 
 class TierConfig(_Section):

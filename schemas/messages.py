@@ -73,6 +73,7 @@ class TrainHyperParams(StrictModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd only
     prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0  # FedProx proximal weight (0: off)
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = None  # clip each step's gradient (None: off)
 
 
 class TrainMetrics(StrictModel):

@@ -126,6 +126,8 @@ class LoraTrainer:
             if anchor:  # FedProx: (mu / 2) ||w - w_start||^2 keeps a skewed device near the global model
                 loss = loss + proximal_term(params, anchor, hp.prox_mu)
             loss.backward()
+            if hp.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()
             examples += len(indices)
             loss_sum += float(loss.detach())

@@ -118,3 +118,27 @@ def test_fedprox_keeps_the_trained_tensors_closer_to_where_they_started(syntheti
     free, held = moved(0.0), moved(10.0)
     assert 0 < held < free
     assert proximal_term([torch.nn.Parameter(torch.ones(3))], [torch.zeros(3)], 2.0).item() == 3.0
+
+
+def test_max_grad_norm_bounds_every_sgd_step(synthetic: Synthetic) -> None:
+    """Plain SGD moves by lr * gradient per step: with the gradient clipped to norm c, the whole
+    task moves at most steps * lr * c, however large the raw gradients are."""
+    runtime = AdapterRuntime(TINY, num_labels=2, seed=0)
+    spec = make_spec({0: 4, 1: 4})
+    start = runtime.initial_adapter(spec, 0)
+    train, _ = synthetic
+    shard = _subset(train, 256)
+
+    def moved(max_grad_norm: float | None) -> tuple[float, int]:
+        task = make_task(
+            spec, start, batch_size=32, lr=0.5, local_epochs=1, optimizer="sgd", max_grad_norm=max_grad_norm
+        )
+        out = LoraTrainer(runtime, shard).train(task, start)
+        distance = sum(float(((out.tensors[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+        return distance, out.metrics.steps
+
+    free, steps = moved(None)
+    clipped, _ = moved(1e-3)
+    bound = steps * 0.5 * 1e-3
+    assert clipped <= bound * (1 + 1e-4)
+    assert free > 10 * bound  # the bound is not met trivially: unclipped training moves much further

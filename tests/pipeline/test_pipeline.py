@@ -278,7 +278,15 @@ def test_tasks_carry_the_configured_local_optimiser(run_id: str) -> None:
         run_id,
         devices=1,
         rounds=1,
-        extra={"training": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "prox_mu": 0.01}},
+        extra={
+            "training": {
+                "optimizer": "sgd",
+                "lr": 0.5,
+                "momentum": 0.9,
+                "prox_mu": 0.01,
+                "max_grad_norm": 1.0,
+            }
+        },
     )
     broker = InMemoryBroker()
     pipeline = build_pipeline(
@@ -286,3 +294,4 @@ def test_tasks_carry_the_configured_local_optimiser(run_id: str) -> None:
     )
     hparams = pipeline.orchestrator._hparams()
     assert (hparams.optimizer, hparams.lr, hparams.momentum, hparams.prox_mu) == ("sgd", 0.5, 0.9, 0.01)
+    assert hparams.max_grad_norm == 1.0
