@@ -65,6 +65,7 @@ def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[st
             "lr": args.lr,
             "optimizer": args.optimizer,
             "local_epochs": args.local_epochs,
+            "max_grad_norm": args.max_grad_norm,
         },
         "devices": {
             "count": args.devices,
@@ -166,6 +167,9 @@ def main() -> None:
         help="local optimiser (under strong label skew SGD keeps FedAvg's first-order equivalence)",
     )
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument(
+        "--max-grad-norm", type=float, default=None, help="clip local gradients (off by default)"
+    )
     parser.add_argument("--groups", type=int, default=3)
     parser.add_argument("--max-frequency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
