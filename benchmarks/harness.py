@@ -52,13 +52,24 @@ def run_strategy(
     previous = out_dir / strategy / "report.json"
     if resume and previous.exists():
         report: dict[str, Any] = json.loads(previous.read_text(encoding="utf-8"))
-        if report.get("config") == config.model_dump(mode="json"):
+        if _comparable(report.get("config")) == _comparable(config.model_dump(mode="json")):
             report["bench_wall_s"] = report.get("wall_time_s")
             return report
     started = time.perf_counter()
     report = run_embedded(config, out_dir / strategy, quiet=True)
     report["bench_wall_s"] = time.perf_counter() - started
     return report
+
+
+def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A configuration with its virtual budget rounded to a millisecond: the budget is another
+    run's virtual time, a float that can differ in its last digits between otherwise equal runs."""
+    if config is None:
+        return None
+    budget = (config.get("rounds") or {}).get("virtual_budget_s")
+    if budget is None:
+        return config
+    return config | {"rounds": config["rounds"] | {"virtual_budget_s": round(float(budget), 3)}}
 
 
 def summarise(report: dict[str, Any], target: float, budget_virtual_s: float) -> dict[str, Any]:
