@@ -146,7 +146,10 @@ def rebuild(args: argparse.Namespace) -> None:
             entry["strategies"][name] = row_of(report, entry) | {"wall_s": old.get("wall_s")}
     args.kept, args.started = [], time.perf_counter() - float(result.get("wall_s", 0.0))
     args.cost_model = result.get("cost_model")
-    write_results(args, result["runs"], partial=bool(result.get("partial")), command=result["command"])
+    kept = {k: result[k] for k in ("setup", "ran_as") if k in result}  # the run's, not the rebuild's
+    write_results(
+        args, result["runs"], partial=bool(result.get("partial")), command=result["command"], kept=kept
+    )
 
 
 def main() -> None:
@@ -210,7 +213,12 @@ def main() -> None:
 
 
 def write_results(
-    args: argparse.Namespace, runs: list[dict[str, Any]], *, partial: bool, command: str | None = None
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    *,
+    partial: bool,
+    command: str | None = None,
+    kept: dict[str, Any] | None = None,
 ) -> str:
     """JSON, markdown and PNG, rewritten after every strategy (an interrupted run keeps what it did)."""
     command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -230,7 +238,7 @@ def write_results(
             k: v for k, v in vars(args).items() if k not in ("cost_model", "started", "out", "runs", "kept")
         },
         "runs": runs,
-    }
+    } | (kept or {})
     write_json(args.out / f"hierfedlora{suffix}.json", json.loads(json.dumps(result, default=str)))
     parts = [f"# HierFedLoRA-style vs baselines under non-IID data\n\n`{command}`\n"]
     parts.append(f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n")
