@@ -37,7 +37,14 @@ def hier_config(run_id: str, rounds: int = 4, **hier: Any) -> RunConfig:
         rounds=rounds,
         extra={
             "strategy": "hierfedlora",
-            "hier": {"groups": 2, "speed_weight": 10.0, "max_frequency": 3, "skew_frequency": False, **hier},
+            "hier": {
+                "groups": 2,
+                "speed_weight": 10.0,
+                "max_frequency": 3,
+                "skew_frequency": False,
+                "within_group": "uniform",  # the exact reference merges each group at its one depth
+                **hier,
+            },
         },
     )
 

@@ -122,6 +122,20 @@ def test_within_group_legend_lets_fast_members_go_deeper() -> None:
     assert times[0, deepest - 1] <= legend.period_s / g_l.frequency * (1 + 1e-9)
 
 
+def test_a_default_configuration_plans_legend_style_depths_within_a_group() -> None:
+    # Given the hier options a run gets from a configuration that does not set within_group
+    from orchestrator.strategies import PlanningContext, hier_options
+    from schemas.config import parse_run_config
+
+    config = parse_run_config({"strategy": "hierfedlora", "devices": {"count": 2}, "lora": {"rank": 8}})
+    ctx = PlanningContext(round_no=2, devices=[], num_blocks=6, config=config, cost=COST, sizes=SIZES)
+    options = hier_options(ctx)
+    # When a mixed group is planned with them, the fast member goes deeper than the slow one
+    mixed = group(0, dev("fast", 1.0), dev("slow", 12.0))
+    g = plan_hierarchy([mixed], num_blocks=6, cost=COST, sizes=SIZES, options=options).groups[0]
+    assert len(g.layer_ranks["slow"]) == g.depth < len(g.layer_ranks["fast"])
+
+
 def test_bad_plans_are_refused() -> None:
     with pytest.raises(ValueError, match="at least one device"):
         plan([group(0)])
