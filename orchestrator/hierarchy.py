@@ -45,7 +45,7 @@ class HierOptions:
     skew_frequency: bool = True  # groups more skewed than average need one more aggregation
     fixed_depth: int | None = None  # ablation: every group at this depth
     fixed_frequency: int | None = None  # ablation: every group this many intra-group rounds
-    within_group: str = "uniform"  # "uniform" | "legend"
+    within_group: str = "legend"  # "legend" | "uniform" (the configuration's hier.within_group)
     cached: bool = True
     local_epochs: int = 1
     batch_size: int = 16

@@ -19,6 +19,8 @@ from orchestrator.hierarchy import (
     plan_hierarchy,
 )
 from orchestrator.legend import DeviceInput, LegendOptions, SizeModel, time_matrix
+from orchestrator.strategies import PlanningContext, hier_options
+from schemas.config import parse_run_config
 
 COST = CostModel("test", 6, embed_s=0.0, prefix_block_s=0.0, train_block_s=1e-4, head_s=2e-5, step_s=5e-3)
 SIZES = SizeModel({b: 6144 for b in range(6)}, 4096)
@@ -108,7 +110,7 @@ def test_ablations_fix_the_depth_or_the_frequency() -> None:
 def test_within_group_legend_lets_fast_members_go_deeper() -> None:
     # A mixed group: the slow member sets the group's depth; the fast one has time to spare
     mixed = group(0, dev("fast", 1.0), dev("slow", 12.0))
-    uniform = plan([mixed], max_frequency=2)
+    uniform = plan([mixed], max_frequency=2, within_group="uniform")
     legend = plan([mixed], max_frequency=2, within_group="legend")
     g_u, g_l = uniform.groups[0], legend.groups[0]
     assert (g_u.depth, g_u.frequency) == (g_l.depth, g_l.frequency)
@@ -124,9 +126,6 @@ def test_within_group_legend_lets_fast_members_go_deeper() -> None:
 
 def test_a_default_configuration_plans_legend_style_depths_within_a_group() -> None:
     # Given the hier options a run gets from a configuration that does not set within_group
-    from orchestrator.strategies import PlanningContext, hier_options
-    from schemas.config import parse_run_config
-
     config = parse_run_config({"strategy": "hierfedlora", "devices": {"count": 2}, "lora": {"rank": 8}})
     ctx = PlanningContext(round_no=2, devices=[], num_blocks=6, config=config, cost=COST, sizes=SIZES)
     options = hier_options(ctx)
