@@ -155,6 +155,78 @@ def rebuild(args: argparse.Namespace) -> None:
     )
 
 
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One benchmark JSON from several (parallel processes over one runs directory, one core each).
+
+    Entries are keyed by (dataset, alpha); a later file's row replaces an earlier one of the same
+    strategy; rows come out in ``VARIANTS`` order. Rows of one pair must share FedLoRA's target and
+    budget (they were measured against the same FedLoRA run), else this raises naming the pair.
+    """
+    if not results:
+        raise ValueError("nothing to merge")
+    pairs: dict[tuple[str, float], dict[str, Any]] = {}
+    for result in results:
+        for entry in result["runs"]:
+            key = (entry["dataset"], float(entry["alpha"]))
+            have = pairs.get(key)
+            if have is None:
+                pairs[key] = json.loads(json.dumps(entry))
+                continue
+            for field in ("target", "budget_virtual_s"):
+                if abs(float(have[field]) - float(entry[field])) > 1e-9:
+                    raise ValueError(
+                        f"{key[0]} alpha {key[1]}: {field} {have[field]} vs {entry[field]} "
+                        "(rows measured against different FedLoRA runs)"
+                    )
+            have["strategies"] |= entry["strategies"]
+            names = [n for n in VARIANTS if n in have["strategies"]]
+            have["command"] = _with_strategies(entry.get("command") or have.get("command", ""), names)
+    for entry in pairs.values():
+        entry["strategies"] = {n: entry["strategies"][n] for n in VARIANTS if n in entry["strategies"]}
+    runs = sorted(pairs.values(), key=lambda e: (e["dataset"] != "20newsgroups", e["dataset"], e["alpha"]))
+    complete = all(set(e["strategies"]) == set(VARIANTS) for e in runs) and not any(
+        r.get("partial") for r in results
+    )
+    ran_as = [
+        c
+        for r in results
+        for c in (
+            r["ran_as"].split(" ; ")
+            if isinstance(r.get("ran_as"), str)
+            else r.get("ran_as") or [r["command"]]
+        )
+    ]
+    datasets = ",".join(dict.fromkeys(e["dataset"] for e in runs))
+    alphas = ",".join(dict.fromkeys(str(e["alpha"]) for e in sorted(runs, key=lambda e: e["alpha"])))
+    command = _with_strategies(results[0]["command"], None)
+    command = _with_option(_with_option(command, "--alphas", alphas), "--datasets", datasets)
+    return results[0] | {
+        "command": command,
+        "partial": not complete,
+        "wall_s": sum(float(r.get("wall_s", 0.0)) for r in results),
+        "ran_as": ran_as,
+        "runs": runs,
+    }
+
+
+def _with_option(command: str, flag: str, value: str | None) -> str:
+    """``command`` with ``flag``'s value replaced (None: the flag and its value removed)."""
+    words = shlex.split(command)
+    if flag in words:
+        i = words.index(flag)
+        del words[i : i + 2]
+    if value is not None:
+        words[2:2] = [flag, value]  # after "python benchmarks/hierfedlora.py"
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _with_strategies(command: str, names: list[str] | None) -> str:
+    command = _with_option(_with_option(command, "--out", None), "--strategies", None)
+    if names is None or set(names) == set(VARIANTS):
+        return command
+    return command + " --strategies " + ",".join(names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,11 +261,24 @@ def main() -> None:
         "--resume", action="store_true", help="reuse finished runs whose configuration is unchanged"
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="merge these benchmark JSONs (parallel processes) into --out's; nothing is trained",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-hier"))
     args = parser.parse_args()
     if args.rebuild:
         rebuild(args)
+        return
+    if args.merge:
+        merged = merge_results([json.loads(p.read_text(encoding="utf-8")) for p in args.merge])
+        args.kept, args.started = [], time.perf_counter() - merged["wall_s"]
+        args.cost_model = merged.get("cost_model")
+        kept = {k: merged[k] for k in ("setup", "ran_as") if k in merged}
+        write_results(args, merged["runs"], partial=merged["partial"], command=merged["command"], kept=kept)
         return
     console = Console(stderr=True)
     args.cost_model = pin_cost_model(args.runs)

@@ -1,0 +1,79 @@
+"""Merging the hierfedlora benchmark's JSON from parallel processes (benchmarks/hierfedlora.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.hierfedlora import VARIANTS, merge_results
+
+FLAGS = "--devices 21 --resume --runs runs/r"
+
+
+def result(
+    dataset: str, alpha: float, rows: dict[str, float], *, target: float = 0.25, out: str = "o"
+) -> dict[str, Any]:
+    names = ",".join(rows)
+    command = (
+        f"python benchmarks/hierfedlora.py --datasets {dataset} --alphas {alpha} {FLAGS}"
+        f" --strategies {names} --out runs/{out}"
+    )
+    return {
+        "command": command,
+        "partial": False,
+        "wall_s": 10.0,
+        "runs": [
+            {
+                "dataset": dataset,
+                "alpha": alpha,
+                "target": target,
+                "budget_virtual_s": 300.0,
+                "command": command,
+                "strategies": {name: {"accuracy_at_budget": acc} for name, acc in rows.items()},
+            }
+        ],
+    }
+
+
+def test_rows_of_one_pair_from_two_processes_come_out_together_in_benchmark_order() -> None:
+    merged = merge_results(
+        [
+            result("sst2", 0.1, {"fedlora": 0.7, "hier_fixed_depth": 0.6}, out="a"),
+            result("sst2", 0.1, {"fedlora": 0.7, "legend": 0.8, "hierfedlora": 0.75}, out="b"),
+        ]
+    )
+    [entry] = merged["runs"]
+    assert list(entry["strategies"]) == ["fedlora", "legend", "hierfedlora", "hier_fixed_depth"]
+    assert entry["strategies"]["hier_fixed_depth"]["accuracy_at_budget"] == 0.6
+    assert "--strategies fedlora,legend,hierfedlora,hier_fixed_depth" in entry["command"]
+    assert "--out" not in entry["command"]
+    assert merged["partial"]  # three strategies were never run
+    assert len(merged["ran_as"]) == 2
+    assert merged["wall_s"] == 20.0
+
+
+def test_a_later_file_replaces_an_earlier_row_and_pairs_are_kept_apart() -> None:
+    merged = merge_results(
+        [
+            result("sst2", 0.1, {"fedlora": 0.7, "legend": 0.5}),
+            result("20newsgroups", 0.5, {"fedlora": 0.3}),
+            result("sst2", 0.1, {"fedlora": 0.7, "legend": 0.9}),
+        ]
+    )
+    assert [(e["dataset"], e["alpha"]) for e in merged["runs"]] == [("20newsgroups", 0.5), ("sst2", 0.1)]
+    assert merged["runs"][1]["strategies"]["legend"]["accuracy_at_budget"] == 0.9
+    assert "--datasets 20newsgroups,sst2 --alphas 0.1,0.5" in merged["command"]
+    assert "--strategies" not in merged["command"]
+
+
+def test_every_strategy_of_every_pair_makes_a_complete_result() -> None:
+    rows = dict.fromkeys(VARIANTS, 0.5)
+    assert not merge_results([result("sst2", 0.1, rows)])["partial"]
+
+
+def test_rows_measured_against_different_fedlora_runs_are_refused() -> None:
+    with pytest.raises(ValueError, match="sst2 alpha 0.1: target"):
+        merge_results(
+            [result("sst2", 0.1, {"fedlora": 0.7}), result("sst2", 0.1, {"legend": 0.8}, target=0.3)]
+        )
