@@ -179,10 +179,11 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
                         "(rows measured against different FedLoRA runs)"
                     )
             have["strategies"] |= entry["strategies"]
-            names = [n for n in VARIANTS if n in have["strategies"]]
-            have["command"] = _with_strategies(entry.get("command") or have.get("command", ""), names)
+            have["command"] = entry.get("command") or have.get("command")
     for entry in pairs.values():
         entry["strategies"] = {n: entry["strategies"][n] for n in VARIANTS if n in entry["strategies"]}
+        if entry.get("command"):  # the pair's rows again, from the runs directory with --resume
+            entry["command"] = _with_strategies(entry["command"], list(entry["strategies"]))
     runs = sorted(pairs.values(), key=lambda e: (e["dataset"] != "20newsgroups", e["dataset"], e["alpha"]))
     complete = all(set(e["strategies"]) == set(VARIANTS) for e in runs) and not any(
         r.get("partial") for r in results

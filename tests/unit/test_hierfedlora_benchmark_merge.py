@@ -63,6 +63,8 @@ def test_a_later_file_replaces_an_earlier_row_and_pairs_are_kept_apart() -> None
     )
     assert [(e["dataset"], e["alpha"]) for e in merged["runs"]] == [("20newsgroups", 0.5), ("sst2", 0.1)]
     assert merged["runs"][1]["strategies"]["legend"]["accuracy_at_budget"] == 0.9
+    assert merged["runs"][0]["command"].endswith("--strategies fedlora")  # one process, still no --out
+    assert "--out" not in merged["runs"][0]["command"]
     assert "--datasets 20newsgroups,sst2 --alphas 0.1,0.5" in merged["command"]
     assert "--strategies" not in merged["command"]
 
