@@ -201,8 +201,15 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     alphas = ",".join(dict.fromkeys(str(e["alpha"]) for e in sorted(runs, key=lambda e: e["alpha"])))
     command = _with_strategies(results[0]["command"], None)
     command = _with_option(_with_option(command, "--alphas", alphas), "--datasets", datasets)
+    names = [n for n in VARIANTS if any(n in e["strategies"] for e in runs)]
+    setup = results[0].get("setup", {}) | {  # the merged result's, not the first process's
+        "datasets": datasets,
+        "alphas": alphas,
+        "strategies": ",".join(names),
+    }
     return results[0] | {
         "command": command,
+        "setup": setup,
         "partial": not complete,
         "wall_s": sum(float(r.get("wall_s", 0.0)) for r in results),
         "ran_as": ran_as,

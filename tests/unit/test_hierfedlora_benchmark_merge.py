@@ -67,6 +67,9 @@ def test_a_later_file_replaces_an_earlier_row_and_pairs_are_kept_apart() -> None
     assert "--out" not in merged["runs"][0]["command"]
     assert "--datasets 20newsgroups,sst2 --alphas 0.1,0.5" in merged["command"]
     assert "--strategies" not in merged["command"]
+    assert merged["setup"]["datasets"] == "20newsgroups,sst2"
+    assert merged["setup"]["alphas"] == "0.1,0.5"
+    assert merged["setup"]["strategies"] == "fedlora,legend"
 
 
 def test_every_strategy_of_every_pair_makes_a_complete_result() -> None:
