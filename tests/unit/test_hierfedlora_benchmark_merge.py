@@ -77,6 +77,22 @@ def test_every_strategy_of_every_pair_makes_a_complete_result() -> None:
     assert not merge_results([result("sst2", 0.1, rows)])["partial"]
 
 
+def test_a_partial_result_completed_by_the_rows_it_lacked_is_complete() -> None:
+    # Given a partial result (a cut-short process) missing two strategies
+    first = [n for n in VARIANTS if n not in ("hier_fixed_frequency", "hier_fixed_depth")]
+    partial = result("sst2", 0.5, dict.fromkeys(first, 0.5)) | {"partial": True}
+    # When the two processes that ran the missing rows are merged after it
+    rest = [
+        result("sst2", 0.5, {"fedlora": 0.5, name: 0.7})
+        for name in ("hier_fixed_frequency", "hier_fixed_depth")
+    ]
+    merged = merge_results([partial, *rest])
+    # Then every row is there and the result is no longer partial
+    assert list(merged["runs"][0]["strategies"]) == list(VARIANTS)
+    assert not merged["partial"]
+    assert merge_results([partial, rest[0]])["partial"]  # without the second, one row is missing
+
+
 def test_rows_measured_against_different_fedlora_runs_are_refused() -> None:
     with pytest.raises(ValueError, match="sst2 alpha 0.1: target"):
         merge_results(
