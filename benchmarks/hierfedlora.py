@@ -4,8 +4,9 @@ For every (dataset, Dirichlet alpha) pair, every strategy runs embedded over the
 speed tiers: 1x, 2.5x and 6x slower than this host, 1-20 Mbit/s links, 10% per-round jitter),
 shards and seeds. FedLoRA runs first, for ``--fedlora-rounds`` rounds: its final accuracy is the
 run's target and its virtual time the budget; every other strategy runs until that budget.
-``hierfedlora_legend`` is HierFedLoRA-style with LEGEND-style depths within groups
-(``hier.within_group: legend``, the default), the combination; every other row keeps ``uniform``.
+``hierfedlora`` is HierFedLoRA-style as configured by default (``hier.within_group: uniform``, one
+depth per group); ``hierfedlora_legend`` adds LEGEND-style depths within groups (``legend``), the
+combination; the ablations vary one thing from the ``hierfedlora`` row.
 Results: benchmarks/results/hierfedlora.{json,md,png}.
 
     python benchmarks/hierfedlora.py              # the committed results
@@ -60,8 +61,8 @@ def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[st
         },
         "lora": {"rank": 8, "target_modules": ["query", "value"]},
         "legend": {"top_ranks": [4, 8]},
-        # the ablations vary one thing from the uniform-depth hierfedlora row; hierfedlora_legend is
-        # the combination (and, since it measured better, the configuration's default)
+        # the ablations vary one thing from the hierfedlora row (one depth per group, the
+        # configuration's default); hierfedlora_legend is the combination
         "hier": {"groups": args.groups, "max_frequency": args.max_frequency, "within_group": "uniform"},
         "training": {
             "batch_size": 16,

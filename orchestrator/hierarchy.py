@@ -19,7 +19,7 @@ its progress with ``K = min(max_frequency, floor(T / T_g(d)))``, and the plan mi
 ``T / total progress`` (ties: the shorter period). All candidates are scored at once (numpy).
 Groups with an unmeasured member get the profiling configuration (the shallowest depth, once).
 
-Within a group every device trains the group's depth (``within_group="uniform"``), or
+Within a group every device trains the group's depth (``within_group="uniform"``, the default), or
 (``"legend"``) each device takes the deepest configuration that still fits its share of the period
 (``T / K_g``), never shallower than the group's: the LEGEND-style combination.
 """
@@ -45,7 +45,7 @@ class HierOptions:
     skew_frequency: bool = True  # groups more skewed than average need one more aggregation
     fixed_depth: int | None = None  # ablation: every group at this depth
     fixed_frequency: int | None = None  # ablation: every group this many intra-group rounds
-    within_group: str = "legend"  # "legend" | "uniform" (the configuration's hier.within_group)
+    within_group: str = "uniform"  # "uniform" | "legend" (the configuration's hier.within_group)
     cached: bool = True
     local_epochs: int = 1
     batch_size: int = 16
