@@ -26,6 +26,7 @@ from typing import Any
 from lorafleet.adapters import Tensors
 from lorafleet.clock import to_ms
 from lorafleet.rounds import intra_round, parse_round
+from orchestrator.grouping import far_from_iid
 from orchestrator.planning import DevicePlan
 from orchestrator.service import OrchestratorService
 from orchestrator.strategies import PlanningContext, form_groups, plan_global_round
@@ -81,6 +82,19 @@ class HierarchicalOrchestrator(OrchestratorService):
             {"members": members, "speeds_known": speeds_known, "groups": groups, "divergence": divergence},
         )
         log.info("orchestrator: %d groups of %s devices", len(groups), [len(g) for g in groups])
+        threshold = self.config.hier.warn_divergence
+        far = far_from_iid(divergence, threshold)
+        if far and len(groups) > 1:
+            log.warning(
+                "orchestrator: %d of %d groups are far from IID (label KL from the fleet's: %s, above "
+                "hier.warn_divergence %.3g); such groups train worse than one flat fleet, fewer "
+                "groups (hier.groups is %d) or more devices per group bring them nearer",
+                len(far),
+                len(groups),
+                ", ".join(f"group {g} {divergence[g]:.3f}" for g in far),
+                threshold,
+                self.config.hier.groups,
+            )
         return groups, divergence
 
     def _open_round(self, round_no: int) -> None:

@@ -116,6 +116,7 @@ def build_pipeline(
     tokens_per_sample: int = 0,
     workers: int | None = None,
     plan_live_only: bool = False,
+    histograms: list[list[int]] | None = None,
 ) -> Pipeline:
     """``transports``: one per service (orchestrator, aggregator, then one per worker); ``workers``:
     start only the first so many devices (:func:`make_worker` makes the others later)."""
@@ -142,6 +143,7 @@ def build_pipeline(
             fleet_key=fleet_key,
             speeds=speeds,
             tokens_per_sample=tokens_per_sample,
+            histograms=histograms,
         )
         for i in range(config.devices.count if workers is None else workers)
     ]
@@ -163,8 +165,10 @@ def make_worker(
     fleet_key: bytes | None = None,
     speeds: list[float] | None = None,
     tokens_per_sample: int = 0,
+    histograms: list[list[int]] | None = None,
 ) -> WorkerService:
-    """Device slot ``index``'s worker with a fake trainer (not started)."""
+    """Device slot ``index``'s worker with a fake trainer (not started); ``histograms``: the label
+    histogram each device registers with (none by default)."""
     return WorkerService(
         transport,
         FakeTrainer(delta=deltas[index], num_samples=samples[index], tokens_per_sample=tokens_per_sample),
@@ -173,6 +177,7 @@ def make_worker(
         num_samples=samples[index],
         clock=worker_clock,
         signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(index)),
+        label_histogram=None if histograms is None else histograms[index],
         **({} if speeds is None else _emulated(config, index, speeds[index])),
     )
 

@@ -4,6 +4,7 @@ global counters in the state store agreeing with report.json, on the twins and t
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -381,3 +382,30 @@ def test_a_group_whose_devices_all_fail_does_not_pull_the_global_merge(run_id: s
     got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
     for key, value in expected_from_plan(config, report).items():
         np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("histograms", "warned"),
+    [
+        ([[10, 0], [10, 0], [10, 0], [0, 10], [0, 10], [0, 10]], True),  # one class per speed tier
+        ([[5, 5]] * 6, False),  # every device balanced
+    ],
+)
+def test_groups_far_from_iid_are_warned_about_naming_the_setting(
+    run_id: str, histograms: list[list[int]], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given two groups whose speed term (speed_weight 10) keeps each speed tier together
+    config = hier_config(run_id, rounds=2)
+    state = InMemoryStateStore()
+    # When the run is grouped from the devices' label histograms
+    with caplog.at_level(logging.WARNING, logger="orchestrator.hierarchical"):
+        pipeline = fleet(config, state, histograms=histograms)
+        pipeline.drive()
+    report = build_report(config, state)
+    divergences = [g["divergence"] for g in report["rounds"][-1]["groups"].values()]
+    warnings = [r.getMessage() for r in caplog.records if "far from IID" in r.getMessage()]
+    # Then groups above hier.warn_divergence are warned about, with the setting to change; others not
+    assert (max(divergences) > config.hier.warn_divergence) is warned
+    assert bool(warnings) is warned
+    if warned:
+        assert "hier.groups is 2" in warnings[0] and "hier.warn_divergence 0.05" in warnings[0]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from orchestrator.grouping import GroupingDevice, divergence, group_devices, group_objective
+from orchestrator.grouping import GroupingDevice, divergence, far_from_iid, group_devices, group_objective
 
 
 def _dev(name: str, hist: list[int], slowdown: float | None = None) -> GroupingDevice:
@@ -106,3 +106,9 @@ def test_bad_input_is_refused() -> None:
 def test_divergence_is_zero_for_the_reference_and_grows_with_skew() -> None:
     assert divergence([5, 5], [1, 1]) == pytest.approx(0.0, abs=1e-9)
     assert 0 < divergence([6, 4], [1, 1]) < divergence([9, 1], [1, 1]) < divergence([10, 0], [1, 1])
+
+
+def test_far_from_iid_names_the_groups_above_the_threshold_most_divergent_first() -> None:
+    assert far_from_iid([0.01, 0.2, 0.05, 0.12], 0.05) == [1, 3]  # 0.05 itself is not above
+    assert far_from_iid([0.3, 0.3], 0.05) == [0, 1]  # ties: the lower group first
+    assert far_from_iid([0.0, 0.01], 0.05) == []
