@@ -408,4 +408,4 @@ def test_groups_far_from_iid_are_warned_about_naming_the_setting(
     assert (max(divergences) > config.hier.warn_divergence) is warned
     assert bool(warnings) is warned
     if warned:
-        assert "hier.groups is 2" in warnings[0] and "hier.warn_divergence 0.05" in warnings[0]
+        assert "hier.groups is 2" in warnings[0] and "hier.warn_divergence 0.075" in warnings[0]
