@@ -84,7 +84,7 @@ class HierarchicalOrchestrator(OrchestratorService):
         log.info("orchestrator: %d groups of %s devices", len(groups), [len(g) for g in groups])
         threshold = self.config.hier.warn_divergence
         far = far_from_iid(divergence, threshold)
-        if far and len(groups) > 1:
+        if far:  # one group is the fleet itself (KL 0): only a split can be far from IID
             log.warning(
                 "orchestrator: %d of %d groups are far from IID (label KL from the fleet's: %s, above "
                 "hier.warn_divergence %.3g); such groups train worse than one flat fleet, fewer "

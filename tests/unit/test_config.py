@@ -139,6 +139,7 @@ def test_overrides_merge_into_sections(tmp_path: Path) -> None:
         ({"training": {"lr": "fast"}}, "training.lr"),
         ({"training": {"batch_size": 5000}}, "training.batch_size"),
         ({"lora": {"rank": 0}}, "lora.rank"),
+        ({"hier": {"warn_divergence": 0.0}}, "hier.warn_divergence"),
         ({"lora": {"dropout": 1.0}}, "lora.dropout"),
         ({"lora": {"target_modules": []}}, "lora.target_modules"),
         ({"model": {"max_seq_len": 4}}, "model.max_seq_len"),
@@ -163,6 +164,7 @@ def test_bad_field_names_its_dotted_path(data: dict[str, Any], path: str) -> Non
         ({"data": {"dataset": "imdb"}}, "data.dataset", "imdb", ["sst2", "20newsgroups", "synthetic"]),
         ({"strategy": "fedprox"}, "strategy", "fedprox", ["fedlora"]),
         ({"data": {"partition": "pathological"}}, "data.partition", "pathological", ["iid", "dirichlet"]),
+        ({"hier": {"within_group": "deep"}}, "hier.within_group", "deep", ["uniform", "legend"]),
     ],
 )
 def test_bad_enum_value_names_path_and_allowed_values(
