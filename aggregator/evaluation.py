@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorafleet.data import EncodedDataset, iter_batches
-from lorafleet.model import AdapterRuntime
+from lorafleet.data.datasets import EncodedDataset, iter_batches
+from lorafleet.ml.model import AdapterRuntime
 from schemas.messages import LoraSpec
 
 

@@ -17,18 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from aggregator.fedavg import WeightedUpdate
-from aggregator.hetero import MERGES
-from aggregator.robust import aggregate_robust, clip_updates
+from aggregator.merge.hetlora import MERGES
+from aggregator.merge.rankwise import WeightedUpdate
+from aggregator.merge.robust import aggregate_robust, clip_updates
 from aggregator.validation import check_update_shapes
-from lorafleet import topology
-from lorafleet.adapters import Tensors, select_for_spec, shapes
-from lorafleet.auth import verify
-from lorafleet.clock import Clock, SystemClock, to_ms
-from lorafleet.messaging import Rejections, publish_message, receive
-from lorafleet.report import build_report, write_report
+from lorafleet.ml.lora import Tensors, select_for_spec, shapes
+from lorafleet.run.clock import Clock, SystemClock, to_ms
+from lorafleet.run.report import build_report, write_report
+from lorafleet.security.signing import verify
 from lorafleet.state.base import StateStore
+from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport
+from lorafleet.transport.messaging import Rejections, publish_message, receive
 from schemas.config import RunConfig
 from schemas.envelope import decode
 from schemas.errors import DecodeError
@@ -103,7 +103,7 @@ class AggregatorService:
     ) -> None:
         self.transport = transport
         self.drop_vanished = drop_vanished  # off in embedded mode: in-process devices cannot vanish
-        self.fleet_key = fleet_key  # verifies device signatures (lorafleet/auth.py)
+        self.fleet_key = fleet_key  # verifies device signatures (lorafleet/security/signing.py)
         if config.security.require_signatures and fleet_key is None:
             raise ValueError(
                 "security.require_signatures is set but no fleet key was given (LORAFLEET_FLEET_KEY)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorafleet.adapters import Tensors, shapes
+from lorafleet.ml.lora import Tensors, shapes
 from schemas.errors import DecodeError
 
 

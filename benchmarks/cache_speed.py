@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aggregator.evaluation import evaluate  # noqa: E402
 from benchmarks.calibrate import QuietRunner  # noqa: E402
-from lorafleet.data import EncodedDataset, encode_dataset, load_split  # noqa: E402
-from lorafleet.model import AdapterRuntime, load_tokenizer  # noqa: E402
-from lorafleet.prefix_cache import BertParts  # noqa: E402
+from lorafleet.data.datasets import EncodedDataset, encode_dataset, load_split  # noqa: E402
+from lorafleet.ml.model import AdapterRuntime, load_tokenizer  # noqa: E402
+from lorafleet.ml.prefix_cache import BertParts  # noqa: E402
 from schemas.config import ModelConfig  # noqa: E402
 from schemas.messages import LoraSpec, TrainHyperParams, TrainTask  # noqa: E402
 from schemas.tensors import encode_tensors  # noqa: E402

@@ -49,10 +49,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorafleet.costmodel import CostModel  # noqa: E402
-from lorafleet.data import EncodedDataset, collate, encode_dataset, load_split  # noqa: E402
-from lorafleet.model import AdapterRuntime, load_tokenizer  # noqa: E402
-from lorafleet.prefix_cache import BertParts, PrefixCache, classification_loss, forward_from  # noqa: E402
+from lorafleet.data.datasets import EncodedDataset, collate, encode_dataset, load_split  # noqa: E402
+from lorafleet.devices.costmodel import CostModel  # noqa: E402
+from lorafleet.ml.model import AdapterRuntime, load_tokenizer  # noqa: E402
+from lorafleet.ml.prefix_cache import BertParts, PrefixCache, classification_loss, forward_from  # noqa: E402
 from schemas.config import ModelConfig  # noqa: E402
 from schemas.messages import LoraSpec  # noqa: E402
 
@@ -60,7 +60,7 @@ MINILM = ModelConfig(name="minilm", max_seq_len=64)
 BLOCKS = 6
 T = TypeVar("T")
 RESULTS = Path(__file__).parent / "results" / "calibration.json"
-COSTMODEL = Path(__file__).resolve().parent.parent / "lorafleet" / "costmodels" / "minilm-cpu.json"
+COSTMODEL = Path(__file__).resolve().parents[1] / "lorafleet/devices/costmodels/minilm-cpu.json"
 
 
 def spec_top(k: int) -> LoraSpec:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafleet.embedded import run_embedded
+from lorafleet.app.embedded import run_embedded
 from schemas.config import parse_run_config
 
 #: three device tiers: 1x, 2.5x and 6x slower than this host, 20/5/1 Mbit/s up and 20/10/2 down

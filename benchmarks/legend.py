@@ -59,7 +59,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def pin_cost_model(runs: Path) -> dict[str, Any]:
     """Every run of the benchmark uses one snapshot of the calibrated cost model."""
-    source = Path(__file__).resolve().parent.parent / "lorafleet" / "costmodels" / "minilm-cpu.json"
+    source = Path(__file__).resolve().parents[1] / "lorafleet/devices/costmodels/minilm-cpu.json"
     runs.mkdir(parents=True, exist_ok=True)
     pinned = runs / "cost-model.json"
     shutil.copyfile(source, pinned)

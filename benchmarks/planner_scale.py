@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorafleet.costmodel import cost_model_for  # noqa: E402
+from lorafleet.devices.costmodel import cost_model_for  # noqa: E402
 from orchestrator.capacity import DeviceEstimate  # noqa: E402
-from orchestrator.legend import DeviceInput, LegendOptions, SizeModel, plan_legend  # noqa: E402
+from orchestrator.planners.legend import DeviceInput, LegendOptions, SizeModel, plan_legend  # noqa: E402
 
 
 def fleet(n: int, seed: int) -> list[DeviceInput]:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import merge, write_json  # noqa: E402
-from lorafleet.embedded import run_embedded  # noqa: E402
+from lorafleet.app.embedded import run_embedded  # noqa: E402
 from schemas.config import parse_run_config  # noqa: E402
 from schemas.messages import TrainTask  # noqa: E402
 from worker.trainer import Trainer, TrainOutcome  # noqa: E402

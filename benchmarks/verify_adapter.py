@@ -25,8 +25,8 @@ def accuracy_of_adapter(run_dir: Path) -> tuple[float, float]:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from lorafleet.data import encode_dataset, eval_set, iter_batches
-    from lorafleet.model import load_base_model, load_tokenizer
+    from lorafleet.data.datasets import encode_dataset, eval_set, iter_batches
+    from lorafleet.ml.model import load_base_model, load_tokenizer
     from schemas.config import parse_run_config
 
     report = json.loads((run_dir / "report.json").read_text())

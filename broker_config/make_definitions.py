@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write ``broker_config/definitions.json``: lorafleet's vhost, topology, users and permissions.
 
-The topology comes from :mod:`lorafleet.topology` and the queue x-arguments from
+The topology comes from :mod:`lorafleet.transport.topology` and the queue x-arguments from
 :func:`lorafleet.transport.rabbitmq.queue_arguments`, so a service that redeclares a queue sends
 exactly the arguments the broker already has (no ``406 PRECONDITION_FAILED``).
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.topology import EXCHANGES, STATIC_QUEUES, VHOST
 from lorafleet.transport.rabbitmq import queue_arguments
+from lorafleet.transport.topology import EXCHANGES, STATIC_QUEUES, VHOST
 
 HERE = Path(__file__).resolve().parent
 RABBITMQ_VERSION = "3.10.8"

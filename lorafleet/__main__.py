@@ -1,3 +1,3 @@
-from lorafleet.cli import main
+from lorafleet.app.cli import main
 
 main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from lorafleet.costmodel import CostModel
+from lorafleet.devices.costmodel import CostModel
 
 DEFAULT_TOKENS_PER_SAMPLE = 32.0
 

@@ -12,19 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from lorafleet import topology
-from lorafleet.adapters import Tensors, select_for_spec
-from lorafleet.clock import Clock, SystemClock, to_ms
-from lorafleet.costmodel import CostModel, cost_model_for
-from lorafleet.messaging import Rejections, publish_message, receive
-from lorafleet.progress import RunReporter
-from lorafleet.report import build_report, write_report
+from lorafleet.devices.costmodel import CostModel, cost_model_for
+from lorafleet.ml.lora import Tensors, select_for_spec
+from lorafleet.run.clock import Clock, SystemClock, to_ms
+from lorafleet.run.progress import RunReporter
+from lorafleet.run.report import build_report, write_report
 from lorafleet.state.base import StateStore
+from lorafleet.transport import topology
 from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
+from lorafleet.transport.messaging import Rejections, publish_message, receive
 from orchestrator.capacity import DeviceEstimate, Measurement, update_estimate
-from orchestrator.legend import DeviceInput
-from orchestrator.planning import DevicePlan, global_spec, quorum_size, sample_devices, task_id
-from orchestrator.strategies import STRATEGIES, PlanningContext, size_model
+from orchestrator.planners.base import DevicePlan, global_spec, quorum_size, sample_devices, task_id
+from orchestrator.planners.legend import DeviceInput
+from orchestrator.planners.registry import STRATEGIES, PlanningContext, size_model
 from schemas.config import RunConfig
 from schemas.envelope import encode
 from schemas.errors import DecodeError

@@ -28,7 +28,7 @@ StrategyName = Literal[
     "hier_fixed_frequency",
     "hier_fixed_depth",
 ]
-#: strategies that run global rounds over groups (orchestrator/hierarchy.py)
+#: strategies that run global rounds over groups (orchestrator/planners/hierfedlora.py)
 HIERARCHICAL_STRATEGIES = ("hierfedlora", "hier_no_grouping", "hier_fixed_frequency", "hier_fixed_depth")
 AggregationName = Literal["auto", "rank_wise", "hetlora", "svd"]
 DatasetName = Literal["sst2", "20newsgroups", "synthetic"]
@@ -63,7 +63,7 @@ class DataConfig(_Section):
     )
     samples_per_device: Annotated[int, Field(ge=1)] | None = 250
     eval_samples: Annotated[int, Field(ge=1)] | None = None  # None: the whole dev/test split
-    # how rows are split among devices (lorafleet/partition.py): iid; dirichlet label skew with
+    # how rows are split among devices (lorafleet/data/partition.py): iid; dirichlet label skew with
     # concentration `alpha`; `classes_per_device` classes each; quantity skew (sizes ~ Dir(alpha))
     partition: Literal["iid", "dirichlet", "classes", "quantity"] = "iid"
     alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
@@ -229,7 +229,7 @@ class RoundsConfig(_Section):
 
 
 class RobustConfig(_Section):
-    """Robust aggregation against broken or poisoned devices (aggregator/robust.py)."""
+    """Robust aggregation against broken or poisoned devices (aggregator/merge/robust.py)."""
 
     method: Literal["none", "trimmed_mean", "median"] = "none"
     trim: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.2  # fraction cut at each end (trimmed_mean)

@@ -19,7 +19,7 @@ REJECT_REASONS = (
     "wrong_device",  # update sender differs from the device the task went to
     "wrong_sender",  # message kind not allowed on the exchange it came through
     "unexpected_kind",  # a valid message, but not one this service consumes
-    "bad_signature",  # missing or invalid device signature (lorafleet/auth.py)
+    "bad_signature",  # missing or invalid device signature (lorafleet/security/signing.py)
     "replayed",  # a task id already counted, arriving again with different content
     "norm_exceeded",  # an update whose change from the global adapter exceeds limits.max_update_norm
 )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 TaskId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,191}$")]
-Round = Annotated[int, Field(ge=0, le=1_000_000_000)]  # hierarchical runs: lorafleet/rounds.py
+Round = Annotated[int, Field(ge=0, le=1_000_000_000)]  # hierarchical runs: lorafleet/run/round_numbers.py
 Seconds = Annotated[float, Field(ge=0.0)]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -184,7 +184,7 @@ class LoraUpdate(StrictModel):
     num_samples: Annotated[int, Field(ge=1)]
     adapter: TensorPayload
     metrics: TrainMetrics
-    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None  # lorafleet/auth.py
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None  # lorafleet/security/signing.py
 
     @property
     def message_id(self) -> str:

@@ -14,11 +14,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
-from lorafleet import topology
-from lorafleet.auth import sign
-from lorafleet.clock import Clock, SystemClock
-from lorafleet.devices import DeviceEmulator
-from lorafleet.messaging import Rejections, publish_message, receive
+from lorafleet.devices.emulator import DeviceEmulator
+from lorafleet.run.clock import Clock, SystemClock
+from lorafleet.security.signing import sign
+from lorafleet.transport import topology
 from lorafleet.transport.base import (
     Delivery,
     ExchangeNotFound,
@@ -28,6 +27,7 @@ from lorafleet.transport.base import (
     TransportError,
     Unroutable,
 )
+from lorafleet.transport.messaging import Rejections, publish_message, receive
 from schemas.config import LimitsConfig
 from schemas.envelope import encode
 from schemas.errors import DecodeError
@@ -82,7 +82,7 @@ class WorkerService:
         self.emulator = emulator
         self.sleep_device_time = sleep_device_time
         self.on_finished = on_finished
-        self.signing_key = signing_key  # this device's key (lorafleet/auth.py); None: unsigned reports
+        self.signing_key = signing_key  # this device's key (security/signing.py); None: unsigned
         self.finished = False
         self.stats: Counter[str] = Counter()
         self.rejections = Rejections(f"worker {device_id}")

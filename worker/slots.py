@@ -24,9 +24,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from lorafleet import topology
-from lorafleet.messaging import receive
+from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
+from lorafleet.transport.messaging import receive
 from schemas.errors import DecodeError
 from schemas.messages import DeviceSlot
 

@@ -12,9 +12,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lorafleet.data import EncodedDataset, collate
-from lorafleet.model import AdapterRuntime
-from lorafleet.prefix_cache import (
+from lorafleet.data.datasets import EncodedDataset, collate
+from lorafleet.ml.model import AdapterRuntime
+from lorafleet.ml.prefix_cache import (
     DEFAULT_MAX_BYTES,
     BertParts,
     PrefixCache,
@@ -47,7 +47,7 @@ def task_seed(seed: int, round_: int, device_id: str) -> int:
 
 
 def epoch_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The sample indices of each batch of one epoch: the order of ``lorafleet.data.iter_batches``."""
+    """The sample indices of each batch of one epoch: the order of ``datasets.iter_batches``."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [order[start : start + batch_size] for start in range(0, n, batch_size)]
@@ -65,7 +65,7 @@ def task_batches(n: int, hp: TrainHyperParams, seed: int) -> list[list[int]]:
 class LoraTrainer:
     """Trains the task's LoRA on a local shard (AdamW or SGD); deterministic given the same inputs.
 
-    With ``cache=True`` (the default) the trainer keeps a :class:`~lorafleet.prefix_cache.PrefixCache`
+    With ``cache=True`` (the default) the trainer keeps a :class:`~lorafleet.ml.prefix_cache.PrefixCache`
     of its shard: a task whose lowest LoRA block is ``b`` reads the hidden states entering block ``b``
     (computed once, eval mode, no dropout in the frozen prefix) and runs only blocks ``b..L-1`` and the
     head. Without it (or for a model the split forward does not support, or a boundary that does not

@@ -56,7 +56,6 @@ import pika
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from lorafleet.topology import DEAD_LETTER_EXCHANGE
 from lorafleet.transport.base import (
     DETAIL_HEADER,
     ORIGIN_EXCHANGE_HEADER,
@@ -73,6 +72,7 @@ from lorafleet.transport.base import (
     Unroutable,
 )
 from lorafleet.transport.memory import DELIVERY_COUNT_HEADER, amqp_header_problem
+from lorafleet.transport.topology import DEAD_LETTER_EXCHANGE
 
 log = logging.getLogger(__name__)
 

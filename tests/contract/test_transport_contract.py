@@ -18,15 +18,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from lorafleet.topology import (
-    DEAD_LETTER_EXCHANGE,
-    DEAD_LETTER_QUEUE,
-    TASKS_EXCHANGE,
-    UPDATE_KEY,
-    UPDATES_EXCHANGE,
-    UPDATES_QUEUE,
-    declare_static_topology,
-)
 from lorafleet.transport.base import (
     DETAIL_HEADER,
     ORIGIN_EXCHANGE_HEADER,
@@ -45,6 +36,15 @@ from lorafleet.transport.base import (
     dead_letter_reason,
 )
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
+from lorafleet.transport.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    TASKS_EXCHANGE,
+    UPDATE_KEY,
+    UPDATES_EXCHANGE,
+    UPDATES_QUEUE,
+    declare_static_topology,
+)
 
 KEY = "contract"
 QUEUE = QueueSpec(

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from lorafleet.topology import (
+from lorafleet.transport.base import AccessRefused, Delivery, Subscription, dead_letter_reason
+from lorafleet.transport.rabbitmq import PikaTransport
+from lorafleet.transport.topology import (
     CONTROL_EXCHANGE,
     DEAD_LETTER_QUEUE,
     ORCHESTRATOR_QUEUE,
@@ -34,8 +36,6 @@ from lorafleet.topology import (
     device_task_queue,
     task_queue_name,
 )
-from lorafleet.transport.base import AccessRefused, Delivery, Subscription, dead_letter_reason
-from lorafleet.transport.rabbitmq import PikaTransport
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -46,9 +46,9 @@ import pytest
 import redis
 import yaml
 
-from lorafleet import topology
 from lorafleet.state import keys
 from lorafleet.state.redis import RedisStateStore
+from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound
 from lorafleet.transport.rabbitmq import PikaTransport
 from schemas.envelope import decode
@@ -481,7 +481,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
             assert accounting.empty == 0 and report["updates"] == {"counted": MAX_ROUNDS * DEVICES}
             check_aggregated_once(fleet)
             check_task_queues_empty(fleet)
-    from lorafleet.data import eval_set
+    from lorafleet.data.datasets import eval_set
     from schemas.config import parse_run_config
 
     labels = eval_set(parse_run_config(config)).labels
@@ -550,7 +550,7 @@ def test_sigkilled_workers_are_replaced_by_workers_that_claim_their_slots(
 def dropped_reference_accuracy(config: dict[str, Any], dropped: dict[int, list[str]], out: Path) -> float:
     """The final accuracy of the same seed's run (embedded, in this process) in which exactly the
     ``dropped`` tasks (round -> devices) reported empty, as a vanished device's tasks do."""
-    from lorafleet.embedded import run_embedded
+    from lorafleet.app.embedded import run_embedded
     from schemas.config import device_id, parse_run_config
 
     class Dropping:

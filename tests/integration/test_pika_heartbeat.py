@@ -17,9 +17,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from lorafleet.topology import TASKS_EXCHANGE, declare_static_topology, device_task_queue, task_queue_name
 from lorafleet.transport.base import TransportClosed, TransportError
 from lorafleet.transport.rabbitmq import PikaTransport
+from lorafleet.transport.topology import (
+    TASKS_EXCHANGE,
+    declare_static_topology,
+    device_task_queue,
+    task_queue_name,
+)
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from lorafleet import topology
+from lorafleet.transport import topology
 from schemas.envelope import decode, encode
 from schemas.messages import LoraSpec, LoraUpdate, TrainHyperParams, TrainTask
 from schemas.tensors import decode_tensors, encode_tensors

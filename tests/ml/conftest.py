@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.data import EncodedDataset, encode_dataset, load_split
-from lorafleet.model import AdapterRuntime, load_tokenizer
+from lorafleet.data.datasets import EncodedDataset, encode_dataset, load_split
+from lorafleet.ml.model import AdapterRuntime, load_tokenizer
 from schemas.config import ModelConfig
 from schemas.messages import LoraSpec, TrainHyperParams, TrainTask
 from schemas.tensors import encode_tensors

@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafleet.data import iter_batches
-from lorafleet.model import AdapterRuntime, configure_torch_threads, load_base_model, model_path, spec_key
+from lorafleet.data.datasets import iter_batches
+from lorafleet.ml.model import AdapterRuntime, configure_torch_threads, load_base_model, model_path, spec_key
 from schemas.config import ModelConfig
 from tests.ml.conftest import TINY, Synthetic, make_spec
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks.verify_adapter import accuracy_of_adapter
-from lorafleet.embedded import run_embedded
+from lorafleet.app.embedded import run_embedded
 from schemas.config import parse_run_config
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafleet.data import DataError, encode_dataset, iter_batches, load_split
-from lorafleet.model import AdapterRuntime, load_base_model, load_tokenizer
+from lorafleet.data.datasets import DataError, encode_dataset, iter_batches, load_split
+from lorafleet.ml.model import AdapterRuntime, load_base_model, load_tokenizer
 from schemas.config import ModelConfig
 from tests.ml.conftest import make_spec, make_task
 from worker.trainer import LoraTrainer

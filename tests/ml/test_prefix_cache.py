@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from aggregator.evaluation import evaluate
-from lorafleet.data import DataError, EncodedDataset, collate, encode_dataset, iter_batches, load_split
-from lorafleet.model import AdapterRuntime, load_tokenizer
-from lorafleet.prefix_cache import BertParts, PrefixCache, forward_from
+from lorafleet.data.datasets import (
+    DataError,
+    EncodedDataset,
+    collate,
+    encode_dataset,
+    iter_batches,
+    load_split,
+)
+from lorafleet.ml.model import AdapterRuntime, load_tokenizer
+from lorafleet.ml.prefix_cache import BertParts, PrefixCache, forward_from
 from schemas.config import ModelConfig
 from schemas.messages import LoraSpec
 from tests.ml.conftest import TINY, Synthetic, make_spec, make_task

@@ -7,8 +7,8 @@ import torch
 from pydantic import ValidationError
 
 from aggregator.evaluation import evaluate
-from lorafleet.data import EncodedDataset
-from lorafleet.model import AdapterRuntime
+from lorafleet.data.datasets import EncodedDataset
+from lorafleet.ml.model import AdapterRuntime
 from schemas.messages import TrainHyperParams
 from tests.ml.conftest import TINY, Synthetic, make_spec, make_task
 from worker.trainer import FakeTrainer, LoraTrainer, local_optimizer, proximal_term, task_seed

@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
-from aggregator.hierarchical import aggregator_class
+from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
-from lorafleet.adapters import Tensors
-from lorafleet.auth import derive_device_key
-from lorafleet.costmodel import cost_model_for
-from lorafleet.devices import DeviceEmulator
-from lorafleet.embedded import drive
+from lorafleet.app.embedded import drive
+from lorafleet.devices.costmodel import cost_model_for
+from lorafleet.devices.emulator import DeviceEmulator
+from lorafleet.ml.lora import Tensors
+from lorafleet.security.signing import derive_device_key
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
-from orchestrator.hierarchical import orchestrator_class
+from orchestrator.hierarchical_service import orchestrator_class
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id, parse_run_config
 from schemas.messages import DeviceProfile, LoraSpec

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorafleet import topology
-from lorafleet.auth import derive_device_key, sign
+from lorafleet.security.signing import derive_device_key, sign
 from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport import topology
 from lorafleet.transport.base import dead_letter_reason
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planning import global_spec, task_id
+from orchestrator.planners.base import global_spec, task_id
 from schemas.envelope import encode
 from schemas.messages import LoraUpdate, TrainMetrics
 from schemas.tensors import encode_tensors, tensors_from_bytes

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from lorafleet import topology
-from lorafleet.dlq import count_by_reason, inspect_dead_letters
+from lorafleet.app.dlq import count_by_reason, inspect_dead_letters
+from lorafleet.transport import topology
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 
 

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 
-from lorafleet import topology
-from lorafleet.messaging import publish_message
 from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport import topology
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planning import global_spec
+from lorafleet.transport.messaging import publish_message
+from orchestrator.planners.base import global_spec
 from schemas.messages import RunFinished
 from schemas.tensors import tensors_from_bytes
 from tests.pipeline.helpers import NUM_BLOCKS, build_pipeline, expected_global, make_config

@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafleet import topology
 from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport import topology
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planning import global_spec, task_id
+from orchestrator.planners.base import global_spec, task_id
 from schemas.envelope import SCHEMA_VERSION, encode
 from schemas.messages import LoraUpdate, TrainMetrics
 from schemas.tensors import encode_tensors

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lorafleet.adapters import parse_key
-from lorafleet.report import build_report
-from lorafleet.rounds import intra_round, parse_round
+from lorafleet.ml.lora import parse_key
+from lorafleet.run.report import build_report
+from lorafleet.run.round_numbers import intra_round, parse_round
 from lorafleet.state.base import StateStore
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.base import Transport
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planning import global_spec
+from orchestrator.planners.base import global_spec
 from schemas.config import RunConfig
 from schemas.tensors import tensors_from_bytes
 from tests.pipeline.helpers import NUM_BLOCKS, Pipeline, build_pipeline, initial_adapter, make_config
@@ -264,7 +264,7 @@ def test_a_group_faster_than_planned_gets_more_rounds_within_the_global_round(ru
 def test_lorafleet_status_shows_the_group_and_global_counters_in_redis(redis_url: str, run_id: str) -> None:
     from typer.testing import CliRunner
 
-    from lorafleet.cli import app
+    from lorafleet.app.cli import app
     from lorafleet.state.redis import RedisStateStore
 
     # Given a hierarchical run whose state lives in the real Redis
@@ -398,7 +398,7 @@ def test_groups_far_from_iid_are_warned_about_naming_the_setting(
     config = hier_config(run_id, rounds=2)
     state = InMemoryStateStore()
     # When the run is grouped from the devices' label histograms
-    with caplog.at_level(logging.WARNING, logger="orchestrator.hierarchical"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.hierarchical_service"):
         pipeline = fleet(config, state, histograms=histograms)
         pipeline.drive()
     report = build_report(config, state)

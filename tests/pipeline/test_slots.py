@@ -6,10 +6,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from lorafleet import topology
-from lorafleet.messaging import publish_message
+from lorafleet.transport import topology
 from lorafleet.transport.base import Transport
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
+from lorafleet.transport.messaging import publish_message
 from schemas.messages import DeviceSlot
 from worker.slots import NoFreeSlot, claim_slot
 

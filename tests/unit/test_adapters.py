@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.adapters import KeyInfo, blocks_of, key_rank, nbytes, parse_key, select_for_spec, shapes
+from lorafleet.ml.lora import KeyInfo, blocks_of, key_rank, nbytes, parse_key, select_for_spec, shapes
 from schemas.messages import LoraSpec
 
 D_IN, D_OUT, RANK, BLOCKS = 6, 5, 8, 4

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.auth import KeyReadError, canonical, derive_device_key, read_key, sign, verify
+from lorafleet.security.signing import KeyReadError, canonical, derive_device_key, read_key, sign, verify
 from schemas.messages import LoraUpdate, TaskFailed, TrainMetrics
 from schemas.tensors import encode_tensors
 

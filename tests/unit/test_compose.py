@@ -31,7 +31,7 @@ import pytest
 import typer
 import yaml
 
-from lorafleet.cli import app
+from lorafleet.app.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"

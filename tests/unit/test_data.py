@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.data import (
+from lorafleet.data.datasets import (
     DataError,
     EncodedDataset,
     iter_batches,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.fedavg import WeightedUpdate, aggregate
+from aggregator.merge.rankwise import WeightedUpdate, aggregate
 from aggregator.validation import check_update_shapes
 from schemas.errors import DecodeError
 

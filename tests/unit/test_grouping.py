@@ -7,7 +7,13 @@ import random
 
 import pytest
 
-from orchestrator.grouping import GroupingDevice, divergence, far_from_iid, group_devices, group_objective
+from orchestrator.planners.grouping import (
+    GroupingDevice,
+    divergence,
+    far_from_iid,
+    group_devices,
+    group_objective,
+)
 
 
 def _dev(name: str, hist: list[int], slowdown: float | None = None) -> GroupingDevice:

@@ -8,18 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from lorafleet.costmodel import CostModel
+from lorafleet.devices.costmodel import CostModel
 from orchestrator.capacity import DeviceEstimate
-from orchestrator.hierarchical import refit_frequency
-from orchestrator.hierarchy import (
+from orchestrator.hierarchical_service import refit_frequency
+from orchestrator.planners.hierfedlora import (
     GroupInput,
     HierOptions,
     depth_candidates,
     min_frequencies,
     plan_hierarchy,
 )
-from orchestrator.legend import DeviceInput, LegendOptions, SizeModel, time_matrix
-from orchestrator.strategies import PlanningContext, hier_options
+from orchestrator.planners.legend import DeviceInput, LegendOptions, SizeModel, time_matrix
+from orchestrator.planners.registry import PlanningContext, hier_options
 from schemas.config import parse_run_config
 
 COST = CostModel("test", 6, embed_s=0.0, prefix_block_s=0.0, train_block_s=1e-4, head_s=2e-5, step_s=5e-3)

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from lorafleet.costmodel import CostModel, cost_model_for
-from lorafleet.devices import DeviceEmulator, jitter_factor, transfer_seconds
+from lorafleet.devices.costmodel import CostModel, cost_model_for
+from lorafleet.devices.emulator import DeviceEmulator, jitter_factor, transfer_seconds
 from orchestrator.capacity import DeviceEstimate, Measurement, measure, update_estimate
-from orchestrator.legend import (
+from orchestrator.planners.legend import (
     DeviceInput,
     LegendOptions,
     SizeModel,

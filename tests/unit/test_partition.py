@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lorafleet.partition import (
+from lorafleet.data.partition import (
     label_histogram,
     partition_classes,
     partition_dirichlet,

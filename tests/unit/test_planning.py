@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 from pydantic import TypeAdapter
 
-from orchestrator.planning import (
+from orchestrator.planners.base import (
     global_spec,
     lora_blocks,
     plan_fedlora,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.fedavg import WeightedUpdate
-from aggregator.robust import aggregate_robust, clip_updates
+from aggregator.merge.rankwise import WeightedUpdate
+from aggregator.merge.robust import aggregate_robust, clip_updates
 
 HEAD = "base_model.model.classifier.weight"
 A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"

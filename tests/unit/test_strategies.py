@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.fedavg import WeightedUpdate
-from aggregator.hetero import aggregate_hetlora, aggregate_svd
-from lorafleet.costmodel import CostModel
+from aggregator.merge.hetlora import aggregate_hetlora, aggregate_svd
+from aggregator.merge.rankwise import WeightedUpdate
+from lorafleet.devices.costmodel import CostModel
 from orchestrator.capacity import DeviceEstimate
-from orchestrator.legend import DeviceInput
-from orchestrator.planning import global_spec
-from orchestrator.strategies import STRATEGIES, PlanningContext, RoundPlan, size_model
+from orchestrator.planners.base import global_spec
+from orchestrator.planners.legend import DeviceInput
+from orchestrator.planners.registry import STRATEGIES, PlanningContext, RoundPlan, size_model
 from schemas.config import parse_run_config
 
 COST = CostModel("test", 6, embed_s=1e-6, prefix_block_s=2e-6, train_block_s=6e-6, head_s=1e-6, step_s=0.0)

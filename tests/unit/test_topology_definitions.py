@@ -1,4 +1,4 @@
-"""broker_config/definitions.json declares exactly lorafleet.topology, with least-privilege roles."""
+"""broker_config/definitions.json declares exactly the topology module, with least-privilege roles."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lorafleet import topology
+from lorafleet.transport import topology
 from lorafleet.transport.base import QueueSpec
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "broker_config" / "definitions.json"

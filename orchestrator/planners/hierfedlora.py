@@ -31,8 +31,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lorafleet.costmodel import CostModel
-from orchestrator.legend import Candidate, DeviceInput, LegendOptions, SizeModel, time_matrix, utility
+from lorafleet.devices.costmodel import CostModel
+from orchestrator.planners.legend import (
+    Candidate,
+    DeviceInput,
+    LegendOptions,
+    SizeModel,
+    time_matrix,
+    utility,
+)
 
 
 @dataclass(frozen=True)

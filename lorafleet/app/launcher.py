@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafleet import topology
+from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound, TransportError
-from lorafleet.wiring import open_state, open_transport
 from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)

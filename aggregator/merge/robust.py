@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from aggregator.fedavg import WeightedUpdate, check_updates
-from lorafleet.adapters import Tensors, parse_key
+from aggregator.merge.rankwise import WeightedUpdate, check_updates
+from lorafleet.ml.lora import Tensors, parse_key
 
 
 def clip_updates(

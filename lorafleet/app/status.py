@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lorafleet.report import hierarchy_counters
-from lorafleet.rounds import parse_round
+from lorafleet.run.report import hierarchy_counters
+from lorafleet.run.round_numbers import parse_round
 from lorafleet.state.base import StateStore
 
 

@@ -24,10 +24,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from aggregator.fedavg import WeightedUpdate, aggregate
+from aggregator.merge.rankwise import WeightedUpdate, aggregate
 from aggregator.service import AggregatorService, checkpoint_dir, merge
-from lorafleet.adapters import Tensors, parse_key
-from lorafleet.rounds import IntraRound, intra_round, parse_round
+from lorafleet.ml.lora import Tensors, parse_key
+from lorafleet.run.round_numbers import IntraRound, intra_round, parse_round
 from schemas.config import RunConfig
 from schemas.messages import LoraSpec, ReplanRequest, RoundClosed
 from schemas.tensors import tensors_from_bytes, tensors_to_bytes
@@ -52,7 +52,7 @@ def merge_groups(current: Tensors, groups: Sequence[WeightedUpdate]) -> Tensors:
 
 
 class HierarchicalAggregator(AggregatorService):
-    """:class:`AggregatorService` for global rounds over groups (round numbers: lorafleet/rounds.py)."""
+    """The aggregator of hierarchical runs: intra-group rounds into group adapters, then global rounds."""
 
     @property
     def open_window(self) -> int:  # type: ignore[override]

@@ -7,7 +7,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from lorafleet.costmodel import CostModel
+from lorafleet.devices.costmodel import CostModel
 from schemas.messages import DeviceProfile
 
 

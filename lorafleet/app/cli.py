@@ -59,7 +59,7 @@ def _load(path: Path) -> RunConfig:
 
 def _key(env: str, *, required: bool) -> bytes | None:
     """A key from the environment (never printed); exit 2 naming the variable when it is required."""
-    from lorafleet.auth import KeyReadError, read_key
+    from lorafleet.security.signing import KeyReadError, read_key
 
     try:
         key = read_key(env)
@@ -76,7 +76,7 @@ def _key(env: str, *, required: bool) -> bytes | None:
 
 def _device_key(device_id: str, *, required: bool) -> bytes | None:
     """This device's key: LORAFLEET_DEVICE_KEY, or derived from LORAFLEET_FLEET_KEY (elastic replicas)."""
-    from lorafleet.auth import derive_device_key
+    from lorafleet.security.signing import derive_device_key
 
     own = _key("LORAFLEET_DEVICE_KEY", required=False)
     if own is not None:
@@ -112,11 +112,11 @@ def run(
         )
         raise typer.Exit(2)
     if broker is not None and state is not None:
-        from lorafleet.launcher import run_distributed
+        from lorafleet.app.launcher import run_distributed
 
         report = run_distributed(cfg, config, out, broker=broker, state=state)
     else:
-        from lorafleet.embedded import run_embedded
+        from lorafleet.app.embedded import run_embedded
 
         report = run_embedded(cfg, out, quiet=quiet)
     err.print(
@@ -138,9 +138,9 @@ def orchestrator(
     """Run the orchestrator service against RabbitMQ and Redis."""
     _setup_logging(verbose)
     cfg = _load(config)
-    from lorafleet.model import configure_torch_threads
-    from lorafleet.progress import RunReporter
-    from lorafleet.wiring import build_orchestrator, build_runtime, open_state, open_transport
+    from lorafleet.app.wiring import build_orchestrator, build_runtime, open_state, open_transport
+    from lorafleet.ml.model import configure_torch_threads
+    from lorafleet.run.progress import RunReporter
 
     configure_torch_threads(threads)
     stop = _stop_on_signals()
@@ -168,8 +168,8 @@ def aggregator(
     """Run the aggregator service against RabbitMQ and Redis."""
     _setup_logging(verbose)
     cfg = _load(config)
-    from lorafleet.model import configure_torch_threads
-    from lorafleet.wiring import build_aggregator, build_runtime, open_state, open_transport
+    from lorafleet.app.wiring import build_aggregator, build_runtime, open_state, open_transport
+    from lorafleet.ml.model import configure_torch_threads
 
     configure_torch_threads(threads)
     stop = _stop_on_signals()
@@ -211,8 +211,8 @@ def worker(
     """Run one device (worker) against RabbitMQ. It needs no state-store access."""
     _setup_logging(verbose)
     cfg = _load(config)
-    from lorafleet.model import configure_torch_threads
-    from lorafleet.wiring import Shards, build_runtime, build_worker, device_index, open_transport
+    from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
+    from lorafleet.ml.model import configure_torch_threads
     from worker.slots import NoFreeSlot, claim_slot
 
     configure_torch_threads(threads)
@@ -262,8 +262,8 @@ def dlq(
 
     from rich.table import Table
 
-    from lorafleet.dlq import count_by_reason, inspect_dead_letters
-    from lorafleet.wiring import open_transport
+    from lorafleet.app.dlq import count_by_reason, inspect_dead_letters
+    from lorafleet.app.wiring import open_transport
 
     transport = open_transport(broker)
     try:
@@ -309,9 +309,9 @@ def status(
 
     from rich.table import Table
 
+    from lorafleet.app.status import run_status
+    from lorafleet.app.wiring import open_state
     from lorafleet.state.base import StateStoreError
-    from lorafleet.status import run_status
-    from lorafleet.wiring import open_state
 
     try:
         store = open_state(state)
@@ -364,7 +364,7 @@ def device_key(
     device_id: Annotated[str, typer.Argument(help="The device to provision, e.g. dev-0003")],
 ) -> None:
     """Print a device's own signing key (hex), derived from LORAFLEET_FLEET_KEY, for provisioning it."""
-    from lorafleet.auth import derive_device_key
+    from lorafleet.security.signing import derive_device_key
 
     fleet = _key("LORAFLEET_FLEET_KEY", required=True)
     assert fleet is not None

@@ -1,17 +1,17 @@
 """Every planning strategy behind one signature: ``PlanningContext -> [DevicePlan]`` (pure).
 
 * ``fedlora``: FedIT, every device LoRA on all configured blocks at one rank.
-* ``legend``: LEGEND-style per-device depth and rising rank distribution (orchestrator/legend.py).
+* ``legend``: LEGEND-style per-device depth and rising rank distribution (orchestrator/planners/legend.py).
 * ``legend_uniform_rank``: the same without the rank distribution (ablation).
 * ``legend_fixed_depth``: the same at one fixed depth for every device (ablation).
 * ``hetlora``: all blocks; per-device rank by capacity (fastest third the highest rank), merged
-  with zero-padding and norm weights (aggregator/hetero.py).
+  with zero-padding and norm weights (aggregator/merge/hetlora.py).
 * ``fedra``: each round a random subset of blocks per device, as many as LEGEND would give it
   (same budget, random placement instead of top-aligned), one rank.
 
 Hierarchical strategies plan a *global round* instead (:func:`plan_global_round`): near-IID groups
-(orchestrator/grouping.py), then a depth and an intra-group aggregation frequency per group
-(orchestrator/hierarchy.py):
+(orchestrator/planners/grouping.py), then a depth and an intra-group aggregation frequency per group
+(orchestrator/planners/hierfedlora.py):
 
 * ``hierfedlora``: HierFedLoRA-style, groups and the joint depth/frequency plan.
 * ``hier_no_grouping``: one group of every device (the planner still picks depth and frequency).
@@ -26,12 +26,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from lorafleet.adapters import Tensors, parse_key
-from lorafleet.costmodel import CostModel
-from orchestrator.grouping import GroupingDevice, divergence, group_devices
-from orchestrator.hierarchy import GroupInput, HierOptions, plan_hierarchy
-from orchestrator.legend import DeviceInput, LegendOptions, SizeModel, plan_legend
-from orchestrator.planning import DevicePlan, plan_fedlora
+from lorafleet.devices.costmodel import CostModel
+from lorafleet.ml.lora import Tensors, parse_key
+from orchestrator.planners.base import DevicePlan, plan_fedlora
+from orchestrator.planners.grouping import GroupingDevice, divergence, group_devices
+from orchestrator.planners.hierfedlora import GroupInput, HierOptions, plan_hierarchy
+from orchestrator.planners.legend import DeviceInput, LegendOptions, SizeModel, plan_legend
 from schemas.config import RunConfig
 from schemas.messages import LoraSpec
 

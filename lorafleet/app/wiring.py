@@ -11,12 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.evaluation import evaluate
-from aggregator.hierarchical import aggregator_class
+from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
-from lorafleet.adapters import Tensors
-from lorafleet.clock import Clock
-from lorafleet.costmodel import CostModel, cost_model_for
-from lorafleet.data import (
+from lorafleet.data.datasets import (
     EncodedDataset,
     TextDataset,
     encode_dataset,
@@ -25,13 +22,16 @@ from lorafleet.data import (
     num_labels,
     partition_rows,
 )
-from lorafleet.devices import DeviceEmulator
-from lorafleet.model import AdapterRuntime, load_tokenizer
-from lorafleet.partition import label_histogram as histogram
-from lorafleet.progress import RunReporter
+from lorafleet.data.partition import label_histogram as histogram
+from lorafleet.devices.costmodel import CostModel, cost_model_for
+from lorafleet.devices.emulator import DeviceEmulator
+from lorafleet.ml.lora import Tensors
+from lorafleet.ml.model import AdapterRuntime, load_tokenizer
+from lorafleet.run.clock import Clock
+from lorafleet.run.progress import RunReporter
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
-from orchestrator.hierarchical import orchestrator_class
+from orchestrator.hierarchical_service import orchestrator_class
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id
 from schemas.messages import LoraSpec

@@ -1,4 +1,4 @@
-"""Datasets, their split among devices (lorafleet/partition.py), and tokenised batches.
+"""Datasets, their split among devices (lorafleet/data/partition.py), and tokenised batches.
 
 Datasets live under a data directory (``<data_dir>/sst2/{train,dev}.tsv``,
 ``<data_dir>/20newsgroups/{train,test}.jsonl.gz``); ``synthetic`` is generated in code (no files).
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from lorafleet.partition import (
+from lorafleet.data.partition import (
     partition_classes,
     partition_dirichlet,
     partition_iid,

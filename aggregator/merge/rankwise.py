@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.adapters import Tensors, parse_key
+from lorafleet.ml.lora import Tensors, parse_key
 
 
 @dataclass(frozen=True)

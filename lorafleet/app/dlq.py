@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet import topology
+from lorafleet.transport import topology
 from lorafleet.transport.base import (
     DETAIL_HEADER,
     ORIGIN_QUEUE_HEADER,

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorafleet.costmodel import CostModel
+from lorafleet.devices.costmodel import CostModel
 from orchestrator.capacity import DEFAULT_TOKENS_PER_SAMPLE, DeviceEstimate
-from orchestrator.planning import DevicePlan
+from orchestrator.planners.base import DevicePlan
 from schemas.messages import LoraSpec
 
 

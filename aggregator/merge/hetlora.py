@@ -1,4 +1,4 @@
-"""Baseline merge rules for heterogeneous-rank LoRA (pure), beside :mod:`aggregator.fedavg`.
+"""Baseline merge rules for heterogeneous-rank LoRA (pure), beside :mod:`aggregator.merge.rankwise`.
 
 * ``hetlora`` (Cho et al., EMNLP 2024): updates are zero-padded to the global rank and averaged
   over every device that trained the block, each weighted by its sample count times the Frobenius
@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from aggregator.fedavg import WeightedUpdate, aggregate, check_updates
-from lorafleet.adapters import Tensors, parse_key
+from aggregator.merge.rankwise import WeightedUpdate, aggregate, check_updates
+from lorafleet.ml.lora import Tensors, parse_key
 
 Merge = Callable[[Tensors, Sequence[WeightedUpdate]], Tensors]
 

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from lorafleet.auth import derive_device_key
-from lorafleet.model import configure_torch_threads
-from lorafleet.progress import RunReporter
-from lorafleet.report import build_report
+from lorafleet.app.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
+from lorafleet.ml.model import configure_torch_threads
+from lorafleet.run.progress import RunReporter
+from lorafleet.run.report import build_report
+from lorafleet.security.signing import derive_device_key
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from lorafleet.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
 from schemas.config import RunConfig, device_id
 from worker.trainer import Trainer
 

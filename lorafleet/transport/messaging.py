@@ -10,8 +10,8 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
-from lorafleet.topology import ALLOWED_KINDS
 from lorafleet.transport.base import Delivery, Transport
+from lorafleet.transport.topology import ALLOWED_KINDS
 from schemas.envelope import decode, encode, kind_of
 from schemas.errors import DecodeError
 from schemas.messages import Message

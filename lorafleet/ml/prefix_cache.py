@@ -42,7 +42,7 @@ from torch.nn.functional import cross_entropy
 from torch.nn.utils.rnn import pad_sequence
 from transformers.masking_utils import create_bidirectional_mask
 
-from lorafleet.data import EncodedDataset
+from lorafleet.data.datasets import EncodedDataset
 
 #: The default bound on the cached bytes of one trainer (one device shard).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024

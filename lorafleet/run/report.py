@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet import __version__
-from lorafleet.rounds import parse_round
+from lorafleet.run.round_numbers import parse_round
 from lorafleet.state.base import StateStore
 from schemas.config import RunConfig
 

@@ -1,8 +1,8 @@
 """The orchestrator of hierarchical (HierFedLoRA-style) runs: global rounds over near-IID groups.
 
-Each global round ``h``: the registered devices are grouped (orchestrator/grouping.py; regrouped
+Each global round ``h``: the registered devices are grouped (orchestrator/planners/grouping.py; regrouped
 only when the members change, or once when every member has a speed estimate), a depth and an
-intra-group aggregation frequency are planned per group (orchestrator/hierarchy.py), the global
+intra-group aggregation frequency are planned per group (orchestrator/planners/hierfedlora.py), the global
 round is opened in the state store with each group's target frequency, and every group's first
 intra-group round is opened. From then on the groups run at their own pace: when the aggregator
 closes one of a group's rounds, the group's next round opens at once (from the group's adapter),
@@ -23,13 +23,13 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from lorafleet.adapters import Tensors
-from lorafleet.clock import to_ms
-from lorafleet.rounds import intra_round, parse_round
-from orchestrator.grouping import far_from_iid
-from orchestrator.planning import DevicePlan
+from lorafleet.ml.lora import Tensors
+from lorafleet.run.clock import to_ms
+from lorafleet.run.round_numbers import intra_round, parse_round
+from orchestrator.planners.base import DevicePlan
+from orchestrator.planners.grouping import far_from_iid
+from orchestrator.planners.registry import PlanningContext, form_groups, plan_global_round
 from orchestrator.service import OrchestratorService
-from orchestrator.strategies import PlanningContext, form_groups, plan_global_round
 from schemas.config import RunConfig
 from schemas.messages import LoraSpec, ReplanRequest, RoundClosed
 from schemas.tensors import tensors_from_bytes
