@@ -25,9 +25,11 @@ import time
 from collections.abc import Sequence
 
 from aggregator.merge.rankwise import WeightedUpdate, aggregate
-from aggregator.service import AggregatorService, checkpoint_dir, merge
+from aggregator.merge.registry import merge
+from aggregator.service import AggregatorService, checkpoint_dir
 from lorafleet.ml.lora import Tensors, parse_key
-from lorafleet.run.round_numbers import IntraRound, intra_round, parse_round
+from lorafleet.run.round_numbers import IntraRound, parse_round
+from lorafleet.run.start_adapter import start_adapter
 from schemas.config import RunConfig
 from schemas.messages import LoraSpec, ReplanRequest, RoundClosed
 from schemas.tensors import tensors_from_bytes, tensors_to_bytes
@@ -67,7 +69,8 @@ class HierarchicalAggregator(AggregatorService):
         stored, messages = self._round_updates(round_no)
         group_stored = self.state.get_group_adapter(self.run_id, parsed.group)
         if group_stored is None or group_stored[0] < round_no:
-            merged = merge(self.config, self._start_tensors(round_no), self._weighted(messages))
+            start = start_adapter(self.state, self.run_id, round_no)
+            merged = merge(self.config, start, self._weighted(messages))
             self.state.put_group_adapter(self.run_id, parsed.group, round_no, tensors_to_bytes(merged))
         closed = self._record_round_metrics(round_no, stored, messages, started, extra=parsed._asdict())
         virtual = max((m.metrics.device_time_s for m in messages), default=0.0)
@@ -106,19 +109,6 @@ class HierarchicalAggregator(AggregatorService):
                 )
             )
             self.state.incr_counter(self.run_id, "replan_drift")
-
-    def _start_tensors(self, round_no: int) -> Tensors:
-        """A group's first round starts from the global adapter, later ones from the group's."""
-        parsed = parse_round(round_no)
-        if parsed is None or parsed.step == 1:
-            return self._global()[1]
-        stored = self.state.get_group_adapter(self.run_id, parsed.group)
-        expected = intra_round(parsed.global_round, parsed.group, parsed.step - 1)
-        if stored is None or stored[0] < expected:
-            raise RuntimeError(
-                f"round {round_no}: group {parsed.group}'s adapter of round {expected} is missing"
-            )
-        return tensors_from_bytes(stored[1])
 
     # -- global rounds ----------------------------------------------------------------------------
     def _after_aggregations(self) -> bool:

@@ -17,21 +17,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from aggregator.merge.hetlora import MERGES
 from aggregator.merge.rankwise import WeightedUpdate
-from aggregator.merge.robust import aggregate_robust, clip_updates
+from aggregator.merge.registry import merge
 from aggregator.validation import check_update_shapes
 from lorafleet.ml.lora import Tensors, select_for_spec, shapes
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.report import build_report, write_report
+from lorafleet.run.start_adapter import StartAdapterGone, start_adapter
 from lorafleet.security.signing import verify
 from lorafleet.state.base import StateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport
 from lorafleet.transport.messaging import Rejections, publish_message, receive
+from lorafleet.transport.waiting import wait_for_topology
 from schemas.config import RunConfig
 from schemas.envelope import decode
-from schemas.errors import DecodeError
+from schemas.errors import MessageRefused, Rejected
+from schemas.measurement import DeviceMeasurement
 from schemas.messages import LoraSpec, LoraUpdate, ReplanRequest, RoundClosed, RoundEvaluated, TaskFailed
 from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
 
@@ -45,35 +47,6 @@ class Evaluator(Protocol):
 
 
 CheckpointWriter = Callable[[LoraSpec, Tensors, Path], None]
-
-
-def merge(config: RunConfig, current: Tensors, updates: list[WeightedUpdate]) -> Tensors:
-    """The configured merge: optional norm clipping, then a robust statistic or the strategy's rule."""
-    robust = config.robust
-    if robust.clip_norm is not None:
-        updates = clip_updates(current, updates, robust.clip_norm)
-    if robust.method != "none":
-        return aggregate_robust(current, updates, method=robust.method, trim=robust.trim)
-    return MERGES[config.merge_rule](current, updates)
-
-
-def device_measurement(update: LoraUpdate) -> dict[str, float]:
-    """What an update says about its device's capacity (orchestrator/capacity.py's Measurement)."""
-    m = update.metrics
-    return {
-        "device_compute_s": m.device_compute_s,
-        "tokens": m.tokens,
-        "embed_tokens": m.embed_tokens,
-        "prefix_block_tokens": m.prefix_block_tokens,
-        "steps": m.steps,
-        "examples": m.examples,
-        "lowest_block": m.lowest_block,
-        "bytes_down": m.bytes_down,
-        "downlink_s": m.downlink_s,
-        "bytes_up": m.bytes_up,
-        "uplink_s": m.uplink_s,
-        "device_time_s": m.device_time_s,
-    }
 
 
 def update_norm(start: Tensors, trained: Tensors) -> float:
@@ -127,16 +100,14 @@ class AggregatorService:
     def start(self, *, wait_s: float = 600.0, poll_s: float = 1.0) -> None:
         """Subscribe to the updates queue, waiting up to ``wait_s`` for the orchestrator to declare it
         (where the broker did not load the definitions), and resume a lost evaluation."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                self._subscription = self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8)
-                break
-            except QueueNotFound:
-                if time.monotonic() >= deadline:
-                    raise
-                log.info("aggregator: waiting for the orchestrator to declare %s", topology.UPDATES_QUEUE)
-                time.sleep(poll_s)
+        self._subscription = wait_for_topology(
+            lambda: self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8),
+            missing=(QueueNotFound,),
+            what=f"the orchestrator to declare {topology.UPDATES_QUEUE}",
+            wait_s=wait_s,
+            poll_s=poll_s,
+            clock=self.clock,
+        )
         self._resume_evaluation()
 
     def _resume_evaluation(self) -> None:
@@ -232,7 +203,7 @@ class AggregatorService:
             elif isinstance(message, TaskFailed):
                 stored = b""  # the device reported: it counts toward the quorum, adds no tensors
             else:
-                raise DecodeError(
+                raise Rejected(
                     "unexpected_kind", f"the aggregator does not consume {type(message).__name__}"
                 )
             result = self.state.record_update(
@@ -244,13 +215,13 @@ class AggregatorService:
                 to_ms(self.clock.now()),
             )
             if result.outcome in ("unknown_task", "wrong_device"):
-                raise DecodeError(result.outcome, f"{message.task_id} from {message.device_id}")
+                raise Rejected(result.outcome, f"{message.task_id} from {message.device_id}")
             if result.outcome == "duplicate" and isinstance(message, LoraUpdate):
                 self._check_not_replayed(message)
             if isinstance(message, TaskFailed):
                 self.state.incr_counter(self.run_id, "task_failed")
             delivery.ack()
-        except DecodeError as exc:
+        except MessageRefused as exc:
             self.rejections.reject(delivery, exc)
 
     def _check_signature(self, report: LoraUpdate | TaskFailed) -> None:
@@ -258,7 +229,7 @@ class AggregatorService:
             return
         if self.fleet_key is None or not verify(self.fleet_key, report):
             what = "no signature" if report.signature is None else "a signature that does not verify"
-            raise DecodeError("bad_signature", f"{report.task_id} claims {report.device_id} with {what}")
+            raise Rejected("bad_signature", f"{report.task_id} claims {report.device_id} with {what}")
 
     def _check_not_replayed(self, update: LoraUpdate) -> None:
         """A counted task arriving again is a harmless redelivery only if it is the same update: the same
@@ -270,7 +241,7 @@ class AggregatorService:
         first = self._stored_update(counted)
         same = (first.adapter.sha256, first.num_samples, first.plan_version)
         if same != (update.adapter.sha256, update.num_samples, update.plan_version):
-            raise DecodeError("replayed", f"{update.task_id} was counted with other content")
+            raise Rejected("replayed", f"{update.task_id} was counted with other content")
 
     def _check_update(self, update: LoraUpdate) -> None:
         expected = self._expected_shapes(update.round, update.task_id)
@@ -281,10 +252,13 @@ class AggregatorService:
             spec_json = self.state.get_task_spec(self.run_id, update.round, update.task_id)
             assert spec_json is not None  # the shapes check found it
             spec = LoraSpec.model_validate_json(spec_json)
-            start = select_for_spec(self._start_tensors(update.round), spec)
+            try:
+                start = select_for_spec(start_adapter(self.state, self.run_id, update.round), spec)
+            except StartAdapterGone:
+                return  # its round was merged already: the update will be accounted as late
             norm = update_norm(start, tensors)
             if norm > bound:
-                raise DecodeError("norm_exceeded", f"update changes the adapter by {norm:.3g} > {bound:.3g}")
+                raise Rejected("norm_exceeded", f"update changes the adapter by {norm:.3g} > {bound:.3g}")
 
     def _expected_shapes(self, round_no: int, task_id: str) -> dict[str, tuple[int, ...]]:
         cached = self._expected.get((round_no, task_id))
@@ -292,7 +266,7 @@ class AggregatorService:
             return cached
         spec_json = self.state.get_task_spec(self.run_id, round_no, task_id)
         if spec_json is None:
-            raise DecodeError("unknown_task", f"no task {task_id} in round {round_no}")
+            raise Rejected("unknown_task", f"no task {task_id} in round {round_no}")
         spec = LoraSpec.model_validate_json(spec_json)
         expected = shapes(select_for_spec(self._global()[1], spec))
         if len(self._expected) > 4096:
@@ -305,10 +279,6 @@ class AggregatorService:
         if stored is None:
             raise RuntimeError(f"run {self.run_id}: no global adapter in the state store")
         return stored[0], tensors_from_bytes(stored[1])
-
-    def _start_tensors(self, round_no: int) -> Tensors:
-        """The adapter a round's tasks started from: the global one."""
-        return self._global()[1]
 
     def _global_spec(self) -> LoraSpec:
         return LoraSpec.model_validate_json(self.state.get_run_fields(self.run_id)["global_spec"])
@@ -371,7 +341,7 @@ class AggregatorService:
                 **(extra or {}),
                 "devices_reported": len(messages),
                 "virtual_round_s": max((m.metrics.device_time_s for m in messages), default=0.0),
-                "devices": {m.device_id: device_measurement(m) for m in messages},
+                "devices": {m.device_id: DeviceMeasurement.of(m).model_dump(mode="json") for m in messages},
                 "reports": len(stored),
                 "tasks_issued": len(info.tasks),
                 "bytes_up": bytes_up,

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aggregator.evaluation import evaluate  # noqa: E402
 from benchmarks.calibrate import QuietRunner  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 from lorafleet.data.datasets import EncodedDataset, encode_dataset, load_split  # noqa: E402
 from lorafleet.ml.model import AdapterRuntime, load_tokenizer  # noqa: E402
 from lorafleet.ml.prefix_cache import BertParts  # noqa: E402
@@ -40,6 +41,7 @@ from worker.trainer import LoraTrainer  # noqa: E402
 
 MINILM = ModelConfig(name="minilm", max_seq_len=64)
 OUT = Path(__file__).parent / "results" / "cache_speed.json"
+COMMAND = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cache_speed.py"
 
 
 def spec_top(k: int, rank: int = 8) -> LoraSpec:
@@ -184,18 +186,11 @@ def main() -> None:
     )
     accuracy = [] if args.skip_accuracy else accuracy_check(train, dev, args.rows, k=2)
     result = {
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cache_speed.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "torch": torch.__version__,
+        **provenance(f"{COMMAND} {' '.join(sys.argv[1:])}", load_before, quiet),
         "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
         "setup": "all-MiniLM-L6-v2, SST-2 train rows, batch 16 dynamic padding (max_len 64), LoRA r=8 "
         "alpha 16 q/v on the top k blocks, AdamW lr 1e-3; s/step = compute_s/steps of a LoraTrainer "
         f"task of {args.steps} steps, median over {args.repeats} repeats after 1 warm-up, modes alternate",
-        "foreign_load": quiet.summary(),
-        "foreign_load_per_unit": quiet.log,
         "step_time": timing,
         "accuracy": accuracy,
     }

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.provenance import provenance  # noqa: E402
 from lorafleet.data.datasets import EncodedDataset, collate, encode_dataset, load_split  # noqa: E402
 from lorafleet.devices.costmodel import CostModel  # noqa: E402
 from lorafleet.ml.model import AdapterRuntime, load_tokenizer  # noqa: E402
@@ -373,16 +373,9 @@ def main() -> None:  # noqa: C901
     other_rows, other_worst = residuals(model_with(other), tokens, med)
     wall = time.perf_counter() - started
     result = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "torch": torch.__version__,
+        **provenance(command, load_before, quiet),
         "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
         "wall_s": wall,
-        "foreign_load": quiet.summary(),
-        "foreign_load_per_unit": quiet.log,
         "batches": [{"size": len(b), "tokens": t} for b, t in zip(batches, tokens, strict=True)],
         "raw_medians": {
             **{f"{name}_s": v for name, v in frozen_med.items()},

@@ -7,13 +7,14 @@ it), final accuracy, rounds and wall time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from lorafleet.app.embedded import run_embedded
-from schemas.config import parse_run_config
+from schemas.config import merge_overrides, parse_run_config
 
 #: three device tiers: 1x, 2.5x and 6x slower than this host, 20/5/1 Mbit/s up and 20/10/2 down
 TIERS: list[dict[str, Any]] = [
@@ -23,13 +24,16 @@ TIERS: list[dict[str, Any]] = [
 ]
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
+def model_section(args: argparse.Namespace, **minilm: Any) -> dict[str, Any]:
+    """The benchmark's model: MiniLM, or with ``--quick`` a 6-block tiny random BERT."""
+    if args.quick:
+        return {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32, "torch_threads": args.threads}
+    return {"name": "minilm", "torch_threads": args.threads, **minilm}
+
+
+def fleet_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark's devices: ``--devices`` in the three speed tiers, 10% jitter."""
+    return {"count": args.devices, "jitter": 0.1, "tiers": TIERS}
 
 
 def run_strategy(
@@ -40,7 +44,7 @@ def run_strategy(
     With ``resume``, a finished run's ``report.json`` under ``out_dir`` whose configuration equals
     this one is reused instead of training again (its own wall time stands for ``bench_wall_s``).
     """
-    raw = merge(
+    raw = merge_overrides(
         base,
         {
             "strategy": strategy,

@@ -27,8 +27,16 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import TIERS, markdown_table, merge, run_strategy, summarise, write_json  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    fleet_section,
+    markdown_table,
+    model_section,
+    run_strategy,
+    summarise,
+    write_json,
+)
 from benchmarks.legend import pin_cost_model  # noqa: E402
+from schemas.config import merge_overrides  # noqa: E402
 
 #: benchmark row -> (strategy, configuration overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -43,17 +51,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[str, Any]:
-    quick = args.quick
     return {
         "run_id": "bench-hier",
         "seed": args.seed,
-        "model": (
-            {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32, "torch_threads": args.threads}
-            if quick
-            else {"name": "minilm", "max_seq_len": args.max_seq_len, "torch_threads": args.threads}
-        ),
+        "model": model_section(args, max_seq_len=args.max_seq_len),
         "data": {
-            "dataset": "synthetic" if quick else dataset,
+            "dataset": "synthetic" if args.quick else dataset,
             "samples_per_device": args.samples_per_device,
             "eval_samples": args.eval_samples,
             "partition": "dirichlet",
@@ -71,11 +74,7 @@ def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[st
             "local_epochs": args.local_epochs,
             "max_grad_norm": args.max_grad_norm,
         },
-        "devices": {
-            "count": args.devices,
-            "jitter": 0.1,
-            "tiers": TIERS,
-        },
+        "devices": fleet_section(args),
     }
 
 
@@ -107,7 +106,7 @@ def run_pair(
         strategy, overrides = VARIANTS[name]
         console.print(f"  [bold]{name}[/bold]")
         report = run_strategy(
-            merge(base, overrides) | {"run_id": f"bench-{name}"},
+            merge_overrides(base, overrides) | {"run_id": f"bench-{name}"},
             strategy,
             runs / name,
             resume=args.resume,

@@ -25,23 +25,26 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import TIERS, markdown_table, plot, run_strategy, summarise, write_json  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    fleet_section,
+    markdown_table,
+    model_section,
+    plot,
+    run_strategy,
+    summarise,
+    write_json,
+)
 
 STRATEGIES = ["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    quick = args.quick
     return {
         "run_id": "bench-legend",
         "seed": args.seed,
-        "model": (
-            {"name": "tiny", "tiny_layers": 6, "tiny_hidden": 32, "torch_threads": args.threads}
-            if quick
-            else {"name": "minilm", "torch_threads": args.threads}
-        ),
+        "model": model_section(args),
         "data": {
-            "dataset": "synthetic" if quick else "sst2",
+            "dataset": "synthetic" if args.quick else "sst2",
             "samples_per_device": args.samples_per_device,
             "eval_samples": args.eval_samples,
         },
@@ -49,11 +52,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         "legend": {"top_ranks": [4, 8]},  # the same highest rank as FedLoRA: a fair traffic comparison
         "training": {"batch_size": 16, "lr": args.lr},
         "activation_cache": not args.no_cache,
-        "devices": {
-            "count": args.devices,
-            "jitter": 0.1,
-            "tiers": TIERS,
-        },
+        "devices": fleet_section(args),
     }
 
 

@@ -53,7 +53,6 @@ def main() -> None:
                 cost=cost,
                 sizes=sizes,
                 options=LegendOptions(top_ranks=(4, 8, 16)),
-                target_modules=["query", "value"],
             )
             times.append(time.perf_counter() - started)
         depths = [len(p.lora.layer_ranks) for p in plan.plans]

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import merge, write_json  # noqa: E402
+from benchmarks.harness import write_json  # noqa: E402
 from lorafleet.app.embedded import run_embedded  # noqa: E402
-from schemas.config import parse_run_config  # noqa: E402
+from schemas.config import merge_overrides, parse_run_config  # noqa: E402
 from schemas.messages import TrainTask  # noqa: E402
 from worker.trainer import Trainer, TrainOutcome  # noqa: E402
 
@@ -64,7 +64,7 @@ class PoisonedTrainer:
 
 
 def run(name: str, extra: dict[str, Any], mode: str | None, out: Path) -> dict[str, Any]:
-    config = parse_run_config(merge(BASE, {**extra, "run_id": f"poison-{name}"}))
+    config = parse_run_config(merge_overrides(BASE, {**extra, "run_id": f"poison-{name}"}))
 
     def wrap(index: int, trainer: Trainer) -> Trainer:
         return PoisonedTrainer(trainer, mode, index) if mode is not None and index in POISONED else trainer

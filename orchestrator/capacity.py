@@ -10,25 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from lorafleet.devices.costmodel import CostModel
+from schemas.measurement import DeviceMeasurement
 
 DEFAULT_TOKENS_PER_SAMPLE = 32.0
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """What one update said about its device (fields of TrainMetrics plus its LoRA's lowest block)."""
-
-    device_compute_s: float
-    tokens: int
-    embed_tokens: int
-    prefix_block_tokens: int
-    steps: int
-    examples: int
-    lowest_block: int
-    bytes_down: int
-    downlink_s: float
-    bytes_up: int
-    uplink_s: float
 
 
 @dataclass(frozen=True)
@@ -40,7 +24,7 @@ class DeviceEstimate:
     rounds_seen: int = 1
 
 
-def measure(m: Measurement, cost: CostModel) -> DeviceEstimate | None:
+def measure(m: DeviceMeasurement, cost: CostModel) -> DeviceEstimate | None:
     """A one-off estimate from a single measurement (None when it carries no usable work)."""
     host_s = cost.train_seconds(
         tokens=m.tokens,
@@ -60,7 +44,7 @@ def measure(m: Measurement, cost: CostModel) -> DeviceEstimate | None:
 
 
 def update_estimate(
-    previous: DeviceEstimate | None, m: Measurement, cost: CostModel, rho: float = 0.7
+    previous: DeviceEstimate | None, m: DeviceMeasurement, cost: CostModel, rho: float = 0.7
 ) -> DeviceEstimate | None:
     """Fold a measurement into a device's estimate."""
     fresh = measure(m, cost)
@@ -82,8 +66,3 @@ def update_estimate(
         tokens_per_sample=ema(previous.tokens_per_sample, fresh.tokens_per_sample),
         rounds_seen=previous.rounds_seen + 1,
     )
-
-
-def drift(previous: DeviceEstimate, fresh: DeviceEstimate) -> float:
-    """Relative change of a device's compute slowdown (for replanning triggers)."""
-    return abs(fresh.slowdown - previous.slowdown) / max(previous.slowdown, 1e-12)

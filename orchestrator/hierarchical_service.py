@@ -23,16 +23,15 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from lorafleet.ml.lora import Tensors
 from lorafleet.run.clock import to_ms
 from lorafleet.run.round_numbers import intra_round, parse_round
-from orchestrator.planners.base import DevicePlan
+from orchestrator.planners.context import PlanningContext
+from orchestrator.planners.global_round import form_groups, plan_global_round
 from orchestrator.planners.grouping import far_from_iid
-from orchestrator.planners.registry import PlanningContext, form_groups, plan_global_round
+from orchestrator.planners.specs import DevicePlan, lora_spec, top_ranks
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig
 from schemas.messages import LoraSpec, ReplanRequest, RoundClosed
-from schemas.tensors import tensors_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +138,7 @@ class HierarchicalOrchestrator(OrchestratorService):
         return plan if isinstance(plan, dict) and plan else None
 
     def _spec(self, depth: int) -> LoraSpec:
-        lora = self.config.lora
-        return LoraSpec(
-            target_modules=list(lora.target_modules),
-            layer_ranks={b: lora.rank for b in range(self.num_blocks - depth, self.num_blocks)},
-            alpha_ratio=lora.alpha_ratio,
-            dropout=lora.dropout,
-        )
+        return lora_spec(self.config.lora, top_ranks(self.num_blocks, depth, self.config.lora.rank))
 
     # -- intra-group rounds ----------------------------------------------------------------------
     def _continue_group(self, global_round: int, group: int) -> None:
@@ -182,20 +175,6 @@ class HierarchicalOrchestrator(OrchestratorService):
             },
         )
         self._publish_tasks(round_no)
-
-    def _start_tensors(self, round_no: int) -> Tensors:
-        """A group's first round starts from the global adapter, later ones from the group's."""
-        parsed = parse_round(round_no)
-        if parsed is None or parsed.step == 1:
-            return super()._start_tensors(round_no)
-        stored = self.state.get_group_adapter(self.run_id, parsed.group)
-        expected = intra_round(parsed.global_round, parsed.group, parsed.step - 1)
-        if stored is None or stored[0] != expected:
-            raise RuntimeError(
-                f"round {round_no}: group {parsed.group}'s adapter is at "
-                f"{None if stored is None else stored[0]}, not at round {expected}"
-            )
-        return tensors_from_bytes(stored[1])
 
     def _report_opened(self, round_no: int, tasks: int) -> None:
         parsed = parse_round(round_no)

@@ -17,17 +17,21 @@ from lorafleet.ml.lora import Tensors, select_for_spec
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.progress import RunReporter
 from lorafleet.run.report import build_report, write_report
+from lorafleet.run.start_adapter import start_adapter
 from lorafleet.state.base import StateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
 from lorafleet.transport.messaging import Rejections, publish_message, receive
-from orchestrator.capacity import DeviceEstimate, Measurement, update_estimate
-from orchestrator.planners.base import DevicePlan, global_spec, quorum_size, sample_devices, task_id
+from orchestrator.capacity import DeviceEstimate, update_estimate
+from orchestrator.planners.context import PlanningContext, size_model
 from orchestrator.planners.legend import DeviceInput
-from orchestrator.planners.registry import STRATEGIES, PlanningContext, size_model
+from orchestrator.planners.registry import round_planner
+from orchestrator.planners.specs import DevicePlan, global_spec
+from orchestrator.rounds import quorum_size, sample_devices, task_id
 from schemas.config import RunConfig
 from schemas.envelope import encode
-from schemas.errors import DecodeError
+from schemas.errors import MessageRefused, Rejected
+from schemas.measurement import DeviceMeasurement
 from schemas.messages import (
     DeviceRegistered,
     DeviceSlot,
@@ -74,7 +78,6 @@ class OrchestratorService:
         self.out_dir = out_dir
         self.clock = clock or SystemClock()
         self.reporter = reporter or RunReporter(config, quiet=True)
-        self.strategy = STRATEGIES.get(config.strategy, STRATEGIES["fedlora"])  # hierarchical: own planner
         self.cost = cost or cost_model_for(config.model.name, num_blocks, config.model.tiny_hidden)
         # plan only devices whose liveness lease holds (distributed hierarchical runs; in-process
         # devices send no heartbeats)
@@ -218,11 +221,11 @@ class OrchestratorService:
             elif isinstance(message, ReplanRequest):
                 self._on_replan(message)
             else:
-                raise DecodeError(
+                raise Rejected(
                     "unexpected_kind", f"the orchestrator does not consume {type(message).__name__}"
                 )
             delivery.ack()
-        except DecodeError as exc:
+        except MessageRefused as exc:
             self.rejections.reject(delivery, exc)
 
     def _on_replan(self, message: ReplanRequest) -> None:
@@ -271,14 +274,13 @@ class OrchestratorService:
         self.reporter.round_closed(round_no, self.state.get_round_metrics(self.run_id)[round_no])
         return True
 
-    def _update_estimates(self, measurements: dict[str, dict[str, float]]) -> None:
+    def _update_estimates(self, measurements: dict[str, object]) -> None:
         """Fold the round's per-device measurements into the smoothed capacity estimates."""
         for device_id, m in sorted(measurements.items()):
-            fields = {k: m[k] for k in Measurement.__dataclass_fields__}
             estimate = update_estimate(
                 self.estimates.get(device_id),
-                Measurement(**fields),
-                self.cost,  # type: ignore[arg-type]
+                DeviceMeasurement.from_stored(m),
+                self.cost,
                 rho=self.config.legend.ema,
             )
             if estimate is not None:
@@ -345,7 +347,7 @@ class OrchestratorService:
         )
 
     def _open_round(self, round_no: int) -> None:
-        round_plan = self.strategy(self._planning_context(round_no))
+        round_plan = round_planner(self.config.strategy)(self._planning_context(round_no))
         now = self.clock.now()
         self._open_state_round(round_no, round_plan.plans, now)
         self.state.put_run_field(self.run_id, "round", round_no)
@@ -373,7 +375,7 @@ class OrchestratorService:
     def _publish_tasks(self, round_no: int) -> None:
         info = self.state.get_round(self.run_id, round_no)
         assert info is not None
-        global_tensors = self._start_tensors(round_no)
+        global_tensors = start_adapter(self.state, self.run_id, round_no)
         payloads: dict[str, object] = {}
         bytes_down = 0
         for tid, device_id in sorted(info.tasks.items()):
@@ -404,12 +406,6 @@ class OrchestratorService:
     def _report_opened(self, round_no: int, tasks: int) -> None:
         self.reporter.round_opened(round_no, tasks)
 
-    def _start_tensors(self, round_no: int) -> Tensors:
-        """The adapter a round's tasks start from: the global one."""
-        stored = self.state.get_global_adapter(self.run_id)
-        assert stored is not None
-        return tensors_from_bytes(stored[1])
-
     def _purge_stale_tasks(self, device_id: str) -> None:
         """Drop tasks still waiting for a device (from a closed round, or this round's earlier copy):
         no device should train a round that is over."""
@@ -421,19 +417,7 @@ class OrchestratorService:
             self.state.incr_counter(self.run_id, "tasks_purged", dropped)
 
     def _hparams(self) -> TrainHyperParams:
-        t = self.config.training
-        return TrainHyperParams(
-            local_epochs=t.local_epochs,
-            max_steps=t.max_steps,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            seed=self.config.seed,
-            optimizer=t.optimizer,
-            momentum=t.momentum,
-            prox_mu=t.prox_mu,
-            max_grad_norm=t.max_grad_norm,
-        )
+        return TrainHyperParams(**self.config.training.model_dump(), seed=self.config.seed)
 
     # -- end ------------------------------------------------------------------------------------
     def _finish(self, reason: FinishReason, final_round: int) -> None:

@@ -14,28 +14,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.messages import DeviceProfile, RunId
+from schemas.errors import ConfigError
+from schemas.messages import DeviceProfile, RunId, TrainingSettings
+from schemas.strategies import AggregationName, StrategyName, default_aggregation
 
-StrategyName = Literal[
-    "fedlora",
-    "legend",
-    "legend_uniform_rank",
-    "legend_fixed_depth",
-    "hetlora",
-    "fedra",
-    "hierfedlora",
-    "hier_no_grouping",
-    "hier_fixed_frequency",
-    "hier_fixed_depth",
-]
-#: strategies that run global rounds over groups (orchestrator/planners/hierfedlora.py)
-HIERARCHICAL_STRATEGIES = ("hierfedlora", "hier_no_grouping", "hier_fixed_frequency", "hier_fixed_depth")
-AggregationName = Literal["auto", "rank_wise", "hetlora", "svd"]
 DatasetName = Literal["sst2", "20newsgroups", "synthetic"]
-
-
-class ConfigError(ValueError):
-    """An invalid run configuration; the message names each bad field and what is allowed."""
 
 
 class _Section(BaseModel):
@@ -139,22 +122,8 @@ class HierConfig(_Section):
         return self
 
 
-class TrainingConfig(_Section):
-    local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
-    max_steps: Annotated[int, Field(ge=1)] | None = None
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
-    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    # the local optimiser, new for every task: AdamW, or SGD (which keeps the sum of the devices'
-    # updates close to the fleet's gradient when their labels are skewed; AdamW's per-coordinate
-    # normalisation does not)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    # FedProx (Li et al. 2020): (prox_mu / 2) ||w - w_start||^2 added to the local loss (0: off)
-    prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
-    # clip the global norm of each step's gradient over the trained tensors (null: off); bounds a
-    # skewed device's step when a high lr or a deep configuration would otherwise blow it up
-    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = None
+class TrainingConfig(TrainingSettings):
+    """The ``training:`` section: the local optimisation every task carries (schemas/messages.py)."""
 
 
 class TierConfig(_Section):
@@ -256,8 +225,9 @@ class RunConfig(_Section):
 
     run_id: RunId = "run"
     seed: Annotated[int, Field(ge=0)] = 0
-    strategy: StrategyName = "fedlora"
-    aggregation: AggregationName = "auto"  # auto: hetlora for the hetlora strategy, rank_wise otherwise
+    # names from schemas/strategies.py; YAML gives strings, so these two fields are not strict
+    strategy: Annotated[StrategyName, Field(strict=False)] = StrategyName.FEDLORA
+    aggregation: Annotated[AggregationName, Field(strict=False)] = AggregationName.AUTO
     activation_cache: bool = (
         True  # workers reuse frozen-prefix activations (and the virtual clock counts that)
     )
@@ -290,14 +260,14 @@ class RunConfig(_Section):
     @property
     def hierarchical(self) -> bool:
         """The strategy runs global rounds over groups."""
-        return self.strategy in HIERARCHICAL_STRATEGIES
+        return self.strategy.hierarchical
 
     @property
-    def merge_rule(self) -> str:
+    def merge_rule(self) -> AggregationName:
         """The aggregation rule in force."""
-        if self.aggregation != "auto":
+        if self.aggregation is not AggregationName.AUTO:
             return self.aggregation
-        return "hetlora" if self.strategy == "hetlora" else "rank_wise"
+        return default_aggregation(self.strategy)
 
     @property
     def min_devices(self) -> int:
@@ -352,15 +322,16 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if overrides and (data is None or isinstance(data, dict)):
-        data = _merge(data or {}, overrides)
+        data = merge_overrides(data or {}, overrides)
     return parse_run_config(data, source=str(path))
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, section by section (mappings merge, values replace)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out

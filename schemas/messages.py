@@ -61,19 +61,30 @@ class LoraSpec(StrictModel):
         return max(self.layer_ranks.values())
 
 
-class TrainHyperParams(StrictModel):
-    """Local optimisation settings for one task."""
+class TrainingSettings(StrictModel):
+    """Local optimisation settings: the configuration's ``training:`` section, carried in every task."""
 
     local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
     max_steps: Annotated[int, Field(ge=1)] | None = None
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    seed: Annotated[int, Field(ge=0)] = 0
+    # the local optimiser, new for every task: AdamW, or SGD (which keeps the sum of the devices'
+    # updates close to the fleet's gradient when their labels are skewed; AdamW's per-coordinate
+    # normalisation does not)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd only
-    prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0  # FedProx proximal weight (0: off)
-    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = None  # clip each step's gradient (None: off)
+    # FedProx (Li et al. 2020): (prox_mu / 2) ||w - w_start||^2 added to the local loss (0: off)
+    prox_mu: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+    # clip the global norm of each step's gradient over the trained tensors (None: off); bounds a
+    # skewed device's step when a high lr or a deep configuration would otherwise blow it up
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = None
+
+
+class TrainHyperParams(TrainingSettings):
+    """Local optimisation settings for one task: the run's training settings and the task's seed."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
 
 
 class TrainMetrics(StrictModel):

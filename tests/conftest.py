@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,8 +44,20 @@ def _redis_ping() -> bool:
         return False
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+def rabbitmqctl(*args: str, timeout: float = 120.0) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def throwaway_vhost() -> Iterator[str]:
+    """An AMQP URL (heartbeat 30 s) on a fresh vhost of the real RabbitMQ, deleted afterwards."""
+    vhost = f"lf-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}?heartbeat=30"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=120)
 
 
 @pytest.fixture
@@ -52,13 +65,8 @@ def rabbitmq_url() -> Iterator[str]:
     """An AMQP URL on a fresh, empty vhost of the real RabbitMQ (deleted afterwards)."""
     if not _port_open(RABBITMQ_HOST, RABBITMQ_PORT) or shutil.which("rabbitmqctl") is None:
         _unavailable(f"RabbitMQ on {RABBITMQ_HOST}:{RABBITMQ_PORT}")
-    vhost = f"lf-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}?heartbeat=30"
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+    with throwaway_vhost() as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
@@ -28,9 +27,10 @@ from lorafleet.transport.base import (
     Unroutable,
 )
 from lorafleet.transport.messaging import Rejections, publish_message, receive
+from lorafleet.transport.waiting import wait_for_topology
 from schemas.config import LimitsConfig
 from schemas.envelope import encode
-from schemas.errors import DecodeError
+from schemas.errors import MessageRefused, Rejected
 from schemas.messages import (
     DeviceProfile,
     DeviceRegistered,
@@ -106,16 +106,15 @@ class WorkerService:
             profile=self.profile,
             incarnation=self.incarnation,
         )
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                publish_message(self.transport, topology.CONTROL_EXCHANGE, topology.REGISTER_KEY, registered)
-                return
-            except (ExchangeNotFound, Unroutable) as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.info("worker %s: waiting for the orchestrator's topology (%s)", self.device_id, exc)
-                time.sleep(poll_s)
+        exchange, key = topology.CONTROL_EXCHANGE, topology.REGISTER_KEY
+        wait_for_topology(
+            lambda: publish_message(self.transport, exchange, key, registered),
+            missing=(ExchangeNotFound, Unroutable),
+            what=f"the orchestrator's topology (worker {self.device_id})",
+            wait_s=wait_s,
+            poll_s=poll_s,
+            clock=self.clock,
+        )
 
     def heartbeat(self) -> None:
         """Tell the orchestrator this device is alive (and what it is working on)."""
@@ -202,13 +201,13 @@ class WorkerService:
             elif isinstance(message, TrainTask):
                 self._handle_task(message, delivery)
             else:
-                raise DecodeError("unexpected_kind", f"a worker does not consume {type(message).__name__}")
-        except DecodeError as exc:
+                raise Rejected("unexpected_kind", f"a worker does not consume {type(message).__name__}")
+        except MessageRefused as exc:
             self.rejections.reject(delivery, exc)
 
     def _handle_task(self, task: TrainTask, delivery: Delivery) -> None:
         if task.device_id != self.device_id:
-            raise DecodeError("wrong_device", f"task for {task.device_id} reached {self.device_id}")
+            raise Rejected("wrong_device", f"task for {task.device_id} reached {self.device_id}")
         if self.clock.now() > task.deadline_at:
             self.stats["stale_tasks"] += 1  # its round closed already: training it helps nobody
             delivery.ack()

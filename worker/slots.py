@@ -21,20 +21,17 @@ import contextlib
 import logging
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 
+from lorafleet.run.clock import SystemClock
 from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
 from lorafleet.transport.messaging import receive
-from schemas.errors import DecodeError
+from lorafleet.transport.waiting import wait_for_topology
+from schemas.errors import MessageRefused, NoFreeSlot, Rejected
 from schemas.messages import DeviceSlot
 
 log = logging.getLogger(__name__)
-
-
-class NoFreeSlot(RuntimeError):
-    """No device slot became free in time."""
 
 
 @dataclass
@@ -116,30 +113,34 @@ def claim_slot(
         NoFreeSlot: none within ``timeout_s`` (every slot is held by a live worker, or the run has
             not published its slots).
     """
-    deadline = time.monotonic() + timeout_s
-    subscription: Subscription | None = None
-    while time.monotonic() < deadline:
-        if subscription is None:
-            try:
-                subscription = transport.subscribe(topology.SLOTS_QUEUE, prefetch=1)
-            except QueueNotFound:
-                time.sleep(poll_s)
-                continue
+    clock = SystemClock()
+    deadline = clock.now() + timeout_s
+    try:
+        subscription = wait_for_topology(
+            lambda: transport.subscribe(topology.SLOTS_QUEUE, prefetch=1),
+            missing=(QueueNotFound,),
+            what=f"the slots of run {run_id!r}",
+            wait_s=timeout_s,
+            poll_s=poll_s,
+            clock=clock,
+        )
+    except QueueNotFound:
+        raise NoFreeSlot(f"no slots queue for run {run_id!r} within {timeout_s:.0f} s") from None
+    while clock.now() < deadline:
         delivery = subscription.get(poll_s)
         if delivery is None:
             continue
         try:
             message = receive(delivery, run_id=run_id, max_bytes=max_bytes)
             if not isinstance(message, DeviceSlot):
-                raise DecodeError("unexpected_kind", f"{type(message).__name__} in the slots queue")
-        except DecodeError as exc:
+                raise Rejected("unexpected_kind", f"{type(message).__name__} in the slots queue")
+        except MessageRefused as exc:
             log.warning("slots: dead-lettering a bad token: %s", exc)
             delivery.dead_letter(exc.reason, exc.detail)
             continue
         log.info("claimed device slot %s of run %s", message.device_id, run_id)
         return SlotLease(message.device_id, delivery, subscription)
-    if subscription is not None:
-        subscription.close()
+    subscription.close()
     raise NoFreeSlot(f"no free device slot of run {run_id!r} within {timeout_s:.0f} s")
 
 

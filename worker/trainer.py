@@ -125,7 +125,7 @@ class LoraTrainer:
                 tokens += int(batch["input_ids"].numel())
             if anchor:  # FedProx: (mu / 2) ||w - w_start||^2 keeps a skewed device near the global model
                 loss = loss + proximal_term(params, anchor, hp.prox_mu)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             if hp.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()

@@ -5,7 +5,7 @@ For every key of the global adapter:
 * devices whose update lacks the key (they did not train that block) do not dilute it;
 * LoRA factors are averaged rank-index-wise: row ``j`` of A (column ``j`` of B) is the
   weighted mean over the devices whose rank exceeds ``j``; rank indices nobody trained keep
-  the global value (HetLoRA/FedRA-style contributor-only averaging, see papers.md §1.4);
+  the global value (HetLoRA/FedRA-style contributor-only averaging);
 * shared tensors (the head) are the weighted mean over every update.
 
 With identical ranks and every block trained by every device this is plain FedAvg

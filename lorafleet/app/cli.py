@@ -11,13 +11,20 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 from rich.console import Console
 
-from schemas.config import ConfigError, RunConfig, load_run_config
+from schemas.config import RunConfig, load_run_config
+from schemas.errors import ConfigError, NoFreeSlot
+
+if TYPE_CHECKING:  # the services' modules import torch: only the commands that need them load them
+    from lorafleet.ml.model import AdapterRuntime
+    from lorafleet.state.base import StateStore
+    from lorafleet.transport.base import Transport
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,11 +66,11 @@ def _load(path: Path) -> RunConfig:
 
 def _key(env: str, *, required: bool) -> bytes | None:
     """A key from the environment (never printed); exit 2 naming the variable when it is required."""
-    from lorafleet.security.signing import KeyReadError, read_key
+    from lorafleet.security.signing import read_key
 
     try:
         key = read_key(env)
-    except KeyReadError as exc:
+    except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     if key is None and required:
@@ -126,6 +133,38 @@ def run(
     )
 
 
+class _Service(Protocol):
+    def start(self) -> None: ...
+
+    def run_forever(self, stop: threading.Event) -> None: ...
+
+
+def _serve(
+    config: Path,
+    broker: str,
+    state: str,
+    threads: int,
+    verbose: bool,
+    build: Callable[[RunConfig, Transport, StateStore, AdapterRuntime], _Service],
+) -> None:
+    """Run one service over RabbitMQ and Redis until its run ends or a signal stops it."""
+    _setup_logging(verbose)
+    cfg = _load(config)
+    from lorafleet.app.wiring import build_runtime, open_state, open_transport
+    from lorafleet.ml.model import configure_torch_threads
+
+    configure_torch_threads(threads)
+    stop = _stop_on_signals()
+    transport, store = open_transport(broker), open_state(state)
+    try:
+        service = build(cfg, transport, store, build_runtime(cfg))
+        service.start()
+        service.run_forever(stop)
+    finally:
+        transport.close()
+        store.close()
+
+
 @app.command()
 def orchestrator(
     config: ConfigArg,
@@ -136,24 +175,14 @@ def orchestrator(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the orchestrator service against RabbitMQ and Redis."""
-    _setup_logging(verbose)
-    cfg = _load(config)
-    from lorafleet.app.wiring import build_orchestrator, build_runtime, open_state, open_transport
-    from lorafleet.ml.model import configure_torch_threads
-    from lorafleet.run.progress import RunReporter
 
-    configure_torch_threads(threads)
-    stop = _stop_on_signals()
-    transport, store = open_transport(broker), open_state(state)
-    try:
-        service = build_orchestrator(
-            cfg, transport, store, build_runtime(cfg), out_dir=out, reporter=RunReporter(cfg)
-        )
-        service.start()
-        service.run_forever(stop)
-    finally:
-        transport.close()
-        store.close()
+    def build(cfg: RunConfig, transport: Transport, store: StateStore, runtime: AdapterRuntime) -> _Service:
+        from lorafleet.app.wiring import build_orchestrator
+        from lorafleet.run.progress import RunReporter
+
+        return build_orchestrator(cfg, transport, store, runtime, out_dir=out, reporter=RunReporter(cfg))
+
+    _serve(config, broker, state, threads, verbose, build)
 
 
 @app.command()
@@ -166,28 +195,14 @@ def aggregator(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator service against RabbitMQ and Redis."""
-    _setup_logging(verbose)
-    cfg = _load(config)
-    from lorafleet.app.wiring import build_aggregator, build_runtime, open_state, open_transport
-    from lorafleet.ml.model import configure_torch_threads
 
-    configure_torch_threads(threads)
-    stop = _stop_on_signals()
-    transport, store = open_transport(broker), open_state(state)
-    try:
-        service = build_aggregator(
-            cfg,
-            transport,
-            store,
-            build_runtime(cfg),
-            out_dir=out,
-            fleet_key=_key("LORAFLEET_FLEET_KEY", required=cfg.security.require_signatures),
-        )
-        service.start()
-        service.run_forever(stop)
-    finally:
-        transport.close()
-        store.close()
+    def build(cfg: RunConfig, transport: Transport, store: StateStore, runtime: AdapterRuntime) -> _Service:
+        from lorafleet.app.wiring import build_aggregator
+
+        fleet_key = _key("LORAFLEET_FLEET_KEY", required=cfg.security.require_signatures)
+        return build_aggregator(cfg, transport, store, runtime, out_dir=out, fleet_key=fleet_key)
+
+    _serve(config, broker, state, threads, verbose, build)
 
 
 @app.command()
@@ -213,7 +228,7 @@ def worker(
     cfg = _load(config)
     from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
     from lorafleet.ml.model import configure_torch_threads
-    from worker.slots import NoFreeSlot, claim_slot
+    from worker.slots import claim_slot
 
     configure_torch_threads(threads)
     stop = _stop_on_signals()

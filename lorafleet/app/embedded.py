@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class Steppable(Protocol):
-    finished: bool
+    @property
+    def finished(self) -> bool: ...
 
     def step(self, timeout: float = 0.0) -> bool: ...
 

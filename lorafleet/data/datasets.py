@@ -27,6 +27,7 @@ from lorafleet.data.partition import (
     partition_quantity,
 )
 from schemas.config import RunConfig
+from schemas.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,10 +47,6 @@ _NUM_LABELS = {"sst2": 2, "20newsgroups": 20, "synthetic": 2}
 
 #: Sizes of the generated synthetic splits.
 SYNTHETIC_SIZES = {"train": 4000, "eval": 400}
-
-
-class DataError(ValueError):
-    """The data directory or a dataset file is missing or unreadable; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -261,18 +258,6 @@ def partition_rows(train: TextDataset, cfg: RunConfig) -> list[list[int]]:
     if data.partition == "quantity":
         return partition_quantity(len(train), n, data.alpha, data.samples_per_device, seed)
     return partition_iid(len(train), n, data.samples_per_device, seed)
-
-
-def device_shard(cfg: RunConfig, device_index: int) -> TextDataset:
-    """The training rows of device slot ``device_index`` under ``cfg`` (partitioned as ``cfg.data`` says).
-
-    Raises:
-        ValueError: ``device_index`` out of range or not enough rows; DataError: missing files.
-    """
-    if not 0 <= device_index < cfg.devices.count:
-        raise ValueError(f"device index {device_index} out of range 0..{cfg.devices.count - 1}")
-    train = load_split(cfg.data.dataset, cfg.data.data_dir, "train")
-    return train.subset(partition_rows(train, cfg)[device_index])
 
 
 def eval_set(cfg: RunConfig) -> TextDataset:

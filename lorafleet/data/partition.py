@@ -23,8 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "classes", "quantity")
-
 
 def _check(n_items: int, n_devices: int, per_device: int | None) -> None:
     if n_devices < 1:

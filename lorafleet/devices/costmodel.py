@@ -8,7 +8,7 @@ Host seconds are modelled per token, by where the token goes:
 * the head (pooler, classifier, loss) and a constant per optimiser step.
 
 Rank does not enter: measured on this host, ranks 4-16 cost the same within noise
-(reference/feasibility.md §4). The constants come from ``benchmarks/calibrate.py`` and live in
+(``benchmarks/calibrate.py`` measures it). The constants come from ``benchmarks/calibrate.py`` and live in
 ``lorafleet/devices/costmodels/*.json``; because the clock uses counted tokens, not measured seconds, the
 same seed gives the same virtual times however loaded the machine is.
 """

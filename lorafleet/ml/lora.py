@@ -9,6 +9,7 @@ classification head) is a *shared* tensor that every device trains.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,3 +108,30 @@ def shapes(tensors: Tensors) -> dict[str, tuple[int, ...]]:
 def nbytes(tensors: Tensors) -> int:
     """Raw tensor bytes (no container overhead)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def factor_pairs(tensors: Tensors) -> dict[tuple[int, str], tuple[str, str]]:
+    """(block, module) -> (A key, B key)."""
+    found: dict[tuple[int, str], dict[str, str]] = defaultdict(dict)
+    for key in tensors:
+        info = parse_key(key)
+        if info.block is not None and info.module is not None and info.factor is not None:
+            found[(info.block, info.module)][info.factor] = key
+    return {bm: (keys["A"], keys["B"]) for bm, keys in found.items() if "A" in keys and "B" in keys}
+
+
+def shape_mismatch(tensors: Tensors, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """What keeps ``tensors`` from having exactly the ``expected`` names and shapes (None: nothing),
+    naming the first few missing keys, unexpected keys and wrong shapes."""
+    got = shapes(tensors)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}")
+    if extra:
+        parts.append(f"unexpected {extra[:3]}")
+    if wrong:
+        parts.append("wrong shape " + ", ".join(f"{k}: {got[k]} != {expected[k]}" for k in wrong[:3]))
+    return "; ".join(parts) or None

@@ -30,14 +30,15 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from lorafleet.ml.lora import shape_mismatch
 from schemas.config import ModelConfig
 from schemas.messages import LoraSpec
 
 #: The classification head every supported model has; it is trained (``modules_to_save``) with LoRA.
 HEAD_MODULE = "classifier"
 
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # transformers leaves these unannotated
+hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 # --------------------------------------------------------------------------- base model, tokenizer
@@ -87,7 +88,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> PreTrainedM
             num_attention_heads=2,
             intermediate_size=2 * cfg.tiny_hidden,
             max_position_embeddings=512,
-            num_labels=num_labels,
+            num_labels=num_labels,  # type: ignore[call-arg]  # a PretrainedConfig kwarg that BertConfig's stub omits
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -97,7 +98,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> PreTrainedM
             model_path(cfg), num_labels=num_labels, local_files_only=True
         )
     _init_head(_head(model), model.config.initializer_range, seed)
-    model.eval()
+    model.train(False)
     return model
 
 
@@ -149,7 +150,7 @@ def lora_config(spec: LoraSpec, base_model_name_or_path: str | None = None) -> L
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=spec.max_rank,
-        lora_alpha=spec.alpha_ratio * spec.max_rank,
+        lora_alpha=spec.alpha_ratio * spec.max_rank,  # type: ignore[arg-type]  # peft scales by a float alpha
         rank_pattern={block[i]: spec.layer_ranks[i] for i in spec.layers},
         alpha_pattern={block[i]: spec.alpha_ratio * spec.layer_ranks[i] for i in spec.layers},
         layers_to_transform=spec.layers,
@@ -167,22 +168,9 @@ def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tenso
     Raises:
         ValueError: naming the missing keys, unexpected keys and wrong shapes.
     """
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: got {tuple(tensors[k].shape)}, expected {expected[k]}"
-        for k in sorted(set(expected) & set(tensors))
-        if tuple(tensors[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes [{'; '.join(wrong)}]")
-        raise ValueError("adapter tensors do not fit the LoRA spec: " + ", ".join(parts))
+    problem = shape_mismatch(tensors, expected)
+    if problem is not None:
+        raise ValueError(f"adapter tensors do not fit the LoRA spec: {problem}")
 
 
 class AdapterRuntime:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +79,8 @@ class BertParts:
     @classmethod
     def of(cls, model: nn.Module) -> BertParts | None:
         """The parts of ``model`` (a peft model or a BERT classifier); None if it is not BERT-like."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        get_base: Any = getattr(model, "get_base_model", None)
+        base: Any = model if get_base is None else get_base()
         bert = getattr(base, "bert", None)
         layers = getattr(getattr(bert, "encoder", None), "layer", None)
         pooler = getattr(bert, "pooler", None)

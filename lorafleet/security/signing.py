@@ -16,13 +16,10 @@ import json
 import os
 from pathlib import Path
 
+from schemas.errors import ConfigError
 from schemas.messages import LoraUpdate, TaskFailed
 
 _DOMAIN = b"lorafleet-device:"
-
-
-class KeyReadError(ValueError):
-    """A key could not be read (missing, unreadable or too short)."""
 
 
 def derive_device_key(fleet_key: bytes, device_id: str) -> bytes:
@@ -63,7 +60,7 @@ def read_key(env: str, *, environ: dict[str, str] | None = None) -> bytes | None
     """A key from ``$ENV`` (hex or text) or from the file named by ``$ENV_FILE``; None if neither is set.
 
     Raises:
-        KeyReadError: the file cannot be read, or the key is shorter than 16 bytes.
+        ConfigError: the file cannot be read, or the key is shorter than 16 bytes.
     """
     environ = dict(os.environ) if environ is None else environ
     raw: str | None = environ.get(env)
@@ -71,7 +68,7 @@ def read_key(env: str, *, environ: dict[str, str] | None = None) -> bytes | None
         try:
             raw = Path(environ[f"{env}_FILE"]).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise KeyReadError(f"{env}_FILE: cannot read the key file: {exc.strerror}") from None
+            raise ConfigError(f"{env}_FILE: cannot read the key file: {exc.strerror}") from None
     if raw is None:
         return None
     try:
@@ -79,5 +76,5 @@ def read_key(env: str, *, environ: dict[str, str] | None = None) -> bytes | None
     except ValueError:
         key = raw.encode()
     if len(key) < 16:
-        raise KeyReadError(f"{env}: a key must have at least 16 bytes")
+        raise ConfigError(f"{env}: a key must have at least 16 bytes")
     return key

@@ -32,16 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from schemas.errors import StateStoreError as StateStoreError  # re-exported: the port names its errors
+
 RecordOutcome = Literal["counted", "duplicate", "late", "unknown_task", "wrong_device"]
 RoundStatus = Literal["open", "closed", "aggregated"]
 CloseReason = Literal["quorum", "deadline"]
 
 
 GlobalRoundStatus = Literal["open", "ready", "aggregated"]
-
-
-class StateStoreError(Exception):
-    """The state store could not complete an operation (after the adapter's bounded retries)."""
 
 
 @dataclass(frozen=True)

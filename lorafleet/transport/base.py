@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas.errors import TransportError as TransportError  # re-exported: the port names its errors
+
 #: Header carrying why a message was dead-lettered by a service.
 REASON_HEADER = "x-lorafleet-reason"
 #: Header carrying a human-readable detail (truncated) next to the reason.
@@ -32,10 +34,6 @@ ORIGIN_EXCHANGE_HEADER = "x-lorafleet-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-lorafleet-routing-key"
 #: What RabbitMQ itself sets when it dead-letters (delivery limit, expiry, rejection).
 BROKER_DEATH_HEADER = "x-first-death-reason"
-
-
-class TransportError(Exception):
-    """A broker operation failed (after the adapter's bounded retries)."""
 
 
 class TransportClosed(TransportError):

@@ -120,7 +120,6 @@ class InMemoryBroker:
         self._exchanges: dict[str, ExchangeSpec] = {}
         self._bindings: dict[str, list[tuple[str, str]]] = {}  # exchange -> [(routing_key, queue)]
         self._queues: dict[str, _Queue] = {}
-        self.published = 0
 
     # -- topology -------------------------------------------------------------------------------
     def declare_exchange(self, spec: ExchangeSpec) -> None:
@@ -167,7 +166,6 @@ class InMemoryBroker:
                 )
             for queue in targets:
                 self._enqueue(queue, message)
-            self.published += 1
             self._lock.notify_all()
 
     def _enqueue(self, queue_name: str, message: _Message, *, front: bool = False) -> None:
@@ -249,10 +247,6 @@ class InMemoryBroker:
         """Bodies and headers ready in a queue, without consuming them (tests, ``lorafleet dlq``)."""
         with self._lock:
             return [(m.body, dict(m.headers)) for m in self._queues[queue_name].ready]
-
-    def queue_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._queues)
 
 
 class _MemoryDelivery:

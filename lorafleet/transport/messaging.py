@@ -13,7 +13,7 @@ from collections.abc import Callable
 from lorafleet.transport.base import Delivery, Transport
 from lorafleet.transport.topology import ALLOWED_KINDS
 from schemas.envelope import decode, encode, kind_of
-from schemas.errors import DecodeError
+from schemas.errors import MessageRefused, Rejected
 from schemas.messages import Message
 
 log = logging.getLogger(__name__)
@@ -23,26 +23,27 @@ def receive(delivery: Delivery, *, run_id: str, max_bytes: int) -> Message:
     """Decode a delivery and check that its kind may come through its exchange and its run is ours.
 
     Raises:
-        DecodeError: any envelope/schema failure, ``wrong_sender`` or ``wrong_run``.
+        DecodeError: any envelope or schema failure.
+        Rejected: ``wrong_sender`` or ``wrong_run``.
     """
     message = decode(delivery.body, max_bytes=max_bytes)
     kind = kind_of(message)
     if kind not in ALLOWED_KINDS.get(delivery.exchange, frozenset()):
-        raise DecodeError("wrong_sender", f"{kind} may not arrive through exchange {delivery.exchange!r}")
+        raise Rejected("wrong_sender", f"{kind} may not arrive through exchange {delivery.exchange!r}")
     if message.run_id != run_id:
-        raise DecodeError("wrong_run", f"message of run {message.run_id!r}, this is run {run_id!r}")
+        raise Rejected("wrong_run", f"message of run {message.run_id!r}, this is run {run_id!r}")
     return message
 
 
 class Rejections:
     """Dead-letters refused deliveries and counts them per reason (locally and through ``sink``)."""
 
-    def __init__(self, service: str, sink: Callable[[str], None] | None = None) -> None:
+    def __init__(self, service: str, sink: Callable[[str], object] | None = None) -> None:
         self.service = service
         self.counts: Counter[str] = Counter()
         self._sink = sink
 
-    def reject(self, delivery: Delivery, error: DecodeError) -> None:
+    def reject(self, delivery: Delivery, error: MessageRefused) -> None:
         log.warning("%s: dead-lettering message %s: %s", self.service, delivery.message_id[:80], error)
         delivery.dead_letter(error.reason, error.detail)
         self.counts[error.reason] += 1

@@ -6,8 +6,8 @@ created and used by one thread only. The single exception is
 drives the connection's I/O loop. A ``BlockingConnection`` also sends and checks heartbeats only
 while its owning thread is inside a pika call (``process_data_events``, a publish, ...). A service
 that handles one delivery for minutes on the thread that owns the consuming connection therefore
-starves the heartbeats, and the broker drops the connection and redelivers the message (measured in
-shared/reference/platform.md §1.2 a2). Hence this layout:
+starves the heartbeats, and the broker drops the connection and redelivers the message
+(tests/integration/test_pika_heartbeat.py shows it on the real broker). Hence this layout:
 
 * **Publishing** (and declares, ``queue_depth``, ``purge``) uses one connection per calling thread,
   held in a :class:`threading.local` and created lazily by that thread. The channel is in confirm

@@ -1,8 +1,8 @@
 """Near-IID device groups (pure): HierFedLoRA-style grouping from label histograms and speeds.
 
 Our design after Liu et al., "Resource-Efficient Federated Fine-Tuning Large Language Models for
-Heterogeneous Data" (HierFedLoRA, arXiv 2503.21213; reference/papers.md §2.3: the paper's grouping
-metric and algorithm are not public). Devices are split into ``G`` groups of at most
+Heterogeneous Data" (HierFedLoRA, arXiv 2503.21213; the paper's grouping
+metric and algorithm are not public, this one is ours). Devices are split into ``G`` groups of at most
 ``ceil(N / G)`` devices minimising
 
     J = sum_g KL(P_g || P)  +  speed_weight * sum_g std_{i in g}(log slowdown_i)

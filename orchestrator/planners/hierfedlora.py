@@ -1,11 +1,11 @@
 """HierFedLoRA-style joint planning (pure): per group, a fine-tuning depth and an aggregation frequency.
 
-Our design after Liu et al., HierFedLoRA (arXiv 2503.21213; reference/papers.md §2.2-2.4: the
-paper's optimisation is not public). A *global round* lasts a period ``T``; within it group ``g``
-runs ``K_g`` intra-group rounds (train, then aggregate within the group) at depth ``d_g`` (LoRA on
-the ``d_g`` blocks nearest the output, one rank), groups independently of each other, and then the
-groups' adapters are merged into the global one. A deeper group is slower per intra-group round, so
-fewer of them fit in the period: depth and frequency are chosen together.
+Our design after Liu et al., HierFedLoRA (arXiv 2503.21213; the paper's optimisation is not public,
+this one is ours). A *global round* lasts a period ``T``; within it group ``g`` runs ``K_g`` intra-
+group rounds (train, then aggregate within the group) at depth ``d_g`` (LoRA on the ``d_g`` blocks
+nearest the output, one rank), groups independently of each other, and then the groups' adapters are
+merged into the global one. A deeper group is slower per intra-group round, so fewer of them fit in
+the period: depth and frequency are chosen together.
 
 * ``T_g(d)``: predicted time of one intra-group round of ``g`` at depth ``d`` (its slowest member's
   task time, from the capacity estimates and the cost model, as the LEGEND-style planner predicts).
@@ -40,6 +40,7 @@ from orchestrator.planners.legend import (
     time_matrix,
     utility,
 )
+from orchestrator.planners.specs import top_ranks
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def depth_candidates(
             raise ValueError(f"depth {d} outside 1..{num_blocks}")
     cands = []
     for d in depths:
-        ranks = {b: options.rank for b in range(num_blocks - d, num_blocks)}
+        ranks = top_ranks(num_blocks, d, options.rank)
         cands.append(Candidate(ranks, utility(ranks, num_blocks, options.decay), sizes.payload_bytes(ranks)))
     return depths, cands
 
@@ -186,7 +187,7 @@ def _with_ranks(
     by_group = {g.group: g for g in groups}
     out = []
     for gp in plan.groups:
-        ranks = {b: options.rank for b in range(num_blocks - gp.depth, num_blocks)}
+        ranks = top_ranks(num_blocks, gp.depth, options.rank)
         specs = {d.device_id: dict(ranks) for d in by_group[gp.group].devices}
         out.append(GroupPlan(gp.group, gp.depth, gp.frequency, gp.round_s, specs))
     return HierPlan(out, plan.period_s)
@@ -217,6 +218,6 @@ def _with_legend_depths(
         for row, device in enumerate(g.devices):
             fitting = [depth_of[j] for j in range(len(cands)) if times[g.group][row, j] <= budget]
             depth = max([gp.depth, *fitting])
-            specs[device.device_id] = {b: options.rank for b in range(num_blocks - depth, num_blocks)}
+            specs[device.device_id] = top_ranks(num_blocks, depth, options.rank)
         out.append(GroupPlan(gp.group, gp.depth, gp.frequency, gp.round_s, specs))
     return HierPlan(out, plan.period_s)

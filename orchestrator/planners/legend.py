@@ -1,11 +1,11 @@
 """LEGEND-style planning (pure): a LoRA depth and a rank distribution per device.
 
 Our design after Liu et al., "Adaptive Parameter-Efficient Federated Fine-Tuning on Heterogeneous
-Devices" (LEGEND, arXiv 2412.20004; see reference/papers.md §1.5-1.7 for what is confirmed and what
-is ours). A device's configuration is a *depth* d (LoRA on the d blocks nearest the output) and a
-top rank; ranks fall away from the output (the paper's observation: higher ranks near the output).
-The planner picks a round deadline T* and, for every device, the most useful configuration that
-finishes within T*, choosing T* to minimise time per unit of training progress:
+Devices" (LEGEND, arXiv 2412.20004; the paper confirms per-device depth and rising ranks, the
+planner below is ours). A device's configuration is a *depth* d (LoRA on the d blocks nearest the
+output) and a top rank; ranks fall away from the output (the paper's observation: higher ranks near
+the output). The planner picks a round deadline T* and, for every device, the most useful
+configuration that finishes within T*, choosing T* to minimise time per unit of training progress:
 
     score(T*) = T* / sum_i n_i U(c_i(T*)),   U(c) = sum_{l in c} decay^(distance to output) * log(1 + r_l)
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from lorafleet.devices.costmodel import CostModel
 from orchestrator.capacity import DEFAULT_TOKENS_PER_SAMPLE, DeviceEstimate
-from orchestrator.planners.base import DevicePlan
-from schemas.messages import LoraSpec
+from orchestrator.planners.specs import DevicePlan, lora_spec, top_blocks
+from schemas.config import LoraConfigSection
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class LegendPlan:
 def rank_template(depth: int, top_rank: int, num_blocks: int, options: LegendOptions) -> dict[int, int]:
     """Ranks for the ``depth`` blocks nearest the output, non-decreasing toward it."""
     ranks = {}
-    for block in range(num_blocks - depth, num_blocks):
+    for block in top_blocks(num_blocks, depth):
         distance = num_blocks - 1 - block
         if options.rank_profile == "uniform":
             rank = top_rank
@@ -131,9 +131,7 @@ def plan_legend(
     cost: CostModel,
     sizes: SizeModel,
     options: LegendOptions,
-    target_modules: list[str],
-    alpha_ratio: float = 2.0,
-    dropout: float = 0.1,
+    lora: LoraConfigSection = LoraConfigSection(),
 ) -> LegendPlan:
     """Choose every device's configuration (see the module docstring).
 
@@ -158,18 +156,7 @@ def plan_legend(
         for row, (d, index) in enumerate(zip(measured, best.tolist(), strict=True)):
             choice[d.device_id] = cands[index]
             predicted[d.device_id] = float(times[row, index])
-    plans = [
-        DevicePlan(
-            d.device_id,
-            LoraSpec(
-                target_modules=list(target_modules),
-                layer_ranks=dict(choice[d.device_id].layer_ranks),
-                alpha_ratio=alpha_ratio,
-                dropout=dropout,
-            ),
-        )
-        for d in devices
-    ]
+    plans = [DevicePlan(d.device_id, lora_spec(lora, choice[d.device_id].layer_ranks)) for d in devices]
     return LegendPlan(plans, deadline, predicted)
 
 

@@ -6,30 +6,11 @@ import multiprocessing
 import random
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from lorafleet.state.base import GroupProgress, StateStore
-from lorafleet.state.memory import InMemoryStateStore
-
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, run_id: str) -> Iterator[StateStore]:
-    if request.param == "memory":
-        yield InMemoryStateStore()
-        return
-    from lorafleet.state.redis import RedisStateStore
-
-    redis_store = RedisStateStore(request.getfixturevalue("redis_url"))
-    try:
-        yield redis_store
-    finally:
-        redis_store.delete_run(run_id)
-        redis_store.close()
 
 
 def test_open_global_round_is_idempotent_and_refuses_bad_targets(store: StateStore, run_id: str) -> None:

@@ -22,7 +22,6 @@ import pytest
 from lorafleet.state.base import RecordResult, StateStore, StateStoreError
 from lorafleet.state.memory import InMemoryStateStore
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 OUTCOMES = ("counted", "duplicate", "late", "unknown_task", "wrong_device")
 
 
@@ -30,21 +29,6 @@ def _redis_store(url: str) -> StateStore:
     from lorafleet.state.redis import RedisStateStore
 
     return RedisStateStore(url)
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, run_id: str) -> Iterator[StateStore]:
-    if request.param == "memory":
-        mem = InMemoryStateStore()
-        yield mem
-        mem.close()
-        return
-    redis_store = _redis_store(request.getfixturevalue("redis_url"))
-    try:
-        yield redis_store
-    finally:
-        redis_store.delete_run(run_id)
-        redis_store.close()
 
 
 def _tasks(n: int, devices: int = 20, prefix: str = "t") -> dict[str, str]:

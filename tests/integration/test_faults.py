@@ -51,9 +51,19 @@ from lorafleet.state.redis import RedisStateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound
 from lorafleet.transport.rabbitmq import PikaTransport
+from schemas.config import merge_overrides
 from schemas.envelope import decode
 from schemas.messages import LoraUpdate
-from tests.conftest import RABBITMQ_HOST, RABBITMQ_PORT, REDIS_HOST, REDIS_PORT, _port_open, _redis_ping
+from tests.conftest import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    REDIS_HOST,
+    REDIS_PORT,
+    _port_open,
+    _redis_ping,
+    rabbitmqctl,
+    throwaway_vhost,
+)
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis]
 
@@ -67,13 +77,6 @@ WAIT_S = 240.0
 TEST_TIMEOUT_S = 600
 
 T = TypeVar("T")
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
 
 
 def run_config(run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -105,7 +108,7 @@ def run_config(run_id: str, overrides: dict[str, Any] | None = None) -> dict[str
             "registration_timeout_s": 300.0,
         },
     }
-    return _merge(base, overrides or {})
+    return merge_overrides(base, overrides or {})
 
 
 # -- infrastructure -------------------------------------------------------------------------------------
@@ -116,22 +119,6 @@ def _require_servers() -> None:
         if os.environ.get("CI"):
             pytest.fail("RabbitMQ or Redis is not reachable and CI is set")
         pytest.skip("RabbitMQ or Redis is not reachable")
-
-
-def _rabbitmqctl(*args: str, timeout: float = 120.0) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=timeout)
-
-
-@contextlib.contextmanager
-def throwaway_vhost() -> Iterator[str]:
-    """An AMQP URL (heartbeat 30 s) on a fresh vhost, deleted afterwards (for module-scoped fixtures)."""
-    vhost = f"lf-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}?heartbeat=30"
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=120)
 
 
 def with_heartbeat(url: str, seconds: int) -> str:
@@ -653,10 +640,10 @@ def test_the_run_survives_a_rabbitmq_restart(
         fleet.wait_round(2, reported=1)
         try:
             fleet.mark("rabbitmqctl stop_app")
-            _rabbitmqctl("stop_app", timeout=180)
+            rabbitmqctl("stop_app", timeout=180)
             fleet.mark("stopped")
         finally:
-            _rabbitmqctl("start_app", timeout=180)
+            rabbitmqctl("start_app", timeout=180)
             fleet.mark("started again")
         # Then every worker takes its own slot token back (the broker returned them all to the queue);
         # the orchestrator is held frozen meanwhile so that the run cannot end first

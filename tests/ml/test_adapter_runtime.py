@@ -127,7 +127,7 @@ def test_save_peft_checkpoint_round_trips_logits(
 
 def test_save_peft_checkpoint_validates(runtime: AdapterRuntime, tmp_path: Path) -> None:
     spec = make_spec({0: 2})
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ValueError, match="do not fit the LoRA spec: missing"):
         runtime.save_peft_checkpoint(spec, {}, tmp_path)
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafleet.data.datasets import DataError, encode_dataset, iter_batches, load_split
+from lorafleet.data.datasets import encode_dataset, iter_batches, load_split
 from lorafleet.ml.model import AdapterRuntime, load_base_model, load_tokenizer
 from schemas.config import ModelConfig
+from schemas.errors import DataError
 from tests.ml.conftest import make_spec, make_task
 from worker.trainer import LoraTrainer
 

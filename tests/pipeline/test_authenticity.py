@@ -9,7 +9,8 @@ from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import dead_letter_reason
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planners.base import global_spec, task_id
+from orchestrator.planners.specs import global_spec
+from orchestrator.rounds import task_id
 from schemas.envelope import encode
 from schemas.messages import LoraUpdate, TrainMetrics
 from schemas.tensors import encode_tensors, tensors_from_bytes

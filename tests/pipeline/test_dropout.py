@@ -11,7 +11,7 @@ from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport import topology
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from lorafleet.transport.messaging import publish_message
-from orchestrator.planners.base import global_spec
+from orchestrator.planners.specs import global_spec
 from schemas.messages import RunFinished
 from schemas.tensors import tensors_from_bytes
 from tests.pipeline.helpers import NUM_BLOCKS, build_pipeline, expected_global, make_config

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport import topology
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planners.base import global_spec, task_id
+from orchestrator.planners.specs import global_spec
+from orchestrator.rounds import task_id
 from schemas.envelope import SCHEMA_VERSION, encode
 from schemas.messages import LoraUpdate, TrainMetrics
 from schemas.tensors import encode_tensors

@@ -20,7 +20,7 @@ from lorafleet.state.base import StateStore
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.base import Transport
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planners.base import global_spec
+from orchestrator.planners.specs import global_spec
 from schemas.config import RunConfig
 from schemas.tensors import tensors_from_bytes
 from tests.pipeline.helpers import NUM_BLOCKS, Pipeline, build_pipeline, initial_adapter, make_config

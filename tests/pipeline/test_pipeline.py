@@ -14,7 +14,8 @@ from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import Transport, dead_letter_reason
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
-from orchestrator.planners.base import global_spec, task_id
+from orchestrator.planners.specs import global_spec
+from orchestrator.rounds import task_id
 from schemas.envelope import SCHEMA_VERSION, decode, encode
 from schemas.messages import LoraUpdate, TrainMetrics, TrainTask
 from schemas.tensors import encode_tensors, tensors_from_bytes

@@ -10,8 +10,9 @@ from lorafleet.transport import topology
 from lorafleet.transport.base import Transport
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from lorafleet.transport.messaging import publish_message
+from schemas.errors import NoFreeSlot
 from schemas.messages import DeviceSlot
-from worker.slots import NoFreeSlot, claim_slot
+from worker.slots import claim_slot
 
 
 @pytest.fixture(params=["memory", "rabbitmq"])

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.security.signing import KeyReadError, canonical, derive_device_key, read_key, sign, verify
+from lorafleet.security.signing import canonical, derive_device_key, read_key, sign, verify
+from schemas.errors import ConfigError
 from schemas.messages import LoraUpdate, TaskFailed, TrainMetrics
 from schemas.tensors import encode_tensors
 
@@ -69,7 +70,7 @@ def test_keys_come_from_hex_text_or_a_file_and_short_keys_are_refused(tmp_path: 
     path = tmp_path / "key"
     path.write_text("11" * 20 + "\n")
     assert read_key("K", environ={"K_FILE": str(path)}) == bytes.fromhex("11" * 20)
-    with pytest.raises(KeyReadError, match="at least 16"):
+    with pytest.raises(ConfigError, match="at least 16"):
         read_key("K", environ={"K": "short"})
-    with pytest.raises(KeyReadError, match="K_FILE"):
+    with pytest.raises(ConfigError, match="K_FILE"):
         read_key("K", environ={"K_FILE": str(tmp_path / "missing")})

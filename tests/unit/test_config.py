@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from schemas.config import ConfigError, RunConfig, device_id, load_run_config, parse_run_config
+from schemas.config import RunConfig, device_id, load_run_config, parse_run_config
+from schemas.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -11,6 +11,8 @@ import pytest
 from lorafleet.devices.costmodel import CostModel
 from orchestrator.capacity import DeviceEstimate
 from orchestrator.hierarchical_service import refit_frequency
+from orchestrator.planners.context import PlanningContext
+from orchestrator.planners.global_round import hier_options
 from orchestrator.planners.hierfedlora import (
     GroupInput,
     HierOptions,
@@ -19,7 +21,6 @@ from orchestrator.planners.hierfedlora import (
     plan_hierarchy,
 )
 from orchestrator.planners.legend import DeviceInput, LegendOptions, SizeModel, time_matrix
-from orchestrator.planners.registry import PlanningContext, hier_options
 from schemas.config import parse_run_config
 
 COST = CostModel("test", 6, embed_s=0.0, prefix_block_s=0.0, train_block_s=1e-4, head_s=2e-5, step_s=5e-3)

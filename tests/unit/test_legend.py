@@ -9,7 +9,7 @@ import pytest
 
 from lorafleet.devices.costmodel import CostModel, cost_model_for
 from lorafleet.devices.emulator import DeviceEmulator, jitter_factor, transfer_seconds
-from orchestrator.capacity import DeviceEstimate, Measurement, measure, update_estimate
+from orchestrator.capacity import DeviceEstimate, measure, update_estimate
 from orchestrator.planners.legend import (
     DeviceInput,
     LegendOptions,
@@ -20,6 +20,7 @@ from orchestrator.planners.legend import (
     task_seconds,
     utility,
 )
+from schemas.measurement import DeviceMeasurement
 from schemas.messages import DeviceProfile
 
 COST = CostModel("test", 6, embed_s=1e-6, prefix_block_s=2e-6, train_block_s=6e-6, head_s=1e-6, step_s=0.0)
@@ -38,7 +39,6 @@ def _plan(devices: list[DeviceInput], **options: object):  # type: ignore[no-unt
         cost=COST,
         sizes=SIZES,
         options=LegendOptions(**options),  # type: ignore[arg-type]
-        target_modules=["query", "value"],
     )
 
 
@@ -185,7 +185,7 @@ def test_jitter_is_deterministic_with_mean_one() -> None:
 def test_estimator_recovers_slowdown_and_bandwidth_and_smooths() -> None:
     # Given a device 3x slower than the host with a 1 MB/s uplink
     host = COST.train_seconds(tokens=2000, lowest_block=4, steps=5, embed_tokens=0, prefix_block_tokens=0)
-    m = Measurement(
+    m = DeviceMeasurement(
         device_compute_s=3 * host,
         tokens=2000,
         embed_tokens=0,
@@ -197,6 +197,7 @@ def test_estimator_recovers_slowdown_and_bandwidth_and_smooths() -> None:
         downlink_s=1.0,
         bytes_up=1_000_000,
         uplink_s=1.0,
+        device_time_s=2.0 + 3 * host,
     )
     first = measure(m, COST)
     assert first is not None
@@ -204,10 +205,10 @@ def test_estimator_recovers_slowdown_and_bandwidth_and_smooths() -> None:
     assert first.up_bps == pytest.approx(1e6) and first.down_bps == pytest.approx(2e6)
     assert first.tokens_per_sample == pytest.approx(20.0)
     # When it then measures 6x, the EMA moves 30% of the way
-    slower = Measurement(**{**vars(m), "device_compute_s": 6 * host})
+    slower = m.model_copy(update={"device_compute_s": 6 * host})
     second = update_estimate(first, slower, COST, rho=0.7)
     assert second is not None and second.slowdown == pytest.approx(0.7 * 3 + 0.3 * 6)
     assert second.rounds_seen == 2
     # And a measurement without work changes nothing
-    empty = Measurement(**{**vars(m), "examples": 0})
+    empty = m.model_copy(update={"examples": 0})
     assert update_estimate(first, empty, COST) == first

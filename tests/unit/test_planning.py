@@ -8,15 +8,9 @@ from fractions import Fraction
 import pytest
 from pydantic import TypeAdapter
 
-from orchestrator.planners.base import (
-    global_spec,
-    lora_blocks,
-    plan_fedlora,
-    quorum_size,
-    sample_devices,
-    task_id,
-    uniform_spec,
-)
+from orchestrator.planners.baselines import plan_fedlora
+from orchestrator.planners.specs import global_spec, lora_blocks, uniform_spec
+from orchestrator.rounds import quorum_size, sample_devices, task_id
 from schemas.config import LoraConfigSection, parse_run_config
 from schemas.messages import TaskId
 

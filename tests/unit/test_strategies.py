@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.merge.hetlora import aggregate_hetlora, aggregate_svd
+from aggregator.merge.hetlora import aggregate_hetlora
 from aggregator.merge.rankwise import WeightedUpdate
+from aggregator.merge.svd import aggregate_svd
 from lorafleet.devices.costmodel import CostModel
 from orchestrator.capacity import DeviceEstimate
-from orchestrator.planners.base import global_spec
+from orchestrator.planners.context import PlanningContext, RoundPlan, size_model
 from orchestrator.planners.legend import DeviceInput
-from orchestrator.planners.registry import STRATEGIES, PlanningContext, RoundPlan, size_model
+from orchestrator.planners.registry import STRATEGIES
+from orchestrator.planners.specs import global_spec
 from schemas.config import parse_run_config
 
 COST = CostModel("test", 6, embed_s=1e-6, prefix_block_s=2e-6, train_block_s=6e-6, head_s=1e-6, step_s=0.0)

@@ -1,0 +1,50 @@
+"""wait_for_topology: retries what is missing on the clock, up to its deadline, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.run.clock import FakeClock
+from lorafleet.transport.base import ExchangeNotFound, QueueNotFound
+from lorafleet.transport.waiting import wait_for_topology
+
+
+def test_returns_once_the_topology_appears_having_waited_on_the_clock() -> None:
+    # Given a queue that appears on the third attempt
+    clock, attempts = FakeClock(start=100.0), []
+
+    def subscribe() -> str:
+        attempts.append(clock.now())
+        if len(attempts) < 3:
+            raise QueueNotFound("lf.updates")
+        return "subscription"
+
+    # When the caller waits for it
+    got = wait_for_topology(subscribe, missing=(QueueNotFound,), what="q", wait_s=60, poll_s=2, clock=clock)
+    # Then it got the subscription, polling every 2 s of the clock
+    assert got == "subscription"
+    assert attempts == [100.0, 102.0, 104.0]
+
+
+def test_gives_up_after_wait_s_with_the_last_error() -> None:
+    clock, calls = FakeClock(start=0.0), []
+
+    def never() -> None:
+        calls.append(clock.now())
+        raise ExchangeNotFound(f"lf.control at {clock.now():.0f}")
+
+    with pytest.raises(ExchangeNotFound, match="lf.control at 10"):
+        wait_for_topology(never, missing=(ExchangeNotFound,), what="x", wait_s=10, poll_s=1, clock=clock)
+    assert calls == [float(t) for t in range(11)]
+
+
+def test_other_errors_are_not_retried() -> None:
+    clock, calls = FakeClock(), []
+
+    def refused() -> None:
+        calls.append(1)
+        raise QueueNotFound("not what this caller waits for")
+
+    with pytest.raises(QueueNotFound):
+        wait_for_topology(refused, missing=(ExchangeNotFound,), what="x", wait_s=60, clock=clock)
+    assert calls == [1]
