@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from schemas.config import RunConfig, load_run_config
-from schemas.errors import ConfigError, NoFreeSlot
+from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
 
 if TYPE_CHECKING:  # the services' modules import torch: only the commands that need them load them
     from lorafleet.ml.model import AdapterRuntime
@@ -245,7 +245,7 @@ def worker(
             lease.keep(transport, cfg.run_id)  # its own slot again after a lost connection
         try:
             index = device_index(cfg, device_id)
-        except ValueError as exc:
+        except ConfigError as exc:
             err.print(f"[red]error:[/red] --device-id: {exc}", highlight=False)
             raise typer.Exit(2) from None
         service = build_worker(
@@ -330,7 +330,7 @@ def status(
 
     try:
         store = open_state(state)
-    except ValueError as exc:
+    except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     try:
@@ -394,7 +394,12 @@ def validate(config: ConfigArg) -> None:
 
 
 def main() -> None:
-    app()
+    """The ``lorafleet`` entry point: a LorafleetError ends the command in one line, not a traceback."""
+    try:
+        app()
+    except LorafleetError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from lorafleet.transport.base import Transport
 from orchestrator.hierarchical_service import orchestrator_class
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id
+from schemas.errors import ConfigError
 from schemas.messages import LoraSpec
 from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
@@ -45,7 +46,7 @@ def open_transport(url: str) -> Transport:
         from lorafleet.transport.rabbitmq import PikaTransport
 
         return PikaTransport(url)
-    raise ValueError(f"--broker must be an amqp:// or amqps:// URL, got {url!r}")
+    raise ConfigError(f"--broker must be an amqp:// or amqps:// URL, got {url!r}")
 
 
 def open_state(url: str) -> StateStore:
@@ -54,17 +55,17 @@ def open_state(url: str) -> StateStore:
         from lorafleet.state.redis import RedisStateStore
 
         return RedisStateStore(url)
-    raise ValueError(f"--state must be a redis:// or rediss:// URL, got {url!r}")
+    raise ConfigError(f"--state must be a redis:// or rediss:// URL, got {url!r}")
 
 
 def device_index(config: RunConfig, device: str) -> int:
     """The slot index of a device id (``dev-0003`` -> 3).
 
     Raises:
-        ValueError: not a device id of this run.
+        ConfigError: not a device id of this run.
     """
     if device not in config.device_ids():
-        raise ValueError(
+        raise ConfigError(
             f"device id {device!r} is not one of this run's {config.devices.count} slots "
             f"({device_id(0)} .. {device_id(config.devices.count - 1)})"
         )

@@ -133,5 +133,6 @@ def shape_mismatch(tensors: Tensors, expected: dict[str, tuple[int, ...]]) -> st
     if extra:
         parts.append(f"unexpected {extra[:3]}")
     if wrong:
-        parts.append("wrong shape " + ", ".join(f"{k}: {got[k]} != {expected[k]}" for k in wrong[:3]))
+        named = (f"{k}: got {got[k]}, expected {expected[k]}" for k in wrong[:3])
+        parts.append("wrong shape " + ", ".join(named))
     return "; ".join(parts) or None

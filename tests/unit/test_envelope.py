@@ -332,7 +332,7 @@ def test_oversize_garbage_is_too_large_not_undecodable() -> None:
 
 
 def test_decode_error_rejects_unknown_reason() -> None:
-    with pytest.raises(ValueError, match="unknown reject reason"):
+    with pytest.raises(ValueError, match="does not know the reason"):
         DecodeError("whatever", "detail")
 
 
