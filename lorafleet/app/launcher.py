@@ -1,9 +1,9 @@
 """Distributed mode on one host: every service in its own process, over RabbitMQ and Redis.
 
 ``lorafleet run CONFIG --broker URL --state URL`` starts the orchestrator, the aggregator and one
-worker process per device with the same commands a person (or compose) would run by hand, waits
-for the run to finish and returns its report. Each process gets its share of the cores as torch
-threads; logs go to ``OUT/logs/``.
+worker process per device with the same commands a person (or compose) would run by hand, restarts
+any that dies (lorafleet/app/supervisor.py), waits for the run to finish and returns its report.
+Each process gets its share of the cores as torch threads; logs go to ``OUT/logs/``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor
 from lorafleet.app.wiring import open_state, open_transport
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound, TransportError
@@ -71,12 +71,21 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
 
 
 def run_distributed(
-    config: RunConfig, config_path: Path, out_dir: Path, *, broker: str, state: str, fresh: bool = True
+    config: RunConfig,
+    config_path: Path,
+    out_dir: Path,
+    *,
+    broker: str,
+    state: str,
+    fresh: bool = True,
+    policy: RestartPolicy | None = None,
 ) -> dict[str, Any]:
-    """Run an experiment with every service in its own process; returns ``report.json``'s content.
+    """Run an experiment with every service in its own process, supervised (lorafleet/app/supervisor.py);
+    returns ``report.json``'s content.
 
     Raises:
-        RuntimeError: a service exited with an error, or the run ended without a report.
+        CrashLoop: a service kept dying.
+        RuntimeError: the run ended without a report.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "logs"
@@ -86,51 +95,20 @@ def run_distributed(
         reset_run(config, broker, state)
     cores = os.cpu_count() or 1
     worker_threads = max(1, cores // config.devices.count)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    handles = []
+    supervisor = Supervisor(logs, policy=policy)
     try:
-        procs["orchestrator"] = subprocess.Popen(
-            service_command(
-                "orchestrator", config_path, broker=broker, state=state, out_dir=out_dir, threads=1
-            )
-        )
-        for name, cmd in [
-            (
-                "aggregator",
-                service_command(
-                    "aggregator", config_path, broker=broker, state=state, out_dir=out_dir, threads=cores
-                ),
-            )
-        ] + [
-            (
+        for role, threads in (("orchestrator", 1), ("aggregator", cores)):
+            command = service_command(role, config_path, broker=broker, state=state, out_dir=out_dir)
+            supervisor.start(role, [*command, "--threads", str(threads)])
+        for d in config.device_ids():
+            supervisor.start(
                 f"worker-{d}",
-                service_command(
-                    "worker",
-                    config_path,
-                    broker=broker,
-                    state=None,
-                    out_dir=None,
-                    device=d,
-                    threads=worker_threads,
-                ),
+                service_command("worker", config_path, broker=broker, state=None, out_dir=None, device=d,
+                                threads=worker_threads),
             )
-            for d in config.device_ids()
-        ]:
-            handle = (logs / f"{name}.log").open("wb")
-            handles.append(handle)
-            procs[name] = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
-        _wait(procs)
+        _supervise(supervisor)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for handle in handles:
-            handle.close()
+        supervisor.stop_all()
     report_path = out_dir / "report.json"
     if not report_path.is_file():
         raise RuntimeError(f"the run ended without {report_path}; see {logs}")
@@ -138,21 +116,29 @@ def run_distributed(
     return report
 
 
-def _wait(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    """Until the orchestrator and aggregator exit (workers exit on RunFinished)."""
-    deadline_after_orchestrator: float | None = None
+#: how long the aggregator may take to finish after the orchestrator, and workers after both
+AGGREGATOR_GRACE_S = 120.0
+WORKER_GRACE_S = 60.0
+
+
+def _supervise(supervisor: Supervisor, poll_s: float = 0.2) -> None:
+    """Until the orchestrator and the aggregator are done (workers exit on RunFinished); a dead service
+    is restarted, except a worker once the run is over."""
+    orchestrator_done_at: float | None = None
+
+    def restart(child: Child) -> bool:
+        return not (child.name.startswith("worker-") and supervisor.done("orchestrator"))
+
     while True:
-        for name, proc in procs.items():
-            code = proc.poll()
-            if code not in (None, 0):
-                raise RuntimeError(f"{name} exited with status {code}")
-        if procs["orchestrator"].poll() == 0 and deadline_after_orchestrator is None:
-            deadline_after_orchestrator = time.monotonic() + 120.0
-        if all(p.poll() == 0 for n, p in procs.items() if not n.startswith("worker-")):
-            deadline_workers = time.monotonic() + 60.0
-            while time.monotonic() < deadline_workers and any(p.poll() is None for p in procs.values()):
-                time.sleep(0.2)
+        supervisor.check(restart=restart)
+        if supervisor.done("orchestrator") and orchestrator_done_at is None:
+            orchestrator_done_at = time.monotonic()
+        if supervisor.done("orchestrator") and supervisor.done("aggregator"):
+            deadline = time.monotonic() + WORKER_GRACE_S
+            while time.monotonic() < deadline and any(supervisor.alive(n) for n in supervisor.children):
+                time.sleep(poll_s)
             return
-        if deadline_after_orchestrator is not None and time.monotonic() > deadline_after_orchestrator:
-            raise RuntimeError("the aggregator did not finish within 120 s of the orchestrator")
-        time.sleep(0.2)
+        grace = AGGREGATOR_GRACE_S
+        if orchestrator_done_at is not None and time.monotonic() > orchestrator_done_at + grace:
+            raise RuntimeError(f"the aggregator did not finish {grace:.0f} s after the orchestrator")
+        time.sleep(poll_s)

@@ -785,3 +785,59 @@ def test_a_worker_started_mid_run_trains_from_the_next_round_on(
             if r > joined:
                 assert late in info.tasks.values(), f"round {r} has no task for {late}"
                 assert late in trained, f"{late} did not train round {r}"
+
+
+def _pids(*needles: str) -> list[int]:
+    """Processes of this host whose command line holds every one of ``needles``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmdline for n in needles):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_the_launcher_restarts_sigkilled_workers_and_the_run_completes(
+    baseline: Baseline, rabbitmq_url: str, redis_url: str, run_id: str, tmp_path: Path
+) -> None:
+    with fleet_of(tmp_path, run_config(run_id), rabbitmq_url, redis_url) as fleet:
+        # Given the one-command distributed mode (the launcher starts every service itself)
+        command = [sys.executable, "-m", "lorafleet", "run", str(fleet.config_path), "--out", str(fleet.out)]
+        command += ["--broker", rabbitmq_url, "--state", redis_url]
+        with (fleet.logs / "launcher.log").open("wb") as handle:
+            launcher = subprocess.Popen(
+                command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=_env()
+            )
+        try:
+            # When two of its six workers are SIGKILLed in round 3, mid-round
+            fleet.wait_round(3)
+            victims = [p for d in ("dev-0001", "dev-0004") for p in _pids("worker", rabbitmq_url, d)]
+            assert len(victims) == 2, victims
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            fleet.mark(f"SIGKILL workers {victims}")
+            # Then the launcher restarts them and finishes the run (it used to give up with status 1)
+            assert launcher.wait(timeout=WAIT_S) == 0, (fleet.logs / "launcher.log").read_text()
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+        report = json.loads((fleet.out / "report.json").read_text(encoding="utf-8"))
+        said = (fleet.logs / "launcher.log").read_text(encoding="utf-8", errors="replace")
+        for device in ("dev-0001", "dev-0004"):
+            assert f"worker-{device} exited with status -9; restarting it" in said, said
+        # ... with the same result, every update counted once and every round aggregated once
+        check_completed(report)
+        accounting = check_accounting(fleet, report)
+        assert accounting.empty == 0  # the restarted workers trained their devices' tasks
+        for r in range(1, MAX_ROUNDS + 1):
+            info = fleet.store.get_round(run_id, r)
+            assert info is not None and info.status == "aggregated" and info.global_version == r
+        check_accuracy(report, baseline)
+        check_task_queues_empty(fleet)
