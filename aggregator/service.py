@@ -39,6 +39,9 @@ from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
 
 log = logging.getLogger(__name__)
 
+#: a step of the loop that took this much longer than its wait is a stall (see _note_stall)
+STALL_S = 5.0
+
 
 class Evaluator(Protocol):
     def evaluate(self, spec: LoraSpec, tensors: Tensors) -> tuple[float, float]:
@@ -95,6 +98,9 @@ class AggregatorService:
         self._subscription: Subscription | None = None
         self._to_evaluate: list[int] = []
         self._next_lease_check_ms = 0
+        self._registered_samples: dict[str, int] = {}  # device -> num_samples it registered
+        self._leases_resume_ms = 0  # no device is dropped before this (after a stall of this loop)
+        self._last_step_at: float | None = None
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
 
     def start(self, *, wait_s: float = 600.0, poll_s: float = 1.0) -> None:
@@ -126,6 +132,7 @@ class AggregatorService:
             self.start()
         assert self._subscription is not None
         did = False
+        self._note_stall(timeout)
         delivery = self._subscription.get(timeout)
         if delivery is not None:
             self._handle(delivery)
@@ -145,13 +152,33 @@ class AggregatorService:
             did = True
         return did
 
+    def _note_stall(self, timeout: float) -> None:
+        """After a stall of this loop (the broker away, the process frozen or starved) the devices'
+        heartbeats could not be seen either: leases count again only after every device has had a
+        whole lease to be heard from, so the time this service spent away counts against nobody."""
+        if not self.drop_vanished:
+            return  # embedded: in-process devices cannot vanish, and the loop also trains them
+        now = self.clock.now()
+        if self._last_step_at is not None and now - self._last_step_at > timeout + STALL_S:
+            resume_ms = to_ms(now + self.config.rounds.lease_s)
+            self._leases_resume_ms = max(self._leases_resume_ms, resume_ms)
+            log.warning(
+                "aggregator: this loop stalled for %.1f s; no device is dropped for the next %.0f s",
+                now - self._last_step_at,
+                self.config.rounds.lease_s,
+            )
+        self._last_step_at = now
+
     def _drop_vanished_devices(self, now_ms: int) -> None:
-        """Tasks of devices whose lease expired report empty, so their rounds go on without them."""
-        if not self.drop_vanished or now_ms < self._next_lease_check_ms:
+        """Tasks of devices whose lease expired report empty, so their rounds go on without them.
+
+        Not after a stall of this loop (see :meth:`_note_stall`), and not when every leased device
+        expired at once: that is the heartbeat path (broker, orchestrator) failing, not the fleet."""
+        if not self.drop_vanished or now_ms < max(self._next_lease_check_ms, self._leases_resume_ms):
             return
         self._next_lease_check_ms = now_ms + 500
         expired = set(self.state.expired_devices(self.run_id, now_ms))
-        if not expired:
+        if not expired or expired >= set(self.state.get_devices(self.run_id)):
             return
         for round_no in self._open_rounds():
             info = self.state.get_round(self.run_id, round_no)
@@ -214,6 +241,13 @@ class AggregatorService:
                 stored,
                 to_ms(self.clock.now()),
             )
+            if result.outcome == "recovered":
+                log.warning(
+                    "aggregator: %s from %s arrived after its device was dropped; round %d is open: counted",
+                    message.task_id,
+                    message.device_id,
+                    message.round,
+                )
             if result.outcome in ("unknown_task", "wrong_device"):
                 raise Rejected(result.outcome, f"{message.task_id} from {message.device_id}")
             if result.outcome == "duplicate" and isinstance(message, LoraUpdate):
@@ -247,6 +281,7 @@ class AggregatorService:
         expected = self._expected_shapes(update.round, update.task_id)
         tensors = decode_tensors(update.adapter, max_bytes=self.config.limits.max_payload_bytes)
         check_update_shapes(tensors, expected)
+        self._check_samples(update)
         bound = self.config.limits.max_update_norm
         if bound is not None:
             spec_json = self.state.get_task_spec(self.run_id, update.round, update.task_id)
@@ -259,6 +294,17 @@ class AggregatorService:
             norm = update_norm(start, tensors)
             if norm > bound:
                 raise Rejected("norm_exceeded", f"update changes the adapter by {norm:.3g} > {bound:.3g}")
+
+    def _check_samples(self, update: LoraUpdate) -> None:
+        """An update weighs as many samples as it claims: never more than its device registered."""
+        registered = self._registered_samples.get(update.device_id)
+        if registered is None or update.num_samples > registered:  # unknown here, or re-registered
+            info = self.state.get_devices(self.run_id).get(update.device_id, {})
+            registered = int(info.get("num_samples", 0))
+            self._registered_samples[update.device_id] = registered
+        if update.num_samples > registered:
+            claim = f"{update.task_id} claims {update.num_samples} samples"
+            raise Rejected("samples_exceeded", f"{claim}, {update.device_id} registered {registered}")
 
     def _expected_shapes(self, round_no: int, task_id: str) -> dict[str, tuple[int, ...]]:
         cached = self._expected.get((round_no, task_id))

@@ -87,6 +87,7 @@ class OrchestratorService:
         self.phase: Phase = "registering"
         self.round = 0
         self.report: dict[str, object] | None = None
+        self._slots = frozenset(config.device_ids())
         self.rejections = Rejections(
             "orchestrator", sink=lambda name: self.state.incr_counter(self.run_id, name)
         )
@@ -208,6 +209,8 @@ class OrchestratorService:
     def _handle(self, delivery: Delivery) -> None:
         try:
             message = receive(delivery, run_id=self.run_id, max_bytes=self.config.limits.max_message_bytes)
+            if isinstance(message, DeviceRegistered | Heartbeat):
+                self._check_device(message.device_id)
             if isinstance(message, DeviceRegistered):
                 self._on_registered(message)
             elif isinstance(message, Heartbeat):
@@ -227,6 +230,12 @@ class OrchestratorService:
             delivery.ack()
         except MessageRefused as exc:
             self.rejections.reject(delivery, exc)
+
+    def _check_device(self, device_id: str) -> None:
+        """Only the run's device slots may register or heartbeat: a made-up device would be given tasks
+        and hold rounds open until their deadline."""
+        if device_id not in self._slots:
+            raise Rejected("unknown_device", f"{device_id} is not one of the run's {len(self._slots)} slots")
 
     def _on_replan(self, message: ReplanRequest) -> None:
         """Flat strategies replan every round anyway."""

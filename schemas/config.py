@@ -215,9 +215,11 @@ class LimitsConfig(_Section):
 
 class SecurityConfig(_Section):
     """Device authenticity. With ``require_signatures`` the aggregator refuses unsigned or badly signed
-    reports; keys come from LORAFLEET_FLEET_KEY / LORAFLEET_DEVICE_KEY (or their _FILE variants)."""
+    reports; keys come from LORAFLEET_FLEET_KEY / LORAFLEET_DEVICE_KEY (or their _FILE variants).
+    Unset, it is on for the distributed services and off in embedded mode (one process has no
+    device to impersonate another); :meth:`RunConfig.deployed` settles it."""
 
-    require_signatures: bool = False
+    require_signatures: bool | None = None
 
 
 class RunConfig(_Section):
@@ -268,6 +270,14 @@ class RunConfig(_Section):
         if self.aggregation is not AggregationName.AUTO:
             return self.aggregation
         return default_aggregation(self.strategy)
+
+    def deployed(self, *, distributed: bool) -> RunConfig:
+        """This configuration as a deployment runs it: ``security.require_signatures`` settled (unset:
+        required when ``distributed``)."""
+        if self.security.require_signatures is not None:
+            return self
+        security = self.security.model_copy(update={"require_signatures": distributed})
+        return self.model_copy(update={"security": security})
 
     @property
     def min_devices(self) -> int:

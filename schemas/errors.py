@@ -43,6 +43,8 @@ REJECTION_REASONS = (
     "bad_signature",  # missing or invalid device signature (lorafleet/security/signing.py)
     "replayed",  # a task id already counted, arriving again with different content
     "norm_exceeded",  # an update whose change from the global adapter exceeds limits.max_update_norm
+    "unknown_device",  # a device id that is not one of the run's slots (devices.count)
+    "samples_exceeded",  # an update claiming more samples than its device registered
 )
 
 #: Every reason a message can be refused. They are the dead-letter reasons and the keys of the

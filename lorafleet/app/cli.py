@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Protocol
 import typer
 from rich.console import Console
 
+from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
 from schemas.config import RunConfig, load_run_config
 from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
 
@@ -56,9 +57,12 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("pika").setLevel(logging.ERROR)  # its 404 channel closes are expected (passive checks)
 
 
-def _load(path: Path) -> RunConfig:
+def _load(path: Path, *, distributed: bool | None = True) -> RunConfig:
+    """The run configuration as this command deploys it (RunConfig.deployed; None: as the file has it);
+    exit 2 if invalid."""
     try:
-        return load_run_config(path)
+        config = load_run_config(path)
+        return config if distributed is None else config.deployed(distributed=distributed)
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -66,8 +70,6 @@ def _load(path: Path) -> RunConfig:
 
 def _key(env: str, *, required: bool) -> bytes | None:
     """A key from the environment (never printed); exit 2 naming the variable when it is required."""
-    from lorafleet.security.signing import read_key
-
     try:
         key = read_key(env)
     except ConfigError as exc:
@@ -83,12 +85,10 @@ def _key(env: str, *, required: bool) -> bytes | None:
 
 def _device_key(device_id: str, *, required: bool) -> bytes | None:
     """This device's key: LORAFLEET_DEVICE_KEY, or derived from LORAFLEET_FLEET_KEY (elastic replicas)."""
-    from lorafleet.security.signing import derive_device_key
-
-    own = _key("LORAFLEET_DEVICE_KEY", required=False)
+    own = _key(DEVICE_KEY_ENV, required=False)
     if own is not None:
         return own
-    fleet = _key("LORAFLEET_FLEET_KEY", required=required)
+    fleet = _key(FLEET_KEY_ENV, required=required)
     return None if fleet is None else derive_device_key(fleet, device_id)
 
 
@@ -112,7 +112,7 @@ def run(
 ) -> None:
     """Run a whole experiment and write OUT/report.json and OUT/adapter/."""
     _setup_logging(verbose)
-    cfg = _load(config)
+    cfg = _load(config, distributed=broker is not None)
     if (broker is None) != (state is None):
         err.print(
             "[red]error:[/red] --broker and --state go together (distributed mode), or neither (embedded)"
@@ -199,7 +199,7 @@ def aggregator(
     def build(cfg: RunConfig, transport: Transport, store: StateStore, runtime: AdapterRuntime) -> _Service:
         from lorafleet.app.wiring import build_aggregator
 
-        fleet_key = _key("LORAFLEET_FLEET_KEY", required=cfg.security.require_signatures)
+        fleet_key = _key(FLEET_KEY_ENV, required=bool(cfg.security.require_signatures))
         return build_aggregator(cfg, transport, store, runtime, out_dir=out, fleet_key=fleet_key)
 
     _serve(config, broker, state, threads, verbose, build)
@@ -255,7 +255,7 @@ def worker(
             build_runtime(cfg),
             Shards.load(cfg),
             on_finished=None if lease is None else lease.retire,
-            signing_key=_device_key(device_id, required=cfg.security.require_signatures),
+            signing_key=_device_key(device_id, required=bool(cfg.security.require_signatures)),
         )
         service.start()
         service.run_forever(stop, heartbeat_s=cfg.rounds.heartbeat_s)
@@ -379,9 +379,7 @@ def device_key(
     device_id: Annotated[str, typer.Argument(help="The device to provision, e.g. dev-0003")],
 ) -> None:
     """Print a device's own signing key (hex), derived from LORAFLEET_FLEET_KEY, for provisioning it."""
-    from lorafleet.security.signing import derive_device_key
-
-    fleet = _key("LORAFLEET_FLEET_KEY", required=True)
+    fleet = _key(FLEET_KEY_ENV, required=True)
     assert fleet is not None
     typer.echo(derive_device_key(fleet, device_id).hex())
 
@@ -389,7 +387,7 @@ def device_key(
 @app.command()
 def validate(config: ConfigArg) -> None:
     """Check a run configuration and print it with every default filled in."""
-    cfg = _load(config)
+    cfg = _load(config, distributed=None)
     Console().print_json(cfg.model_dump_json())
 
 

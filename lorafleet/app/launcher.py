@@ -12,13 +12,15 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor
+from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
 from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.security.signing import FLEET_KEY_ENV
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound, TransportError
 from schemas.config import RunConfig
@@ -70,6 +72,16 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
         transport.close()
 
 
+def _service_env(config: RunConfig) -> dict[str, str]:
+    """The services' environment: this one, plus a fleet key made for this run where signatures are
+    required and none was given (the workers derive their device keys from it)."""
+    env = dict(os.environ)
+    given = env.get(FLEET_KEY_ENV) or env.get(f"{FLEET_KEY_ENV}_FILE")
+    if config.security.require_signatures and not given:
+        env[FLEET_KEY_ENV] = secrets.token_hex(32)
+    return env
+
+
 def run_distributed(
     config: RunConfig,
     config_path: Path,
@@ -95,7 +107,7 @@ def run_distributed(
         reset_run(config, broker, state)
     cores = os.cpu_count() or 1
     worker_threads = max(1, cores // config.devices.count)
-    supervisor = Supervisor(logs, policy=policy)
+    supervisor = Supervisor(logs, policy=policy, spawn=popen(_service_env(config)))
     try:
         for role, threads in (("orchestrator", 1), ("aggregator", cores)):
             command = service_command(role, config_path, broker=broker, state=state, out_dir=out_dir)

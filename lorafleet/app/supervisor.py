@@ -44,8 +44,13 @@ class Process(Protocol):
 Spawn = Callable[[Sequence[str], IO[bytes]], Process]
 
 
-def _popen(command: Sequence[str], log_file: IO[bytes]) -> Process:
-    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+def popen(env: dict[str, str] | None = None) -> Spawn:
+    """Start children as OS processes (with ``env``, or this process's environment)."""
+
+    def spawn(command: Sequence[str], log_file: IO[bytes]) -> Process:
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+    return spawn
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,12 @@ class Supervisor:
         *,
         policy: RestartPolicy | None = None,
         clock: Clock | None = None,
-        spawn: Spawn = _popen,
+        spawn: Spawn | None = None,
     ) -> None:
         self.logs = logs
         self.policy = policy or RestartPolicy()
         self.clock = clock or SystemClock()
-        self._spawn = spawn
+        self._spawn = spawn or popen()
         self.children: dict[str, Child] = {}
 
     def start(self, name: str, command: Sequence[str]) -> Child:

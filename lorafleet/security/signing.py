@@ -21,6 +21,10 @@ from schemas.messages import LoraUpdate, TaskFailed
 
 _DOMAIN = b"lorafleet-device:"
 
+#: the variables (each also as ``NAME_FILE``) that hold the fleet's key and one device's own key
+FLEET_KEY_ENV = "LORAFLEET_FLEET_KEY"
+DEVICE_KEY_ENV = "LORAFLEET_DEVICE_KEY"
+
 
 def derive_device_key(fleet_key: bytes, device_id: str) -> bytes:
     """The key of ``device_id`` under ``fleet_key``."""

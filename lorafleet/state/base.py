@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 
 from schemas.errors import StateStoreError as StateStoreError  # re-exported: the port names its errors
 
-RecordOutcome = Literal["counted", "duplicate", "late", "unknown_task", "wrong_device"]
+RecordOutcome = Literal["counted", "recovered", "duplicate", "late", "unknown_task", "wrong_device"]
 RoundStatus = Literal["open", "closed", "aggregated"]
 CloseReason = Literal["quorum", "deadline"]
 
@@ -127,10 +127,12 @@ class StateStore(Protocol):
     ) -> RecordResult:
         """Count an update once per task id and close the round on quorum, atomically.
 
-        Outcomes: ``counted`` (stored), ``duplicate`` (task already counted), ``late`` (round no
-        longer open), ``unknown_task`` (no such task in the round, or no such round),
-        ``wrong_device`` (task issued to another device). Every outcome increments the run counter
-        ``update_<outcome>``.
+        Outcomes: ``counted`` (stored), ``recovered`` (the task was reported empty, its device
+        dropped or failed, and this real update replaces the empty report while the round is still
+        open: the round's count is unchanged), ``duplicate`` (task already counted), ``late`` (round
+        no longer open, also for a real update of a task reported empty), ``unknown_task`` (no such
+        task in the round, or no such round), ``wrong_device`` (task issued to another device).
+        Every outcome increments the run counter ``update_<outcome>``.
         """
         ...
 

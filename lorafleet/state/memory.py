@@ -159,10 +159,13 @@ class InMemoryStateStore:
                 outcome = "unknown_task"
             elif rnd.tasks[task_id] != device_id:
                 outcome = "wrong_device"
-            elif task_id in rnd.updates:
+            elif task_id in rnd.updates and (rnd.updates[task_id] or not update):
                 outcome = "duplicate"
             elif rnd.status != "open":
                 outcome = "late"
+            elif task_id in rnd.updates:
+                outcome = "recovered"  # a real update for a task reported empty, the round still open
+                rnd.updates[task_id] = bytes(update)
             else:
                 outcome = "counted"
                 rnd.updates[task_id] = bytes(update)

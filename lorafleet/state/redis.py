@@ -87,7 +87,7 @@ return 1
 
 # KEYS: state, tasks, updates, open deadlines, pending, counters
 # ARGV: task_id, device_id, update bytes, now_ms, round, nonce
-# Checks in the twin's order: unknown_task, wrong_device, duplicate, late, counted.
+# Checks in the twin's order: unknown_task, wrong_device, duplicate, late, recovered, counted.
 _RECORD_UPDATE = """
 local function finish(outcome, reported, closed)
   redis.call('HINCRBY', KEYS[6], 'update_' .. outcome, 1)
@@ -100,7 +100,8 @@ local device = redis.call('HGET', KEYS[2], ARGV[1])
 if not device then return finish('unknown_task', reported, 0) end
 if device ~= ARGV[2] then return finish('wrong_device', reported, 0) end
 local nonce = ARGV[6]
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+local existing = redis.call('HGET', KEYS[3], ARGV[1])
+if existing then
   local memo = redis.call('HGET', KEYS[1], 'counted_by:' .. ARGV[1])
   if memo and string.sub(memo, 1, #nonce + 1) == nonce .. ':' then
     -- replay of this very call (client retry after a lost reply): the first answer, no second count
@@ -109,7 +110,16 @@ if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
     if closer == nonce then closed = 1 end
     return {'counted', tonumber(string.sub(memo, #nonce + 2)), closed}
   end
-  return finish('duplicate', reported, 0)
+  if redis.call('HGET', KEYS[1], 'recovered_by:' .. ARGV[1]) == nonce then
+    return {'recovered', reported, 0}  -- replay of the call that recovered it
+  end
+  if #existing > 0 or #ARGV[3] == 0 then return finish('duplicate', reported, 0) end
+  if st[1] ~= 'open' then return finish('late', reported, 0) end
+  -- a real update for a task reported empty (its device was dropped or failed): it replaces the
+  -- empty report while the round is open; the round's count does not change
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+  redis.call('HSET', KEYS[1], 'recovered_by:' .. ARGV[1], nonce)
+  return finish('recovered', reported, 0)
 end
 if st[1] ~= 'open' then return finish('late', reported, 0) end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])

@@ -101,6 +101,40 @@ def test_open_round_is_idempotent(store: StateStore, run_id: str) -> None:
     assert store.list_rounds(run_id) == [1, 2, 10]
 
 
+def test_a_real_update_replaces_an_empty_report_while_the_round_is_open(
+    store: StateStore, run_id: str
+) -> None:
+    # Given a round of 3 tasks (quorum 3) in which t0's device was dropped (reported empty)
+    _open(store, run_id, 1, n=3, quorum=3)
+    assert store.record_update(run_id, 1, "t0", "d0", b"", 10).outcome == "counted"
+    assert store.record_update(run_id, 1, "t1", "d1", b"u1", 11).outcome == "counted"
+    # When t0's real update arrives while the round is still open
+    result = store.record_update(run_id, 1, "t0", "d0", b"u0", 12)
+    # Then it replaces the empty report without counting the task twice
+    assert (result.outcome, result.reported, result.closed_now) == ("recovered", 2, False)
+    assert store.get_updates(run_id, 1) == {"t0": b"u0", "t1": b"u1"}
+    # ... a second copy is a duplicate, an empty report cannot undo it
+    assert store.record_update(run_id, 1, "t0", "d0", b"u0", 13).outcome == "duplicate"
+    assert store.record_update(run_id, 1, "t0", "d0", b"", 14).outcome == "duplicate"
+    assert store.get_updates(run_id, 1)["t0"] == b"u0"
+    # ... and the round still closes on its third task
+    assert store.record_update(run_id, 1, "t2", "d2", b"u2", 15).closed_now
+    counters = store.get_counters(run_id)
+    counts = [counters[f"update_{o}"] for o in ("counted", "recovered", "duplicate")]
+    assert counts == [3, 1, 2]
+
+
+def test_a_real_update_of_a_task_reported_empty_after_the_close_is_late(
+    store: StateStore, run_id: str
+) -> None:
+    _open(store, run_id, 1, n=2, quorum=2)
+    store.record_update(run_id, 1, "t0", "d0", b"", 10)
+    assert store.record_update(run_id, 1, "t1", "d1", b"u1", 11).closed_now
+    assert store.record_update(run_id, 1, "t0", "d0", b"u0", 12).outcome == "late"
+    assert store.get_updates(run_id, 1) == {"t0": b"", "t1": b"u1"}
+    assert store.get_counters(run_id).get("update_late") == 1
+
+
 def test_open_round_with_no_tasks_or_specs(store: StateStore, run_id: str) -> None:
     assert store.open_round(run_id, 1, {}, {}, 1, 50, 0)
     info = store.get_round(run_id, 1)
