@@ -80,6 +80,7 @@ class HierarchicalAggregator(AggregatorService):
         )
         self._publish(closed.model_copy(update={"global_version": parsed.global_round - 1}))
         self.state.mark_aggregated(self.run_id, round_no, parsed.global_round - 1)
+        self._compact(round_no, stored, messages)
         log.info(
             "aggregator: global round %d group %d round %d closed (%s) with %d/%d updates; group at %d/%d",
             parsed.global_round,

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from aggregator.merge.rankwise import WeightedUpdate
 from aggregator.merge.registry import merge
+from aggregator.receipts import fingerprint, fingerprint_of, receipt
 from aggregator.validation import check_update_shapes
 from lorafleet.ml.lora import Tensors, select_for_spec, shapes
 from lorafleet.run.clock import Clock, SystemClock, to_ms
@@ -272,9 +273,7 @@ class AggregatorService:
         counted = self.state.get_updates(self.run_id, update.round).get(update.task_id)
         if not counted:
             return  # reported empty (a vanished device, or TaskFailed): nothing to compare
-        first = self._stored_update(counted)
-        same = (first.adapter.sha256, first.num_samples, first.plan_version)
-        if same != (update.adapter.sha256, update.num_samples, update.plan_version):
+        if fingerprint(counted) != fingerprint_of(update):
             raise Rejected("replayed", f"{update.task_id} was counted with other content")
 
     def _check_update(self, update: LoraUpdate) -> None:
@@ -344,6 +343,7 @@ class AggregatorService:
         closed = self._record_round_metrics(round_no, stored, messages, started)
         self._publish(closed.model_copy(update={"global_version": round_no}))
         self.state.mark_aggregated(self.run_id, round_no, round_no)
+        self._compact(round_no, stored, messages)
         self._to_evaluate.append(round_no)
         log.info(
             "aggregator: round %d closed (%s) with %d/%d updates",
@@ -352,6 +352,13 @@ class AggregatorService:
             closed.devices_reported,
             closed.tasks_issued,
         )
+
+    def _compact(self, round_no: int, stored: dict[str, bytes], messages: list[LoraUpdate]) -> None:
+        """An aggregated round keeps receipts, not tensors: the merge is in the global (or group)
+        adapter and its checkpoint, so the state store does not grow with every round's updates."""
+        by_task = {m.task_id: m for m in messages}
+        receipts = {t: receipt(by_task[t], len(body)) for t, body in stored.items() if body and t in by_task}
+        self.state.compact_updates(self.run_id, round_no, receipts)
 
     def _round_updates(self, round_no: int) -> tuple[dict[str, bytes], list[LoraUpdate]]:
         """A closed round's stored reports (task id -> bytes; empty for dropped or failed tasks) and

@@ -148,6 +148,12 @@ class StateStore(Protocol):
         """The counted updates of a round: task_id -> stored bytes."""
         ...
 
+    def compact_updates(self, run_id: str, round_no: int, receipts: dict[str, bytes]) -> bool:
+        """Replace an *aggregated* round's stored updates by small receipts (task_id -> bytes, each
+        non-empty and for a task stored non-empty), so the state store does not grow with every
+        round's tensors; False (and nothing changed) unless the round is aggregated."""
+        ...
+
     def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:
         """Mark a closed round aggregated; True the first time (idempotent)."""
         ...

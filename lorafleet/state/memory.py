@@ -200,6 +200,16 @@ class InMemoryStateStore:
             rnd = self._run(run_id).rounds.get(round_no)
             return {} if rnd is None else dict(rnd.updates)
 
+    def compact_updates(self, run_id: str, round_no: int, receipts: dict[str, bytes]) -> bool:
+        with self._lock:
+            rnd = self._run(run_id).rounds.get(round_no)
+            if rnd is None or rnd.status != "aggregated":
+                return False
+            for task, receipt in receipts.items():
+                if rnd.updates.get(task) and receipt:
+                    rnd.updates[task] = bytes(receipt)
+            return True
+
     def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:
         with self._lock:
             rnd = self._run(run_id).rounds.get(round_no)

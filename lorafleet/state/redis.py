@@ -169,6 +169,16 @@ if st[1] == 'aggregated' and st[2] == ARGV[3] then return 1 end  -- replay of th
 return 0
 """
 
+# KEYS: state, updates   ARGV: task, receipt, task, receipt, ...
+_COMPACT_UPDATES = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'aggregated' then return 0 end
+for i = 1, #ARGV, 2 do
+  local stored = redis.call('HGET', KEYS[2], ARGV[i])
+  if stored and #stored > 0 and #ARGV[i + 1] > 0 then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
 # KEYS: global (or a group's) adapter hash   ARGV: version, data
 _PUT_GLOBAL = """
 local current = redis.call('HGET', KEYS[1], 'version')
@@ -362,6 +372,7 @@ class RedisStateStore:
         self._owns_client = owns_client
         self._open_round = client.register_script(_OPEN_ROUND)
         self._record_update = client.register_script(_RECORD_UPDATE)
+        self._compact_updates = client.register_script(_COMPACT_UPDATES)
         self._close_expired = client.register_script(_CLOSE_EXPIRED)
         self._mark_aggregated = client.register_script(_MARK_AGGREGATED)
         self._put_global = client.register_script(_PUT_GLOBAL)
@@ -519,6 +530,14 @@ class RedisStateStore:
     def get_updates(self, run_id: str, round_no: int) -> dict[str, bytes]:
         raw = cast(dict[bytes, bytes], self._r.hgetall(keys.round_updates(run_id, round_no)))
         return {_s(k): v for k, v in raw.items()}
+
+    @_translated
+    def compact_updates(self, run_id: str, round_no: int, receipts: dict[str, bytes]) -> bool:
+        pairs: list[str | bytes] = [v for task, receipt in sorted(receipts.items()) for v in (task, receipt)]
+        done = self._compact_updates(
+            keys=[keys.round_state(run_id, round_no), keys.round_updates(run_id, round_no)], args=pairs
+        )
+        return bool(done)
 
     @_translated
     def mark_aggregated(self, run_id: str, round_no: int, global_version: int) -> bool:

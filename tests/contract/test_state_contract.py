@@ -135,6 +135,23 @@ def test_a_real_update_of_a_task_reported_empty_after_the_close_is_late(
     assert store.get_counters(run_id).get("update_late") == 1
 
 
+def test_only_an_aggregated_round_is_compacted_and_only_its_real_updates(
+    store: StateStore, run_id: str
+) -> None:
+    _open(store, run_id, 1, n=3, quorum=3)
+    for task, body in (("t0", b"update-0" * 100), ("t1", b""), ("t2", b"update-2" * 100)):
+        store.record_update(run_id, 1, task, f"d{task[1]}", body, 10)
+    receipts = {"t0": b"r0", "t1": b"r1", "t2": b"", "nope": b"rx"}
+    # a closed round not yet aggregated keeps its updates (a restarted aggregator merges them)
+    assert store.compact_updates(run_id, 1, receipts) is False
+    assert store.get_updates(run_id, 1)["t0"] == b"update-0" * 100
+    assert store.mark_aggregated(run_id, 1, 1)
+    assert store.compact_updates(run_id, 1, receipts) is True
+    # an empty report stays empty, an empty receipt changes nothing, an unknown task is not added
+    assert store.get_updates(run_id, 1) == {"t0": b"r0", "t1": b"", "t2": b"update-2" * 100}
+    assert store.compact_updates(run_id, 2, receipts) is False
+
+
 def test_open_round_with_no_tasks_or_specs(store: StateStore, run_id: str) -> None:
     assert store.open_round(run_id, 1, {}, {}, 1, 50, 0)
     info = store.get_round(run_id, 1)

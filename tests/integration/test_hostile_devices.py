@@ -7,8 +7,6 @@ what the honest devices make.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,20 +35,6 @@ def servers(rabbitmq_url: str, redis_url: str, run_id: str) -> Iterator[tuple[st
     yield rabbitmq_url, state
     state.delete_run(run_id)
     state.close()
-
-
-def _run(pipeline: Pipeline, timeout: float = 60.0) -> None:
-    stop = threading.Event()
-    pipeline.start_threads(stop)
-    deadline = time.monotonic() + timeout
-    try:
-        while not (pipeline.orchestrator.finished and pipeline.aggregator.finished):
-            assert time.monotonic() < deadline, "the run did not finish in time"
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for thread in pipeline.threads:
-            thread.join(timeout=10)
 
 
 def _dead_letters(url: str) -> list[str]:
@@ -92,7 +76,7 @@ def test_a_made_up_device_cannot_register_or_hold_a_round(
         beat = Heartbeat(run_id=run_id, device_id="ghost-7", seq=1)
         for key, message in ((topology.REGISTER_KEY, register), (topology.HEARTBEAT_KEY, beat)):
             ghost.publish(topology.CONTROL_EXCHANGE, key, encode(message), message_id=message.message_id)
-        _run(pipeline)
+        pipeline.run_threaded()
     finally:
         ghost.close()
     # Then it is refused (dead-lettered, named), never planned, and the rounds close on quorum
@@ -134,7 +118,7 @@ def test_an_update_claiming_more_samples_than_its_device_registered_is_refused(
     evil = pipeline.workers[2]
     evil.trainer = Inflating(evil.trainer)  # type: ignore[arg-type]
     # When the run goes
-    _run(pipeline)
+    pipeline.run_threaded()
     # Then its signed updates are refused for claiming more samples than it registered (20), with a
     # counter, and the global adapter is exactly the honest devices' (before: counted, and it weighed
     # 10**15 samples: the global adapter became its inflated one)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,20 @@ class Pipeline:
             )
             thread.start()
             self.threads.append(thread)
+
+    def run_threaded(self, timeout: float = 60.0) -> None:
+        """Each service in its own thread until the orchestrator and the aggregator finish."""
+        stop = threading.Event()
+        self.start_threads(stop)
+        deadline = time.monotonic() + timeout
+        try:
+            while not (self.orchestrator.finished and self.aggregator.finished):
+                assert time.monotonic() < deadline, "the run did not finish in time"
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in self.threads:
+                thread.join(timeout=10)
 
 
 def build_pipeline(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -74,15 +73,7 @@ def _finish(backend: Backend, pipeline: Pipeline, timeout: float = 60.0) -> None
     if not backend.threaded:
         pipeline.drive()
         return
-    stop = threading.Event()
-    pipeline.start_threads(stop)
-    deadline = time.monotonic() + timeout
-    while not (pipeline.orchestrator.finished and pipeline.aggregator.finished):
-        assert time.monotonic() < deadline, "run did not finish in time"
-        time.sleep(0.05)
-    stop.set()
-    for thread in pipeline.threads:
-        thread.join(timeout=10)
+    pipeline.run_threaded(timeout)
 
 
 def _global_tensors(pipeline: Pipeline) -> dict[str, torch.Tensor]:
