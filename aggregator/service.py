@@ -23,6 +23,7 @@ from aggregator.receipts import fingerprint, fingerprint_of, receipt
 from aggregator.validation import check_update_shapes
 from lorafleet.ml.lora import Tensors, select_for_spec, shapes
 from lorafleet.run.clock import Clock, SystemClock, to_ms
+from lorafleet.run.epoch import EpochGuard
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import StartAdapterGone, start_adapter
 from lorafleet.security.signing import verify
@@ -99,6 +100,7 @@ class AggregatorService:
         self._subscription: Subscription | None = None
         self._to_evaluate: list[int] = []
         self._next_lease_check_ms = 0
+        self._epoch = EpochGuard(self.run_id)  # the run's state must not vanish under us
         self._registered_samples: dict[str, int] = {}  # device -> num_samples it registered
         self._leases_resume_ms = 0  # no device is dropped before this (after a stall of this loop)
         self._last_step_at: float | None = None
@@ -216,7 +218,9 @@ class AggregatorService:
             self.step(poll_s)
 
     def _run_status(self) -> str | None:
-        status = self.state.get_run_fields(self.run_id).get("status")
+        fields = self.state.get_run_fields(self.run_id)
+        self._epoch.check(fields)
+        status = fields.get("status")
         return None if status is None else str(status)
 
     # -- ingress --------------------------------------------------------------------------------

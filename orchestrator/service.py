@@ -15,6 +15,7 @@ from typing import Literal
 from lorafleet.devices.costmodel import CostModel, cost_model_for
 from lorafleet.ml.lora import Tensors, select_for_spec
 from lorafleet.run.clock import Clock, SystemClock, to_ms
+from lorafleet.run.epoch import EPOCH_FIELD, EpochGuard, new_epoch
 from lorafleet.run.progress import RunReporter
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import start_adapter
@@ -88,6 +89,8 @@ class OrchestratorService:
         self.round = 0
         self.report: dict[str, object] | None = None
         self._slots = frozenset(config.device_ids())
+        self._epoch = EpochGuard(self.run_id)  # the run's state must not vanish under us
+        self._next_epoch_check = 0.0
         self.rejections = Rejections(
             "orchestrator", sink=lambda name: self.state.incr_counter(self.run_id, name)
         )
@@ -116,8 +119,11 @@ class OrchestratorService:
             self._resume(fields)
         else:
             self._initialise()
+        self._epoch.check(self.state.get_run_fields(self.run_id))
 
     def _initialise(self) -> None:
+        if EPOCH_FIELD not in self.state.get_run_fields(self.run_id):
+            self.state.put_run_field(self.run_id, EPOCH_FIELD, new_epoch())
         self.state.put_run_field(self.run_id, "config", self.config.model_dump(mode="json"))
         self.state.put_run_field(self.run_id, "global_spec", self.global_spec.model_dump_json())
         if self.state.get_global_adapter(self.run_id) is None:
@@ -184,6 +190,9 @@ class OrchestratorService:
 
     def _tick(self) -> None:
         now = self.clock.now()
+        if now >= self._next_epoch_check:
+            self._next_epoch_check = now + 1.0
+            self._epoch.check(self.state.get_run_fields(self.run_id))
         if self.phase == "registering":
             devices = self.state.get_devices(self.run_id)
             waited = now - self._registration_started

@@ -7,6 +7,7 @@
     ├── DataError            a data set or data file that cannot be used
     ├── TransportError       a broker operation failed (lorafleet/transport/base.py has its kinds)
     ├── StateStoreError      a state-store operation failed
+    │   └── StateLost        the run's state vanished from it mid-run
     ├── NoFreeSlot           no device slot could be claimed in time
     └── MessageRefused       a message or payload a service will not accept (dead-lettered)
         ├── DecodeError      it cannot be decoded: bytes, envelope, schema, tensors
@@ -55,6 +56,9 @@ REJECT_REASONS = DECODE_REASONS + REJECTION_REASONS
 class LorafleetError(Exception):
     """The root of every error lorafleet raises on purpose."""
 
+    #: the exit status of a command that ends on this error
+    exit_code: ClassVar[int] = 1
+
 
 class ConfigError(LorafleetError, ValueError):
     """An invalid run configuration, flag or key; the message names each bad field and what is allowed."""
@@ -70,6 +74,13 @@ class TransportError(LorafleetError):
 
 class StateStoreError(LorafleetError):
     """The state store could not complete an operation (after the adapter's bounded retries)."""
+
+
+class StateLost(StateStoreError):
+    """The run's state is gone from the state store while the run went on (a restart without
+    persistence, a failover that lost writes): going on would begin the run again from nothing."""
+
+    exit_code = 3  # not worth restarting the service: the supervisor gives up on it
 
 
 class NoFreeSlot(LorafleetError):

@@ -106,7 +106,7 @@ class WorkerService:
             profile=self.profile,
             incarnation=self.incarnation,
         )
-        exchange, key = topology.CONTROL_EXCHANGE, topology.REGISTER_KEY
+        exchange, key = topology.CONTROL_EXCHANGE, topology.register_key(self.device_id)
         wait_for_topology(
             lambda: publish_message(self.transport, exchange, key, registered),
             missing=(ExchangeNotFound, Unroutable),
@@ -122,7 +122,7 @@ class WorkerService:
         publish_message(
             self.transport,
             topology.CONTROL_EXCHANGE,
-            topology.HEARTBEAT_KEY,
+            topology.heartbeat_key(self.device_id),
             Heartbeat(
                 run_id=self.run_id,
                 device_id=self.device_id,
@@ -218,7 +218,7 @@ class WorkerService:
             return
         try:
             self.stats["bytes_up"] += publish_message(
-                self.transport, topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, update
+                self.transport, topology.UPDATES_EXCHANGE, topology.update_key(self.device_id), update
             )
         except TransportError:
             delivery.requeue()  # not confirmed: try the task again (bounded by the delivery limit)
@@ -287,4 +287,5 @@ class WorkerService:
             device_id=self.device_id,
             reason=reason[:2000],
         )
-        publish_message(self.transport, topology.UPDATES_EXCHANGE, topology.UPDATE_KEY, self._signed(failed))
+        key = topology.update_key(self.device_id)
+        publish_message(self.transport, topology.UPDATES_EXCHANGE, key, self._signed(failed))

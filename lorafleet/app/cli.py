@@ -397,7 +397,7 @@ def main() -> None:
         app()
     except LorafleetError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise SystemExit(1) from None
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -20,13 +20,17 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from lorafleet.run.clock import Clock, SystemClock
-from schemas.errors import LorafleetError
+from schemas.errors import LorafleetError, StateLost
 
 log = logging.getLogger(__name__)
 
 
 class CrashLoop(LorafleetError):
     """A child process kept dying: restarting it again would not help."""
+
+
+class FatalExit(LorafleetError):
+    """A child exited with a status that says a restart cannot help (e.g. the run's state was lost)."""
 
 
 class Process(Protocol):
@@ -57,6 +61,7 @@ def popen(env: dict[str, str] | None = None) -> Spawn:
 class RestartPolicy:
     max_crashes: int = 3  # deaths within window_s that make a crash loop
     window_s: float = 120.0
+    fatal_codes: frozenset[int] = frozenset({StateLost.exit_code})  # exits not worth a restart
 
 
 @dataclass
@@ -118,6 +123,11 @@ class Supervisor:
             if code == 0:
                 child.done = True
                 continue
+            if code in self.policy.fatal_codes:
+                raise FatalExit(
+                    f"{child.name} exited with status {code}, which a restart cannot mend; "
+                    f"the end of {child.log_path}:\n{child.tail()}"
+                )
             if not restart(child):
                 child.done = True
                 log.warning("supervisor: %s exited with status %s; not restarted", child.name, code)

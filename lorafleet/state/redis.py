@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from lorafleet.state import keys
@@ -45,6 +47,8 @@ from lorafleet.state.base import (
 )
 
 __all__ = ["RedisStateStore"]
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -330,8 +334,54 @@ def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
 
+#: how long a call waits for an unreachable Redis (a restart, a failover) before it fails
+OUTAGE_S = 90.0
+
+
+class _OutageRetry(Retry):
+    """Retry a command on connection errors until ``outage_s`` have passed since its first try.
+
+    The same command is sent again (the scripts' nonces are in its arguments), so a call whose reply
+    was lost is answered from its first execution, never applied twice."""
+
+    def __init__(self, outage_s: float) -> None:
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.05), retries=-1)
+        self.outage_s = outage_s
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        started = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable is not None and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                waited = time.monotonic() - started
+                if waited >= self.outage_s:
+                    raise
+                if failures == 1:
+                    log.warning("redis unreachable (%s); retrying for up to %.0f s", error, self.outage_s)
+                time.sleep(min(self._backoff.compute(failures), max(0.0, self.outage_s - waited)))
+
+
 class RedisStateStore:
-    """:class:`lorafleet.state.base.StateStore` on Redis (one instance per process; thread-safe)."""
+    """:class:`lorafleet.state.base.StateStore` on Redis (one instance per process; thread-safe).
+
+    A call rides out an unreachable Redis for up to ``outage_s`` (retrying the same command), then
+    fails with :class:`StateStoreError`.
+    """
 
     def __init__(
         self,
@@ -341,9 +391,7 @@ class RedisStateStore:
         socket_connect_timeout: float = 2.0,
         health_check_interval: int = 30,
         max_connections: int = 32,
-        retries: int = 5,
-        backoff_base: float = 0.01,
-        backoff_cap: float = 1.0,
+        outage_s: float = OUTAGE_S,
     ) -> None:
         # Retry lives ON THE POOL: a retry= given to Redis(connection_pool=...) is ignored.
         pool = redis.ConnectionPool.from_url(
@@ -352,7 +400,7 @@ class RedisStateStore:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             health_check_interval=health_check_interval,
-            retry=Retry(ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base), retries),
+            retry=_OutageRetry(outage_s),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             decode_responses=False,
         )

@@ -65,7 +65,7 @@ def dead_letter_reason(headers: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class ExchangeSpec:
     name: str
-    type: str = "direct"  # direct | fanout
+    type: str = "direct"  # direct | topic | fanout
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """In-process twin of the RabbitMQ adapter (the embedded mode's broker).
 
 :class:`InMemoryBroker` is the server: exchanges, bindings and queues with RabbitMQ's semantics
-(direct and fanout routing, at-least-once delivery, prefetch, requeue with a delivery count,
+(direct, topic and fanout routing, at-least-once delivery, prefetch, requeue with a delivery count,
 delivery limits, dead-lettering). :class:`InMemoryTransport` is one client connection to it;
 closing a client puts its unsettled deliveries back, as a dropped AMQP connection does.
 Thread-safe, so services may run in threads over one broker.
@@ -65,6 +65,29 @@ def amqp_header_problem(headers: dict[str, Any]) -> str | None:
         return f"{where}: {type(value).__name__} is not an AMQP field type"
 
     return problem(headers, "headers")
+
+
+def topic_matches(binding_key: str, routing_key: str) -> bool:
+    """RabbitMQ's topic matching: words are separated by dots, ``*`` is one word, ``#`` zero or more."""
+
+    def match(pattern: list[str], words: list[str]) -> bool:
+        if not pattern:
+            return not words
+        head, rest = pattern[0], pattern[1:]
+        if head == "#":
+            return any(match(rest, words[i:]) for i in range(len(words) + 1))
+        return bool(words) and head in ("*", words[0]) and match(rest, words[1:])
+
+    return match(binding_key.split("."), routing_key.split("."))
+
+
+def _routes(exchange: ExchangeSpec, binding_key: str, routing_key: str) -> bool:
+    """Whether a binding of ``exchange`` takes a message with ``routing_key``."""
+    if exchange.type == "fanout":
+        return True
+    if exchange.type == "topic":
+        return topic_matches(binding_key, routing_key)
+    return binding_key == routing_key
 
 
 @dataclass(frozen=True)
@@ -155,11 +178,13 @@ class InMemoryBroker:
             exchange = self._exchanges.get(message.exchange)
             if exchange is None:
                 raise ExchangeNotFound(f"no exchange {message.exchange!r}")
-            targets = [
-                queue
-                for routing_key, queue in self._bindings[message.exchange]
-                if exchange.type == "fanout" or routing_key == message.routing_key
-            ]
+            targets = list(
+                dict.fromkeys(  # a queue bound twice still gets one copy, as in RabbitMQ
+                    queue
+                    for binding_key, queue in self._bindings[message.exchange]
+                    if _routes(exchange, binding_key, message.routing_key)
+                )
+            )
             if not targets:
                 raise Unroutable(
                     f"no queue bound to {message.exchange!r} for routing key {message.routing_key!r}"
@@ -223,9 +248,9 @@ class InMemoryBroker:
         exchange = self._exchanges.get(dlx)
         if exchange is None:
             return
-        for routing_key, queue in self._bindings[dlx]:
-            if exchange.type == "fanout" or routing_key == message.routing_key:
-                self._enqueue(queue, dead)
+        bound = self._bindings[dlx]
+        for queue in dict.fromkeys(q for key, q in bound if _routes(exchange, key, message.routing_key)):
+            self._enqueue(queue, dead)
 
     def depth(self, queue_name: str) -> int:
         with self._lock:

@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, Transport
 from lorafleet.transport.topology import ALLOWED_KINDS
 from schemas.envelope import decode, encode, kind_of
@@ -24,7 +25,8 @@ def receive(delivery: Delivery, *, run_id: str, max_bytes: int) -> Message:
 
     Raises:
         DecodeError: any envelope or schema failure.
-        Rejected: ``wrong_sender`` or ``wrong_run``.
+        Rejected: ``wrong_sender`` (also: a routing key naming another device than the body) or
+            ``wrong_run``.
     """
     message = decode(delivery.body, max_bytes=max_bytes)
     kind = kind_of(message)
@@ -32,6 +34,11 @@ def receive(delivery: Delivery, *, run_id: str, max_bytes: int) -> Message:
         raise Rejected("wrong_sender", f"{kind} may not arrive through exchange {delivery.exchange!r}")
     if message.run_id != run_id:
         raise Rejected("wrong_run", f"message of run {message.run_id!r}, this is run {run_id!r}")
+    named = topology.routing_key_device(delivery.exchange, delivery.routing_key)
+    sender = getattr(message, "device_id", None)
+    if named is not None and named != sender:
+        # the broker authorised the routing key for its device's user; the body must not claim another
+        raise Rejected("wrong_sender", f"{kind} of {sender} published under {delivery.routing_key!r}")
     return message
 
 

@@ -31,6 +31,18 @@ broker may drop one after about three heartbeat intervals. The next operation on
 ``_run`` reconnects and retries it (publishes are confirmed, so a retried publish may duplicate a
 message but never lose one; message ids make duplicates detectable).
 
+**Several brokers (a cluster).** ``url`` may name several brokers, comma-separated or as a list
+(``amqp://u:p@rabbit-0:5672/lf,amqp://u:p@rabbit-1:5672/lf``). pika tries them in order within one
+connection attempt (``BlockingConnection`` takes a sequence of ``ConnectionParameters``), so every
+connection, publishing or consuming, goes to the first broker that answers. When a connection to
+one broker is lost, the next connection starts with the broker after it, so a dead node costs no
+more than the one refused connect per cycle that pika's workflow makes. Quorum queues survive the
+loss of a node (a new leader is elected); what was unacknowledged on the lost connection is
+redelivered, and an unconfirmed publish is retried on the next broker (at-least-once, as above).
+A publish the broker nacked is retried on a fresh channel: on RabbitMQ 3.10 a confirm channel whose
+quorum queue lost its leader went on nacking for over a minute after a new leader was elected, where
+a new channel was confirmed at once. One URL connects and reconnects as before.
+
 **Permissions.** Roles whose ``configure`` permission is ``^$`` (see broker_config/) cannot redeclare
 the topology. ``declare_exchange`` / ``declare_queue`` then fall back to a passive declare, which
 needs no permission, and accept what the broker administrator declared.
@@ -48,7 +60,7 @@ import queue as queue_mod
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -114,6 +126,21 @@ def queue_arguments(spec: QueueSpec) -> dict[str, Any]:
     return args
 
 
+def broker_urls(url: str | Sequence[str]) -> list[str]:
+    """The AMQP URLs of one ``--broker`` value: a URL, several separated by commas, or a sequence.
+
+    A comma inside a URL (in a password, say) must be percent-encoded (``%2C``).
+
+    Raises:
+        TransportError: no URL at all.
+    """
+    items = url.split(",") if isinstance(url, str) else [part for item in url for part in item.split(",")]
+    urls = [item.strip() for item in items if item.strip()]
+    if not urls:
+        raise TransportError("no AMQP URL given")
+    return urls
+
+
 def _plain(value: Any) -> Any:
     """Header values as plain Python: pika decodes 64-bit ints as its own ``long`` subclass."""
     if isinstance(value, dict):
@@ -129,6 +156,36 @@ def _backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:
     """Capped exponential backoff with jitter: 0.2, 0.4, 0.8, ... seconds, at most ``cap``."""
     delay: float = min(cap, base * (2 ** max(0, attempt - 1)))
     return delay * random.uniform(0.8, 1.0)
+
+
+def _parameters(url: str, defaults: dict[str, Any], heartbeat: int | None) -> pika.URLParameters:
+    """One broker's connection parameters: the URL's, then ``defaults`` where its query sets none."""
+    if not url.startswith(("amqp://", "amqps://")):
+        raise TransportError(f"bad AMQP URL {url.split('@')[-1]!r}: not amqp:// or amqps://")
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:
+        raise TransportError(f"bad AMQP URL: {exc}") from None
+    given = set(parse_qs(urlsplit(url).query))
+    for name, value in defaults.items():
+        if name not in given:
+            setattr(params, name, value)
+    if heartbeat is not None:
+        params.heartbeat = heartbeat
+    return params
+
+
+def _connected_to(connection: BlockingConnection, candidates: list[tuple[int, Any]]) -> int:
+    """Which of the candidate brokers (index, parameters) pika connected to; the first if unknown.
+
+    pika keeps a copy of the parameters it connected with (``BlockingConnection._impl.params``).
+    """
+    used = getattr(getattr(connection, "_impl", None), "params", None)
+    if used is not None:
+        for index, params in candidates:
+            if (params.host, params.port, params.virtual_host) == (used.host, used.port, used.virtual_host):
+                return index
+    return candidates[0][0]
 
 
 def _broker_error(exc: pex.ChannelClosedByBroker | pex.ConnectionClosedByBroker, what: str) -> TransportError:
@@ -147,8 +204,9 @@ def _broker_error(exc: pex.ChannelClosedByBroker | pex.ConnectionClosedByBroker,
 class _ThreadConnection:
     """One thread's connection, with a confirm-mode channel for publishing and a plain one for the rest."""
 
-    def __init__(self, connection: BlockingConnection, owner: threading.Thread) -> None:
+    def __init__(self, connection: BlockingConnection, broker: int, owner: threading.Thread) -> None:
         self.connection = connection
+        self.broker = broker  # index of the broker (URL) it is connected to
         self.owner = owner
         self.last_used = 0.0
         self._publish: BlockingChannel | None = None
@@ -159,6 +217,14 @@ class _ThreadConnection:
             self._publish = self.connection.channel()
             self._publish.confirm_delivery()
         return self._publish
+
+    def drop_publish_channel(self) -> None:
+        channel, self._publish = self._publish, None
+        if channel is not None and channel.is_open:
+            try:
+                channel.close()
+            except Exception:  # best effort: a broken channel is dropped either way
+                log.debug("closing a publishing channel failed", exc_info=True)
 
     def admin_channel(self) -> BlockingChannel:
         # A failed passive declare (404) closes the channel it ran on; a fresh one is opened next time.
@@ -178,14 +244,16 @@ class PikaTransport:
     """A :class:`lorafleet.transport.base.Transport` over RabbitMQ.
 
     ``url`` is an AMQP URL such as ``amqp://user:pass@host:5672/vhost?heartbeat=30``; its query may
-    set any pika connection parameter. Where the URL does not, the keyword arguments apply.
+    set any pika connection parameter. Where the URL does not, the keyword arguments apply. Several
+    URLs (comma-separated, or a sequence) name the nodes of one cluster: connections fail over
+    between them (see the module docstring); pika makes ``connection_attempts`` passes over them all.
     ``max_reconnect_s`` bounds how long one operation (or a subscription) keeps reconnecting after
     the connection is lost before giving up with :class:`TransportClosed`.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         heartbeat: int | None = None,
         connection_attempts: int = 3,
@@ -198,11 +266,6 @@ class PikaTransport:
         settle_timeout_s: float = 10.0,
         dead_letter_exchange: str = DEAD_LETTER_EXCHANGE,
     ) -> None:
-        try:
-            params = pika.URLParameters(url)
-        except Exception as exc:
-            raise TransportError(f"bad AMQP URL: {exc}") from None
-        given = set(parse_qs(urlsplit(url).query))
         defaults: dict[str, Any] = {
             "connection_attempts": connection_attempts,
             "retry_delay": retry_delay,
@@ -210,12 +273,12 @@ class PikaTransport:
             "stack_timeout": stack_timeout,
             "blocked_connection_timeout": blocked_connection_timeout,
         }
-        for name, value in defaults.items():
-            if name not in given:
-                setattr(params, name, value)
-        if heartbeat is not None:
-            params.heartbeat = heartbeat
-        self._params = params
+        #: one ConnectionParameters per broker, in the order given
+        self._brokers = [_parameters(one, defaults, heartbeat) for one in broker_urls(url)]
+        self._params = self._brokers[0]
+        #: the broker the next connection tries first: the last one that worked, or the one after a
+        #: broker whose connection was lost
+        self._preferred = 0
         self._max_reconnect_s = max_reconnect_s
         self._publish_attempts = max(1, publish_attempts)
         self._settle_timeout_s = settle_timeout_s
@@ -229,10 +292,15 @@ class PikaTransport:
         self._closed = False
 
     # -- connections ----------------------------------------------------------------------------
-    def _connect(self) -> BlockingConnection:
-        """Open a connection (pika retries ``connection_attempts`` times); auth failures are final."""
+    def _connect(self) -> tuple[BlockingConnection, int]:
+        """Open a connection to the first broker that answers, starting with the preferred one, and
+        return it with that broker's index (pika makes ``connection_attempts`` passes over all of
+        them); auth failures are final."""
+        with self._lock:
+            first = self._preferred
+        order = [(first + k) % len(self._brokers) for k in range(len(self._brokers))]
         try:
-            return BlockingConnection(self._params)
+            connection = BlockingConnection([self._brokers[i] for i in order])
         except (pex.ProbableAuthenticationError, pex.AuthenticationError) as exc:
             raise AccessRefused(f"authentication failed: {exc!r}") from None
         except pex.ProbableAccessDeniedError as exc:
@@ -241,6 +309,28 @@ class PikaTransport:
             if exc.reply_code in (403, 530):
                 raise _broker_error(exc, "connect") from None
             raise
+        index = _connected_to(connection, [(i, self._brokers[i]) for i in order])
+        with self._lock:
+            self._preferred = index
+        return connection, index
+
+    def _connection_lost(self, broker: int) -> None:
+        """A connection to ``broker`` was lost: the next connection tries the broker after it first."""
+        if len(self._brokers) < 2:
+            return
+        with self._lock:
+            if self._preferred != broker:
+                return  # another thread already moved on
+            self._preferred = (broker + 1) % len(self._brokers)
+            following = self._brokers[self._preferred]
+        lost = self._brokers[broker]
+        log.warning(
+            "lost the connection to broker %s:%s; failing over to %s:%s",
+            lost.host,
+            lost.port,
+            following.host,
+            following.port,
+        )
 
     def _thread_connection(self) -> _ThreadConnection:
         current: _ThreadConnection | None = getattr(self._local, "connection", None)
@@ -251,7 +341,8 @@ class PikaTransport:
             if current.connection.is_open:
                 current.close()  # idle past a heartbeat: close it ourselves before the broker drops it
             self._forget(current)
-        current = _ThreadConnection(self._connect(), threading.current_thread())
+        connection, broker = self._connect()
+        current = _ThreadConnection(connection, broker, threading.current_thread())
         current.last_used = time.monotonic()
         self._local.connection = current
         with self._lock:
@@ -262,7 +353,7 @@ class PikaTransport:
         """A thread's connection idle for longer than a heartbeat interval may be dropped by the broker
         any moment (no heartbeats flow while its thread does other work, e.g. training); replacing it
         costs a few milliseconds, a drop costs a failed call, a retry and an error in the logs."""
-        heartbeat = self._params.heartbeat
+        heartbeat = self._brokers[holder.broker].heartbeat
         if heartbeat is None:
             heartbeat = 60  # the broker's default, which pika accepts when the URL names none
         if not isinstance(heartbeat, int | float) or heartbeat <= 0:
@@ -277,10 +368,18 @@ class PikaTransport:
         if getattr(self._local, "connection", None) is holder:
             self._local.connection = None
 
-    def _drop_thread_connection(self) -> None:
+    def _drop_thread_connection(self, *, lost: bool = False) -> None:
+        """Forget this thread's connection; ``lost``: because it failed (fail over to the next broker)."""
         current: _ThreadConnection | None = getattr(self._local, "connection", None)
         if current is not None:
             self._forget(current)
+            if lost:
+                self._connection_lost(current.broker)
+
+    def _drop_publish_channel(self) -> None:
+        current: _ThreadConnection | None = getattr(self._local, "connection", None)
+        if current is not None:
+            current.drop_publish_channel()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -309,14 +408,18 @@ class PikaTransport:
             except pex.ConnectionClosedByBroker as exc:
                 if exc.reply_code in (403, 530):
                     raise _broker_error(exc, what) from None
-                self._drop_thread_connection()
+                self._drop_thread_connection(lost=True)
                 failure: str = f"connection closed by broker: {exc.reply_code} {exc.reply_text}"
             except pex.NackError:
+                # A fresh channel for the retry: a channel whose quorum queue lost its leader keeps
+                # nacking long after a new leader was elected (RabbitMQ 3.10, measured: > 60 s; a new
+                # channel on the same connection is confirmed at once).
+                self._drop_publish_channel()
                 if not nack_retries or attempt >= self._publish_attempts:
                     raise TransportError(f"{what}: the broker nacked it (queue full?)") from None
                 failure = "nacked"
             except _CONNECTION_LOST as exc:
-                self._drop_thread_connection()
+                self._drop_thread_connection(lost=True)
                 failure = repr(exc)
             except pex.AMQPError as exc:
                 self._drop_thread_connection()
@@ -589,6 +692,7 @@ class _PikaSubscription:
         self._started = threading.Event()
         self._cancelled = False
         self._consuming = False  # whether the current connection got as far as consuming
+        self._broker: int | None = None  # the broker (index) of the current connection, once connected
         self.closed = False
         self._thread = threading.Thread(target=self._io_main, name=f"lorafleet-amqp:{queue}", daemon=True)
         self._thread.start()
@@ -699,6 +803,8 @@ class _PikaSubscription:
                     failure = str(error)
                 except (pex.AMQPError, *_CONNECTION_LOST) as exc:
                     failure = repr(exc)
+                    if self._broker is not None:  # connected, then lost: fail over to the next broker
+                        self._transport._connection_lost(self._broker)
                 if self._consuming:
                     attempt, deadline = 0, None  # that connection worked: the budget starts afresh
                 attempt += 1
@@ -718,7 +824,8 @@ class _PikaSubscription:
 
     def _consume_once(self) -> None:
         """Connect and consume until stopped, cancelled, or the connection fails."""
-        connection = self._transport._connect()
+        self._broker = None
+        connection, self._broker = self._transport._connect()
         try:
             channel = connection.channel()
             channel.queue_declare(self.queue, passive=True)  # QueueNotFound rather than an idle consumer

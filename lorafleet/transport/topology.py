@@ -1,8 +1,18 @@
 """Every AMQP name lorafleet uses, and the queue settings, in one place.
 
 ``broker_config/definitions.json`` declares the same static topology for the RabbitMQ server;
-tests/unit/test_topology.py checks the two agree. Per-device task queues are declared by the
+tests/unit/test_topology_definitions.py checks the two agree. Per-device task queues are declared by the
 orchestrator when a device registers (``device_task_queue``).
+
+**Routing keys name the sending device.** Workers publish updates, registrations and heartbeats under
+``update.<device>``, ``register.<device>`` and ``heartbeat.<device>`` (:func:`update_key`,
+:func:`register_key`, :func:`heartbeat_key`) to *topic* exchanges, and dead-letter a task under its
+routing key (the device id) to the topic exchange ``lf.dlx``. RabbitMQ authorises the routing key of a
+publish to a topic exchange against the user's topic permissions, so a device's own broker user
+(broker_config/definitions.json) can publish only under its own id; the queues bind ``update.#``,
+``register.#`` and ``heartbeat.#``, which also match the bare keys ``update``/``register``/``heartbeat``
+(accepted from users without topic permissions, e.g. an embedded run). A receiver should check that the
+device a message names is the one in its routing key (:func:`routing_key_device`).
 """
 
 from __future__ import annotations
@@ -13,16 +23,17 @@ VHOST = "lorafleet"
 
 #: orchestrator -> workers (routing key: device id)
 TASKS_EXCHANGE = "lf.tasks"
-#: workers -> aggregator (routing key: UPDATE_KEY)
+#: workers -> aggregator (topic; routing key: update_key(device))
 UPDATES_EXCHANGE = "lf.updates"
-#: workers -> orchestrator: registration and heartbeats (routing keys REGISTER_KEY, HEARTBEAT_KEY)
+#: workers -> orchestrator: registration and heartbeats (topic; register_key(device), heartbeat_key(device))
 CONTROL_EXCHANGE = "lf.control"
 #: aggregator -> orchestrator: round closed / evaluated, replan requests (routing key: ROUNDS_KEY)
 ROUNDS_EXCHANGE = "lf.rounds"
 #: orchestrator -> workers: one token per device slot; a worker started without a device id holds one
 #: (unacked) for its lifetime, so a dead worker's slot goes back to the queue for a replacement
 SLOTS_EXCHANGE = "lf.slots"
-#: dead letters from every queue (fanout)
+#: dead letters from every queue (topic, bound with "#": every routing key reaches lf.dead; topic so
+#: that the broker can authorise which routing keys each user may dead-letter under)
 DEAD_LETTER_EXCHANGE = "lf.dlx"
 
 UPDATES_QUEUE = "lf.updates"
@@ -31,11 +42,43 @@ DEAD_LETTER_QUEUE = "lf.dead"
 SLOTS_QUEUE = "lf.slots"
 TASK_QUEUE_PREFIX = "lf.tasks."
 
+#: first words of the workers' routing keys (``update.<device>`` ...); alone, the keys of an unnamed sender
 UPDATE_KEY = "update"
 REGISTER_KEY = "register"
 HEARTBEAT_KEY = "heartbeat"
 ROUNDS_KEY = "round"
 SLOT_KEY = "slot"
+#: the device-keyed exchanges and the first word of the routing keys a worker publishes there
+DEVICE_KEYED: dict[str, frozenset[str]] = {
+    UPDATES_EXCHANGE: frozenset({UPDATE_KEY}),
+    CONTROL_EXCHANGE: frozenset({REGISTER_KEY, HEARTBEAT_KEY}),
+}
+
+
+def update_key(device_id: str) -> str:
+    """The routing key of a device's updates and failure reports on ``lf.updates``."""
+    return f"{UPDATE_KEY}.{device_id}"
+
+
+def register_key(device_id: str) -> str:
+    """The routing key of a device's registration on ``lf.control``."""
+    return f"{REGISTER_KEY}.{device_id}"
+
+
+def heartbeat_key(device_id: str) -> str:
+    """The routing key of a device's heartbeats on ``lf.control``."""
+    return f"{HEARTBEAT_KEY}.{device_id}"
+
+
+def routing_key_device(exchange: str, routing_key: str) -> str | None:
+    """The device a worker's routing key names (``update.dev-0003`` on ``lf.updates`` -> ``dev-0003``);
+    None for a bare key (``update``) or another exchange. The broker guarantees it is the sender's own id
+    for users with topic permissions (every worker user of broker_config/definitions.json)."""
+    kind, dot, device = routing_key.partition(".")
+    if not dot or not device or kind not in DEVICE_KEYED.get(exchange, frozenset()):
+        return None
+    return device
+
 
 #: A message that fails this often (crashes its consumer, or is requeued) goes to the DLQ.
 DELIVERY_LIMIT = 5
@@ -51,11 +94,11 @@ ALLOWED_KINDS: dict[str, frozenset[str]] = {
 
 EXCHANGES = (
     ExchangeSpec(TASKS_EXCHANGE, "direct"),
-    ExchangeSpec(UPDATES_EXCHANGE, "direct"),
-    ExchangeSpec(CONTROL_EXCHANGE, "direct"),
+    ExchangeSpec(UPDATES_EXCHANGE, "topic"),
+    ExchangeSpec(CONTROL_EXCHANGE, "topic"),
     ExchangeSpec(ROUNDS_EXCHANGE, "direct"),
     ExchangeSpec(SLOTS_EXCHANGE, "direct"),
-    ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
+    ExchangeSpec(DEAD_LETTER_EXCHANGE, "topic"),
 )
 
 
@@ -63,13 +106,22 @@ def _work_queue(name: str, bindings: tuple[tuple[str, str], ...]) -> QueueSpec:
     return QueueSpec(name, bindings, dead_letter_exchange=DEAD_LETTER_EXCHANGE, delivery_limit=DELIVERY_LIMIT)
 
 
+def _any_device(first_word: str) -> str:
+    """The topic binding of every device's key with this first word (``update.#``; also the bare key)."""
+    return f"{first_word}.#"
+
+
 STATIC_QUEUES = (
-    _work_queue(UPDATES_QUEUE, ((UPDATES_EXCHANGE, UPDATE_KEY),)),
+    _work_queue(UPDATES_QUEUE, ((UPDATES_EXCHANGE, _any_device(UPDATE_KEY)),)),
     _work_queue(
         ORCHESTRATOR_QUEUE,
-        ((CONTROL_EXCHANGE, REGISTER_KEY), (CONTROL_EXCHANGE, HEARTBEAT_KEY), (ROUNDS_EXCHANGE, ROUNDS_KEY)),
+        (
+            (CONTROL_EXCHANGE, _any_device(REGISTER_KEY)),
+            (CONTROL_EXCHANGE, _any_device(HEARTBEAT_KEY)),
+            (ROUNDS_EXCHANGE, ROUNDS_KEY),
+        ),
     ),
-    QueueSpec(DEAD_LETTER_QUEUE, ((DEAD_LETTER_EXCHANGE, ""),)),
+    QueueSpec(DEAD_LETTER_QUEUE, ((DEAD_LETTER_EXCHANGE, "#"),)),
     # classic, not quorum: a slot token is held unacked for a worker's lifetime and returns on every
     # worker crash; a delivery limit would retire the slot after a few crashes
     QueueSpec(

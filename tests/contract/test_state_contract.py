@@ -641,7 +641,7 @@ def test_close_expired_replay_with_same_candidates(redis_store: Any, run_id: str
 def test_redis_errors_become_state_store_errors() -> None:
     from lorafleet.state.redis import RedisStateStore
 
-    dead = RedisStateStore("redis://127.0.0.1:1/0", socket_connect_timeout=0.2, retries=1, backoff_cap=0.01)
+    dead = RedisStateStore("redis://127.0.0.1:1/0", socket_connect_timeout=0.2, outage_s=0.1)
     try:
         with pytest.raises(StateStoreError):
             dead.get_run_fields("x")
@@ -654,10 +654,12 @@ def test_redis_errors_become_state_store_errors() -> None:
 
 
 @pytest.mark.redis
-def test_retry_is_configured_on_the_pool(redis_store: Any) -> None:
+def test_the_outage_retry_is_configured_on_the_pool(redis_store: Any) -> None:
+    from lorafleet.state.redis import OUTAGE_S
+
     conn = redis_store._r.connection_pool.get_connection()
     try:
-        assert conn.retry.get_retries() == 5
+        assert conn.retry.outage_s == OUTAGE_S  # every command, scripts included, rides out an outage
     finally:
         redis_store._r.connection_pool.release(conn)
 

@@ -64,6 +64,7 @@ from tests.conftest import (
     rabbitmqctl,
     throwaway_vhost,
 )
+from tests.integration.test_redis_outage import PrivateRedis
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis]
 
@@ -868,3 +869,58 @@ def test_the_launcher_restarts_sigkilled_workers_and_the_run_completes(
             assert info is not None and info.status == "aggregated" and info.global_version == r
         check_accuracy(report, baseline)
         check_task_queues_empty(fleet)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_the_run_rides_out_a_restart_of_an_append_only_redis(
+    baseline: Baseline, rabbitmq_url: str, run_id: str, tmp_path: Path
+) -> None:
+    redis_server = PrivateRedis(tmp_path / "redis", appendonly=True)  # as compose runs Redis
+    (tmp_path / "redis").mkdir()
+    redis_server.start()
+    try:
+        with fleet_of(tmp_path / "run", run_config(run_id), rabbitmq_url, redis_server.url) as fleet:
+            fleet.start_run(workers=device_ids())
+            # When Redis is shut down mid-round and started again 4 s later
+            fleet.wait_round(2, reported=1)
+            redis_server.stop()
+            fleet.mark("redis stopped")
+            time.sleep(4.0)
+            redis_server.start()
+            fleet.mark("redis started again")
+            # Then every service waited for it, and the run completes with the fault-free result
+            # (before: the orchestrator and the aggregator exited on StateStoreError, workers hung)
+            check_resumed_run(fleet, baseline)
+    finally:
+        redis_server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_a_redis_that_lost_the_run_stops_the_services_instead_of_beginning_again(
+    rabbitmq_url: str, run_id: str, tmp_path: Path
+) -> None:
+    redis_server = PrivateRedis(tmp_path / "redis", appendonly=False)
+    (tmp_path / "redis").mkdir()
+    redis_server.start()
+    try:
+        with fleet_of(tmp_path / "run", run_config(run_id), rabbitmq_url, redis_server.url) as fleet:
+            fleet.start_run(workers=device_ids())
+            # When a Redis without persistence restarts mid-round (the run's state is gone)
+            fleet.wait_round(2, reported=1)
+            redis_server.stop()
+            time.sleep(2.0)
+            redis_server.start()
+            fleet.mark("redis started again, empty")
+            # Then the orchestrator and the aggregator notice and stop with the StateLost status,
+            # naming the loss (before: they began the run again as `registering` with 0 devices)
+            for name in ("orchestrator", "aggregator"):
+                service = fleet.services[name]
+                service.killed = True  # an expected exit, not a failure of the test
+                fleet.wait_until(f"{name} to stop", lambda s=service: s.proc.poll() is not None, 120.0)
+                assert service.proc.returncode == 3, (name, service.proc.returncode)
+                assert "was lost from the state store" in service.log.read_text(errors="replace")
+            assert fleet.store.get_run_fields(run_id).get("status") is None  # not begun again
+    finally:
+        redis_server.stop()

@@ -41,10 +41,14 @@ DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 DOCKERIGNORE = COMPOSE_DIR / "Dockerfile.dockerignore"
 DEFINITIONS = ROOT / "broker_config" / "definitions.json"
 RABBITMQ_CONF = ROOT / "broker_config" / "rabbitmq.conf"
+REDIS_ACL_TEMPLATE = ROOT / "broker_config" / "redis-users.acl.template"
+REDIS_START = ROOT / "broker_config" / "redis-start.sh"
 
 CI = bool(os.environ.get("CI"))
 SECRETS = (
-    "REDIS_PASSWORD",
+    "LF_REDIS_ORCHESTRATOR_PASSWORD",
+    "LF_REDIS_AGGREGATOR_PASSWORD",
+    "LF_REDIS_ADMIN_PASSWORD",
     "LF_AMQP_ORCHESTRATOR_PASSWORD",
     "LF_AMQP_AGGREGATOR_PASSWORD",
     "LF_AMQP_WORKER_PASSWORD",
@@ -301,10 +305,50 @@ def test_redis_never_evicts_and_persists(raw: dict[str, Any], compose: dict[str,
         "--appendonly yes",
         "--appendfsync everysec",
         "--maxmemory-policy noeviction",
-        "--requirepass dev-redis",
     ):
         assert flag in command, f"redis command lacks {flag!r}: {command}"
     assert any(v["target"] == "/data" for v in volumes(compose["services"]["redis"]))
+
+
+def _start_script_default(name: str) -> str:
+    """The default of ``${name:-...}`` in broker_config/redis-start.sh."""
+    match = re.search(r"\$\{" + name + r":-([^}]+)\}", REDIS_START.read_text())
+    assert match, f"redis-start.sh has no default for {name}"
+    return match[1]
+
+
+def test_redis_loads_the_acl_users(raw: dict[str, Any], compose: dict[str, Any]) -> None:
+    """Redis starts on broker_config/redis-users.acl.template, rendered with the passwords at container
+    start (redis-start.sh), not on one --requirepass shared by every client."""
+    redis_service = compose["services"]["redis"]
+    command = [str(c) for c in redis_service["command"]]
+    assert "--requirepass" not in command, "one shared password: the ACL file's users replace it"
+    mounts = {v["target"]: v for v in volumes(redis_service)}
+    script, template = "/etc/lorafleet/redis-start.sh", _start_script_default("LF_REDIS_ACL_TEMPLATE")
+    for target, source in ((script, REDIS_START), (template, REDIS_ACL_TEMPLATE)):
+        assert (COMPOSE_DIR / mounts[target]["source"]).resolve() == source, target
+        assert mounts[target]["read_only"] is True
+    assert redis_service["entrypoint"] == ["/bin/sh", script]
+    # the script renders, then runs the image's own entrypoint (which drops to the redis user)
+    assert command[:2] == ["docker-entrypoint.sh", "redis-server"], command
+    aclfile = _start_script_default("LF_REDIS_ACL_FILE")
+    assert command[command.index("--aclfile") + 1] == aclfile
+    # the rendered file (passwords) lives in memory only
+    assert any(aclfile.startswith(path.split(":")[0].rstrip("/") + "/") for path in redis_service["tmpfs"])
+    # every password the template names reaches the container, and is required
+    rules = [line for line in REDIS_ACL_TEMPLATE.read_text().splitlines() if not line.startswith("#")]
+    placeholders = {name for line in rules for name in re.findall(r"\$\{([A-Z_]+)\}", line)}
+    assert placeholders == {
+        "LF_REDIS_ORCHESTRATOR_PASSWORD",
+        "LF_REDIS_AGGREGATOR_PASSWORD",
+        "LF_REDIS_ADMIN_PASSWORD",
+    }
+    environment = raw["services"]["redis"]["environment"]
+    for name in placeholders:
+        assert environment[name].startswith("${" + name + ":?"), environment[name]
+    # the health check logs in as the admin user, its password from REDISCLI_AUTH (not a command line)
+    assert "--user lf-admin" in " ".join(redis_service["healthcheck"]["test"])
+    assert raw["services"]["redis"]["environment"]["REDISCLI_AUTH"].startswith("${LF_REDIS_ADMIN_PASSWORD:?")
 
 
 def test_worker_replicas_is_an_int(raw: dict[str, Any], compose: dict[str, Any]) -> None:
@@ -383,7 +427,9 @@ def test_broker_and_state_urls(compose: dict[str, Any], example_env: dict[str, s
     assert env["LORAFLEET_DATA_DIR"] == "/data-sets"
     assert str(env["HF_HUB_OFFLINE"]) == "1"
     if name != "worker":
-        assert env["LORAFLEET_STATE_URL"] == f"redis://:{example_env['REDIS_PASSWORD']}@redis:6379/0"
+        # each service logs in to Redis as its own ACL user (broker_config/redis-users.acl.template)
+        redis_password = example_env[f"LF_REDIS_{name.upper()}_PASSWORD"]
+        assert env["LORAFLEET_STATE_URL"] == f"redis://lf-{name}:{redis_password}@redis:6379/0"
         assert any(v["target"] == "/runs" for v in volumes(compose["services"][name]))
         assert "--out" in _command(compose["services"][name])
 

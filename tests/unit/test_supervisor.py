@@ -8,7 +8,7 @@ from typing import IO
 
 import pytest
 
-from lorafleet.app.supervisor import CrashLoop, RestartPolicy, Supervisor
+from lorafleet.app.supervisor import CrashLoop, FatalExit, RestartPolicy, Supervisor
 from lorafleet.run.clock import FakeClock
 
 
@@ -110,3 +110,12 @@ def test_stop_all_terminates_what_runs(tmp_path: Path) -> None:
     spawner.started[1][1].code = 0
     supervisor.stop_all()
     assert spawner.started[0][1].terminated and not spawner.started[1][1].terminated
+
+
+def test_an_exit_that_a_restart_cannot_mend_gives_up_at_once(tmp_path: Path) -> None:
+    supervisor, spawner = _supervisor(tmp_path, FakeClock())
+    supervisor.start("orchestrator", ["lorafleet", "orchestrator"])
+    spawner.started[0][1].code = 3  # StateLost.exit_code: the run's state vanished
+    with pytest.raises(FatalExit, match="orchestrator exited with status 3"):
+        supervisor.check()
+    assert len(spawner.started) == 1

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueSpec
+from lorafleet.transport.memory import topic_matches
+from schemas.config import device_id
 
-DEFINITIONS = Path(__file__).resolve().parents[2] / "broker_config" / "definitions.json"
-ROLES = ("lf-orchestrator", "lf-aggregator", "lf-worker")
+ROOT = Path(__file__).resolve().parents[2]
+DEFINITIONS = ROOT / "broker_config" / "definitions.json"
+SERVICES = ("lf-orchestrator", "lf-aggregator")
+ELASTIC = "lf-worker"
+DEVICES = tuple(device_id(i) for i in range(8))  # the committed file's provisioned slots
+
+
+def _load_make_definitions() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "make_definitions", ROOT / "broker_config" / "make_definitions.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+make_definitions = _load_make_definitions()
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +61,15 @@ def _permissions(definitions: dict[str, Any], user: str) -> dict[str, str]:
     (entry,) = [p for p in definitions["permissions"] if p["user"] == user]
     assert entry["vhost"] == topology.VHOST
     return entry
+
+
+def _topics(definitions: dict[str, Any], user: str) -> dict[str, dict[str, str]]:
+    """Exchange -> topic permission of ``user``."""
+    entries = [p for p in definitions["topic_permissions"] if p["user"] == user]
+    assert all(p["vhost"] == topology.VHOST for p in entries)
+    by_exchange = {p["exchange"]: p for p in entries}
+    assert len(by_exchange) == len(entries), f"{user}: two topic permissions for one exchange"
+    return by_exchange
 
 
 def _allows(pattern: str, name: str) -> bool:
@@ -92,9 +123,63 @@ def test_bindings_match_topology(definitions: dict[str, Any]) -> None:
     assert got == want
 
 
+def test_the_committed_file_is_what_the_generator_writes(definitions: dict[str, Any]) -> None:
+    """Everything but the (salted) password hashes: regenerate with `make_definitions.py --dev`."""
+    users = make_definitions.roles()
+    fresh = make_definitions.build_definitions(
+        {role.user: role.dev_password for role in users}, comment=make_definitions.DEV_COMMENT
+    )
+    committed = json.loads(json.dumps(definitions))
+    for document in (fresh, committed):
+        for user in document["users"]:
+            user.pop("password_hash")
+    assert committed == fresh
+
+
+def test_routing_keys_name_the_device_and_the_bindings_route_them() -> None:
+    assert topology.update_key("dev-0003") == "update.dev-0003"
+    assert topology.register_key("dev-0003") == "register.dev-0003"
+    assert topology.heartbeat_key("dev-0003") == "heartbeat.dev-0003"
+    bindings = [(ex, queue.name, key) for queue in topology.STATIC_QUEUES for ex, key in queue.bindings]
+    types = {e.name: e.type for e in topology.EXCHANGES}
+    for exchange, queue, keys in (
+        (topology.UPDATES_EXCHANGE, topology.UPDATES_QUEUE, ("update.dev-0003", "update.a.b", "update")),
+        (topology.CONTROL_EXCHANGE, topology.ORCHESTRATOR_QUEUE, ("register.dev-0003", "heartbeat.dev-9")),
+        (
+            topology.DEAD_LETTER_EXCHANGE,
+            topology.DEAD_LETTER_QUEUE,
+            ("dev-0003", "update.dev-1", "round", ""),
+        ),
+    ):
+        assert types[exchange] == "topic"
+        bound = [key for ex, q, key in bindings if ex == exchange and q == queue]
+        for key in keys:
+            assert any(topic_matches(b, key) for b in bound), (exchange, key)
+    assert not any(
+        topic_matches(b, "updates.dev-0003") for ex, _q, b in bindings if ex == topology.UPDATES_EXCHANGE
+    )
+
+
+def test_the_device_of_a_routing_key() -> None:
+    device = topology.routing_key_device
+    assert device(topology.UPDATES_EXCHANGE, "update.dev-0003") == "dev-0003"
+    assert device(topology.CONTROL_EXCHANGE, "register.dev-0003") == "dev-0003"
+    assert device(topology.CONTROL_EXCHANGE, "heartbeat.a.b") == "a.b"
+    for exchange, key in (
+        (topology.UPDATES_EXCHANGE, "update"),
+        (topology.UPDATES_EXCHANGE, "update."),
+        (topology.UPDATES_EXCHANGE, "register.dev-0003"),
+        (topology.CONTROL_EXCHANGE, "update.dev-0003"),
+        (topology.TASKS_EXCHANGE, "dev-0003"),
+        (topology.ROUNDS_EXCHANGE, "round.dev-0003"),
+    ):
+        assert device(exchange, key) is None, (exchange, key)
+
+
 def test_users_have_sha256_hashes_of_the_documented_dev_passwords(definitions: dict[str, Any]) -> None:
     users = {u["name"]: u for u in definitions["users"]}
-    assert set(ROLES) <= set(users) and "guest" not in users
+    device_users = {f"lf-{d}" for d in DEVICES}
+    assert set(users) == {*SERVICES, ELASTIC, *device_users, "lf-admin"}
     assert "regenerate" in definitions["_comment"].lower()
     for name, user in users.items():
         assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
@@ -102,22 +187,37 @@ def test_users_have_sha256_hashes_of_the_documented_dev_passwords(definitions: d
         salt, digest = raw[:4], raw[4:]
         assert digest == hashlib.sha256(salt + f"dev-{name.removeprefix('lf-')}".encode()).digest(), name
     assert users["lf-admin"]["tags"] == ["administrator"]
-    assert all(users[role]["tags"] == [] for role in ROLES)
+    assert all(users[name]["tags"] == [] for name in users if name != "lf-admin")
+
+
+def test_topic_permissions_are_on_topic_exchanges(definitions: dict[str, Any]) -> None:
+    """RabbitMQ authorises routing keys on topic exchanges only: elsewhere the permission is void."""
+    types = {e["name"]: e["type"] for e in definitions["exchanges"]}
+    assert definitions["topic_permissions"]
+    for entry in definitions["topic_permissions"]:
+        assert types[entry["exchange"]] == "topic", entry
+        assert entry["read"] == "^$", entry  # no worker binds queues
 
 
 def test_orchestrator_permissions(definitions: dict[str, Any]) -> None:
     p = _permissions(definitions, "lf-orchestrator")
     task_queue = topology.task_queue_name("dev-0001")
-    assert _allows(p["configure"], task_queue)
+    for name in (task_queue, topology.task_queue_name(device_id(12345))):
+        assert _allows(p["configure"], name), name
     for name in (
         topology.TASKS_EXCHANGE,
         topology.UPDATES_QUEUE,
         topology.ORCHESTRATOR_QUEUE,
         topology.DEAD_LETTER_QUEUE,
+        "lf.tasks.evil",
+        "lf.tasks.dev-0001.copy",
+        "lf.tasks.dev-001",
+        "lf.tasks.",
+        "evil",
     ):
         assert not _allows(p["configure"], name), name
-    # Publishes tasks, binds task queues (write on the queue), dead-letters.
-    for name in (topology.TASKS_EXCHANGE, task_queue, topology.DEAD_LETTER_EXCHANGE):
+    # Publishes tasks and slot tokens, binds task queues (write on the queue), dead-letters.
+    for name in (topology.TASKS_EXCHANGE, task_queue, topology.SLOTS_EXCHANGE, topology.DEAD_LETTER_EXCHANGE):
         assert _allows(p["write"], name), name
     for name in (topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE, topology.ROUNDS_EXCHANGE, "lf.tasksX"):
         assert not _allows(p["write"], name), name
@@ -125,8 +225,21 @@ def test_orchestrator_permissions(definitions: dict[str, Any]) -> None:
     # needs read on that queue.
     for name in (topology.ORCHESTRATOR_QUEUE, topology.TASKS_EXCHANGE, task_queue):
         assert _allows(p["read"], name), name
-    for name in (topology.UPDATES_QUEUE, topology.DEAD_LETTER_QUEUE, topology.CONTROL_EXCHANGE):
+    for name in (
+        topology.UPDATES_QUEUE,
+        topology.DEAD_LETTER_QUEUE,
+        topology.SLOTS_QUEUE,
+        topology.CONTROL_EXCHANGE,
+        "lf.tasks.evil",
+    ):
         assert not _allows(p["read"], name), name
+    # It dead-letters what reaches its queue: registrations, heartbeats and round events.
+    (dlx,) = _topics(definitions, "lf-orchestrator").values()
+    assert dlx["exchange"] == topology.DEAD_LETTER_EXCHANGE
+    for key in ("register.dev-0001", "heartbeat.dev-0001", "register", "round"):
+        assert _allows(dlx["write"], key), key
+    for key in ("update.dev-0001", "dev-0001", "slot", "registers"):
+        assert not _allows(dlx["write"], key), key
 
 
 def test_aggregator_permissions(definitions: dict[str, Any]) -> None:
@@ -141,22 +254,129 @@ def test_aggregator_permissions(definitions: dict[str, Any]) -> None:
         topology.ORCHESTRATOR_QUEUE,
         topology.task_queue_name("dev-0001"),
         topology.DEAD_LETTER_QUEUE,
+        topology.SLOTS_QUEUE,
     ):
         assert not _allows(p["read"], name), name
+    (dlx,) = _topics(definitions, "lf-aggregator").values()
+    assert dlx["exchange"] == topology.DEAD_LETTER_EXCHANGE
+    assert _allows(dlx["write"], "update.dev-0001") and _allows(dlx["write"], "update")
+    for key in ("register.dev-0001", "dev-0001", "round", "updates"):
+        assert not _allows(dlx["write"], key), key
 
 
-def test_worker_permissions(definitions: dict[str, Any]) -> None:
-    p = _permissions(definitions, "lf-worker")
+def test_device_permissions(definitions: dict[str, Any]) -> None:
+    for device in DEVICES:
+        user, other = f"lf-{device}", "dev-9999"
+        p = _permissions(definitions, user)
+        assert p["configure"] == "^$"
+        for name in (topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE, topology.DEAD_LETTER_EXCHANGE):
+            assert _allows(p["write"], name), name
+        for name in (
+            topology.TASKS_EXCHANGE,
+            topology.ROUNDS_EXCHANGE,
+            topology.SLOTS_EXCHANGE,
+            "lf.updatesX",
+        ):
+            assert not _allows(p["write"], name), name
+        assert _allows(p["read"], topology.task_queue_name(device))
+        for name in (
+            topology.task_queue_name(other),
+            topology.task_queue_name(device) + "0",
+            topology.SLOTS_QUEUE,
+            topology.UPDATES_QUEUE,
+            topology.ORCHESTRATOR_QUEUE,
+            topology.DEAD_LETTER_QUEUE,
+        ):
+            assert not _allows(p["read"], name), name
+        topics = _topics(definitions, user)
+        own = {
+            topology.UPDATES_EXCHANGE: [topology.update_key(device)],
+            topology.CONTROL_EXCHANGE: [topology.register_key(device), topology.heartbeat_key(device)],
+            topology.DEAD_LETTER_EXCHANGE: [device],
+        }
+        assert set(topics) == set(own)
+        for exchange, keys in own.items():
+            for key in keys:
+                assert _allows(topics[exchange]["write"], key), (user, exchange, key)
+            for key in (*(k.replace(device, other) for k in keys), "update", "register", "heartbeat", "slot"):
+                assert not _allows(topics[exchange]["write"], key), (user, exchange, key)
+
+
+def test_elastic_worker_permissions(definitions: dict[str, Any]) -> None:
+    p = _permissions(definitions, ELASTIC)
     assert p["configure"] == "^$"
     for name in (topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE, topology.DEAD_LETTER_EXCHANGE):
         assert _allows(p["write"], name), name
     for name in (topology.TASKS_EXCHANGE, topology.ROUNDS_EXCHANGE, "lf.updatesX", "xlf.control"):
         assert not _allows(p["write"], name), name
-    assert _allows(p["read"], topology.task_queue_name("dev-0001"))
+    for name in (
+        topology.SLOTS_QUEUE,
+        topology.task_queue_name("dev-0001"),
+        topology.task_queue_name("dev-12345"),
+    ):
+        assert _allows(p["read"], name), name
     for name in (
         topology.UPDATES_QUEUE,
         topology.ORCHESTRATOR_QUEUE,
         topology.TASKS_EXCHANGE,
         topology.DEAD_LETTER_QUEUE,
+        "lf.tasks.evil",
     ):
         assert not _allows(p["read"], name), name
+    topics = _topics(definitions, ELASTIC)
+    assert _allows(topics[topology.UPDATES_EXCHANGE]["write"], "update.dev-0042")
+    assert _allows(topics[topology.CONTROL_EXCHANGE]["write"], "heartbeat.dev-0042")
+    assert _allows(topics[topology.DEAD_LETTER_EXCHANGE]["write"], "dev-0042")
+    assert _allows(topics[topology.DEAD_LETTER_EXCHANGE]["write"], topology.SLOT_KEY)
+    for exchange, key in (
+        (topology.UPDATES_EXCHANGE, "update"),
+        (topology.UPDATES_EXCHANGE, "update.lf-orchestrator"),
+        (topology.CONTROL_EXCHANGE, "register"),
+        (topology.DEAD_LETTER_EXCHANGE, "update.dev-0042"),
+        (topology.DEAD_LETTER_EXCHANGE, "round"),
+    ):
+        assert not _allows(topics[exchange]["write"], key), (exchange, key)
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+def test_the_generator_takes_passwords_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "definitions.json"
+    for env in ("LF_AMQP_ORCHESTRATOR_PASSWORD", "LF_AMQP_AGGREGATOR_PASSWORD", "LF_AMQP_ADMIN_PASSWORD"):
+        monkeypatch.setenv(env, f"secret-{env}")
+    monkeypatch.delenv("LF_AMQP_WORKER_PASSWORD", raising=False)
+    monkeypatch.delenv(make_definitions.DEVICE_SECRET_ENV, raising=False)
+    with pytest.raises(SystemExit):
+        make_definitions.main(["-o", str(out), "--devices", "2"])
+    missing = capsys.readouterr().err
+    assert "LF_AMQP_DEVICE_SECRET" in missing and "LF_AMQP_WORKER_PASSWORD" in missing
+    monkeypatch.setenv(make_definitions.DEVICE_SECRET_ENV, "fleet-secret")
+    assert make_definitions.main(["-o", str(out), "--devices", "2", "--no-elastic"]) == 0
+    doc = json.loads(out.read_text())
+    users = {u["name"]: u for u in doc["users"]}
+    assert set(users) == {*SERVICES, "lf-dev-0000", "lf-dev-0001", "lf-admin"}
+    assert "regenerate" not in doc["_comment"].lower()
+
+    def hashed(password: str, stored: str) -> bool:
+        raw = base64.b64decode(stored)
+        return hashlib.sha256(raw[:4] + password.encode()).digest() == raw[4:]
+
+    assert hashed("secret-LF_AMQP_ORCHESTRATOR_PASSWORD", users["lf-orchestrator"]["password_hash"])
+    device_password = make_definitions.device_password("fleet-secret", "dev-0001")
+    assert re.fullmatch("[0-9a-f]{64}", device_password)
+    assert device_password != make_definitions.device_password("fleet-secret", "dev-0000")
+    assert hashed(device_password, users["lf-dev-0001"]["password_hash"])
+    assert make_definitions.main(["--device-password", "dev-0001"]) == 0
+    assert capsys.readouterr().out.strip() == device_password
+    with pytest.raises(SystemExit):
+        make_definitions.main(["--device-password", "orchestrator"])
+
+
+def test_device_slot_pattern_matches_every_slot_id() -> None:
+    for i in (0, 7, 9999, 10000, 123456):
+        assert re.fullmatch(make_definitions.DEVICE, device_id(i))
+    for name in ("dev-1", "dev-001", "dev-0001.x", "evil", "dev-00a1"):
+        assert not re.fullmatch(make_definitions.DEVICE, name)
