@@ -41,7 +41,7 @@ from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
 
 log = logging.getLogger(__name__)
 
-#: a step of the loop that took this much longer than its wait is a stall (see _note_stall)
+#: a step of the loop that took this much longer than its wait is a stall (see _note_outages)
 STALL_S = 5.0
 
 
@@ -104,6 +104,7 @@ class AggregatorService:
         self._registered_samples: dict[str, int] = {}  # device -> num_samples it registered
         self._leases_resume_ms = 0  # no device is dropped before this (after a stall of this loop)
         self._last_step_at: float | None = None
+        self._seen_connection: int | None = None  # the broker connection the last step saw
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
 
     def start(self, *, wait_s: float = 600.0, poll_s: float = 1.0) -> None:
@@ -135,7 +136,7 @@ class AggregatorService:
             self.start()
         assert self._subscription is not None
         did = False
-        self._note_stall(timeout)
+        self._note_outages(timeout)
         delivery = self._subscription.get(timeout)
         if delivery is not None:
             self._handle(delivery)
@@ -155,27 +156,35 @@ class AggregatorService:
             did = True
         return did
 
-    def _note_stall(self, timeout: float) -> None:
-        """After a stall of this loop (the broker away, the process frozen or starved) the devices'
-        heartbeats could not be seen either: leases count again only after every device has had a
-        whole lease to be heard from, so the time this service spent away counts against nobody."""
+    def _note_outages(self, timeout: float) -> None:
+        """While this service is cut off from the broker (its consumer connection down, or its loop
+        stalled: frozen, starved) the devices' heartbeats cannot be seen either: leases count again
+        only a whole lease after it is back, so the time it spent away counts against no device."""
         if not self.drop_vanished:
             return  # embedded: in-process devices cannot vanish, and the loop also trains them
+        assert self._subscription is not None
         now = self.clock.now()
-        if self._last_step_at is not None and now - self._last_step_at > timeout + STALL_S:
+        gap = 0.0 if self._last_step_at is None else now - self._last_step_at
+        stalled = gap > timeout + STALL_S
+        live = self._subscription.live_connection
+        cut_off = live is None or (self._seen_connection is not None and live != self._seen_connection)
+        if stalled or cut_off:
             resume_ms = to_ms(now + self.config.rounds.lease_s)
+            if resume_ms > self._leases_resume_ms + 1000:
+                log.warning(
+                    "aggregator: %s; no device is dropped before %.0f s after it is back",
+                    "the broker is away" if cut_off else f"this loop stalled for {gap:.1f} s",
+                    self.config.rounds.lease_s,
+                )
             self._leases_resume_ms = max(self._leases_resume_ms, resume_ms)
-            log.warning(
-                "aggregator: this loop stalled for %.1f s; no device is dropped for the next %.0f s",
-                now - self._last_step_at,
-                self.config.rounds.lease_s,
-            )
         self._last_step_at = now
+        if live is not None:
+            self._seen_connection = live
 
     def _drop_vanished_devices(self, now_ms: int) -> None:
         """Tasks of devices whose lease expired report empty, so their rounds go on without them.
 
-        Not after a stall of this loop (see :meth:`_note_stall`), and not when every leased device
+        Not within a lease of an outage (see :meth:`_note_outages`), and not when every leased device
         expired at once: that is the heartbeat path (broker, orchestrator) failing, not the fleet."""
         if not self.drop_vanished or now_ms < max(self._next_lease_check_ms, self._leases_resume_ms):
             return

@@ -324,8 +324,7 @@ class OrchestratorService:
 
     def _on_round_evaluated(self, message: RoundEvaluated) -> None:
         self.reporter.round_evaluated(message.round, message.accuracy, message.loss)
-        target = self.config.rounds.target_accuracy
-        if target is not None and message.accuracy >= target and self.phase == "running":
+        if self.config.rounds.target_reached(message.accuracy, message.loss) and self.phase == "running":
             self._finish("target_accuracy", message.round)
         elif self._finishing is not None and message.round == self._finishing[1]:
             self._finish(*self._finishing)

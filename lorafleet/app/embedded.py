@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from lorafleet.app.wiring import Shards, build_aggregator, build_orchestrator, build_runtime, build_worker
+from lorafleet.app.wiring import (
+    Shards,
+    build_aggregator,
+    build_orchestrator,
+    build_runtime,
+    build_worker,
+    with_model_defaults,
+)
 from lorafleet.ml.model import configure_torch_threads
 from lorafleet.run.progress import RunReporter
 from lorafleet.run.report import build_report
@@ -75,6 +82,7 @@ def run_embedded(
     broker = InMemoryBroker()
     state = InMemoryStateStore()
     runtime = build_runtime(config)
+    config = with_model_defaults(config, runtime)  # the LoRA targets the model resolved, in the report too
     shards = Shards.load(config)
     orchestrator = build_orchestrator(
         config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, reporter=reporter, embedded=True

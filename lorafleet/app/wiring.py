@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.evaluation import evaluate
+from aggregator.evaluation import Evaluation, evaluate
 from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
 from lorafleet.data.datasets import (
@@ -18,15 +18,17 @@ from lorafleet.data.datasets import (
     TextDataset,
     encode_dataset,
     eval_set,
-    load_split,
+    load_device_train,
+    load_train,
     num_labels,
     partition_rows,
 )
 from lorafleet.data.partition import label_histogram as histogram
+from lorafleet.data.privacy import noise_seed, shared_histogram
 from lorafleet.devices.costmodel import CostModel, cost_model_for
 from lorafleet.devices.emulator import DeviceEmulator
 from lorafleet.ml.lora import Tensors
-from lorafleet.ml.model import AdapterRuntime, load_tokenizer
+from lorafleet.ml.model import AdapterRuntime
 from lorafleet.run.clock import Clock
 from lorafleet.run.progress import RunReporter
 from lorafleet.state.base import StateStore
@@ -38,6 +40,9 @@ from schemas.errors import ConfigError
 from schemas.messages import LoraSpec
 from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
+
+#: The environment variable of ``lorafleet worker --data``: the device's own rows.
+DEVICE_DATA_ENV = "LORAFLEET_DEVICE_DATA"
 
 
 def open_transport(url: str) -> Transport:
@@ -74,18 +79,41 @@ def device_index(config: RunConfig, device: str) -> int:
 
 @dataclass
 class Shards:
-    """The training rows of every device slot, loaded once."""
+    """The training rows of every device slot, loaded once: a central set split among the slots
+    (``data.source: partition``), or one device's own rows (``local``: ``indices`` is None and every
+    slot this process serves trains on ``train``)."""
 
     train: TextDataset
-    indices: list[list[int]]
+    indices: list[list[int]] | None
 
     @classmethod
-    def load(cls, config: RunConfig) -> Shards:
-        train = load_split(config.data.dataset, config.data.data_dir, "train")
+    def load(cls, config: RunConfig, device_data: str | Path | None = None) -> Shards:
+        """The rows of ``config``; under ``data.source: local`` those of the device's file
+        ``device_data`` (``lorafleet worker --data``).
+
+        Raises:
+            DataError: the data is missing or bad (for a device file: the message names it).
+            ConfigError: ``device_data`` missing under ``local``, or given under ``partition``.
+        """
+        if config.data.source == "local":
+            if device_data is None:
+                raise ConfigError(
+                    "data.source is local: each worker reads its own rows (lorafleet worker --data PATH, "
+                    f"or ${DEVICE_DATA_ENV}); a simulation partitions one set (data.source: partition)"
+                )
+            return cls(load_device_train(config, device_data), None)
+        if device_data is not None:
+            raise ConfigError(
+                f"--data {device_data} is a device's own file, for data.source local; this run's "
+                "data.source is partition (the slots share one partitioned set)"
+            )
+        train = load_train(config)
         indices = partition_rows(train, config)
         return cls(train, indices)
 
     def shard(self, index: int) -> TextDataset:
+        if self.indices is None:
+            return self.train
         return self.train.subset(self.indices[index])
 
 
@@ -100,7 +128,7 @@ class RuntimeEvaluator:
         self.runtime = runtime
         self.encoded_eval = encoded_eval
 
-    def evaluate(self, spec: LoraSpec, tensors: Tensors) -> tuple[float, float]:
+    def evaluate(self, spec: LoraSpec, tensors: Tensors) -> Evaluation:
         return evaluate(self.runtime, spec, tensors, self.encoded_eval)
 
 
@@ -111,6 +139,23 @@ def build_cost_model(config: RunConfig, runtime: AdapterRuntime) -> CostModel:
 
 def build_runtime(config: RunConfig) -> AdapterRuntime:
     return AdapterRuntime(config.model, num_labels(config.data.dataset), seed=config.seed)
+
+
+def with_model_defaults(config: RunConfig, runtime: AdapterRuntime) -> RunConfig:
+    """``config`` with ``lora.target_modules`` resolved against the loaded model (None: the family's
+    default), so that every service plans the same LoRA and the report shows it.
+
+    Raises:
+        ConfigError: a configured target module names no linear module of a block.
+    """
+    try:
+        targets = runtime.target_modules(config.lora.targets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if targets == config.lora.targets:
+        return config
+    lora = config.lora.model_copy(update={"targets": targets})
+    return config.model_copy(update={"lora": lora})
 
 
 def build_orchestrator(
@@ -124,6 +169,7 @@ def build_orchestrator(
     clock: Clock | None = None,
     embedded: bool = False,
 ) -> OrchestratorService:
+    config = with_model_defaults(config, runtime)
     return orchestrator_class(config)(
         transport,
         state,
@@ -149,8 +195,8 @@ def build_aggregator(
     embedded: bool = False,
     fleet_key: bytes | None = None,
 ) -> AggregatorService:
-    tokenizer = load_tokenizer(config.model)
-    encoded_eval = encode_dataset(tokenizer, eval_set(config), config.model.max_seq_len)
+    config = with_model_defaults(config, runtime)
+    encoded_eval = encode_dataset(runtime.tokenizer, eval_set(config), config.model.max_seq_len)
 
     def write_checkpoint(spec: LoraSpec, tensors: Tensors, directory: Path) -> None:
         runtime.save_peft_checkpoint(spec, tensors, directory, dataset=config.data.dataset)
@@ -183,23 +229,29 @@ def build_worker(
 ) -> WorkerService:
     shard = shards.shard(index)
     if trainer is None:
-        tokenizer = load_tokenizer(config.model)
         trainer = LoraTrainer(
             runtime,
-            encode_dataset(tokenizer, shard, config.model.max_seq_len),
+            encode_dataset(runtime.tokenizer, shard, config.model.max_seq_len),
             cache=config.activation_cache,
         )
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)  # e.g. a poisoned device in the robustness benchmark
     profile = config.devices.profile_of(index)
     emulator = DeviceEmulator(device_id(index), profile, build_cost_model(config, runtime), seed=config.seed)
+    privacy = config.privacy
+    shared = shared_histogram(
+        label_histogram(shard),
+        privacy.label_histogram,
+        epsilon=privacy.epsilon,
+        seed=noise_seed(config.run_id, config.seed, device_id(index)),
+    )
     return WorkerService(
         transport,
         trainer,
         run_id=config.run_id,
         device_id=device_id(index),
         num_samples=len(shard),
-        label_histogram=label_histogram(shard),
+        label_histogram=shared,
         profile=profile,
         limits=config.limits,
         clock=clock,

@@ -1,7 +1,8 @@
 """Datasets, their split among devices (lorafleet/data/partition.py), and tokenised batches.
 
 Datasets live under a data directory (``<data_dir>/sst2/{train,dev}.tsv``,
-``<data_dir>/20newsgroups/{train,test}.jsonl.gz``); ``synthetic`` is generated in code (no files).
+``<data_dir>/20newsgroups/{train,test}.jsonl.gz``); ``synthetic`` is generated in code (no files);
+``jsonl`` is a user's file of prompt/response rows (instruction tuning, lorafleet/data/instructions.py).
 Everything that shuffles takes an explicit seed, so shards and batches are reproducible.
 """
 
@@ -15,7 +16,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -43,7 +44,10 @@ DATASET_FILES: dict[str, dict[str, str]] = {
     "synthetic": {},
 }
 
-_NUM_LABELS = {"sst2": 2, "20newsgroups": 20, "synthetic": 2}
+_NUM_LABELS = {"sst2": 2, "20newsgroups": 20, "synthetic": 2, "jsonl": 1}
+
+#: The label of tokens that take no part in the loss (transformers' and torch's ignore_index).
+IGNORE_INDEX = -100
 
 #: Sizes of the generated synthetic splits.
 SYNTHETIC_SIZES = {"train": 4000, "eval": 400}
@@ -51,12 +55,19 @@ SYNTHETIC_SIZES = {"train": 4000, "eval": 400}
 
 @dataclass(frozen=True)
 class TextDataset:
-    """Texts with integer labels in ``0..num_labels-1``."""
+    """Texts with integer labels in ``0..num_labels-1``.
+
+    Instruction rows (``responses`` set) are prompts in ``texts`` and the answers in ``responses``;
+    their ``labels`` group rows for partitioning and label histograms only (one class for a file).
+    ``pairs`` (rows read with ``data.text_pair_field``): each row's second text, tokenised as a pair.
+    """
 
     texts: list[str]
     labels: list[int]
     num_labels: int
     name: str
+    responses: list[str] | None = None
+    pairs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -64,20 +75,45 @@ class TextDataset:
     def subset(self, indices: Sequence[int]) -> TextDataset:
         """The rows at ``indices``, in that order."""
         return TextDataset(
-            [self.texts[i] for i in indices], [self.labels[i] for i in indices], self.num_labels, self.name
+            [self.texts[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.num_labels,
+            self.name,
+            None if self.responses is None else [self.responses[i] for i in indices],
+            None if self.pairs is None else [self.pairs[i] for i in indices],
         )
 
 
 @dataclass(frozen=True)
 class EncodedDataset:
-    """Token ids per example (no padding), labels, and the tokenizer's pad id."""
+    """Token ids per example (no padding), labels, and the tokenizer's pad id.
+
+    For causal-LM rows ``response_starts[i]`` is where row ``i``'s response begins: the loss is taken
+    on tokens ``response_starts[i]:`` only (the prompt and the padding are labelled -100).
+    """
 
     input_ids: list[list[int]]
     labels: list[int]
     pad_token_id: int
+    response_starts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def causal(self) -> bool:
+        """Rows are prompt + response token ids for a causal LM."""
+        return self.response_starts is not None
+
+    def subset(self, indices: Sequence[int]) -> EncodedDataset:
+        """The rows at ``indices``, in that order."""
+        starts = self.response_starts
+        return EncodedDataset(
+            [self.input_ids[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.pad_token_id,
+            None if starts is None else [starts[i] for i in indices],
+        )
 
 
 # --------------------------------------------------------------------------- locating files
@@ -158,6 +194,8 @@ def load_split(name: str, data_dir: str | Path | None, split: Split) -> TextData
     n_labels = num_labels(name)
     if split not in ("train", "eval"):
         raise DataError(f"unknown split {split!r}; use 'train' or 'eval'")
+    if name == "jsonl":
+        raise DataError("data.dataset jsonl is read with load_train/eval_set, which know data.path")
     if name == "synthetic":
         texts, labels = synthetic_rows(SYNTHETIC_SIZES[split], seed=0 if split == "train" else 1)
         return TextDataset(texts, labels, n_labels, name)
@@ -260,9 +298,57 @@ def partition_rows(train: TextDataset, cfg: RunConfig) -> list[list[int]]:
     return partition_iid(len(train), n, data.samples_per_device, seed)
 
 
+def load_train(cfg: RunConfig) -> TextDataset:
+    """The training rows of the run: the dataset's train split, as instructions under ``causal_lm``.
+
+    Raises:
+        DataError: unknown dataset, missing or malformed files.
+    """
+    from lorafleet.data.instructions import as_instructions, jsonl_splits  # it builds on this module
+
+    if cfg.data.dataset == "jsonl":
+        return jsonl_splits(cfg)[0]
+    if cfg.data.path is not None:  # a central file of labelled rows (data.source partition)
+        from lorafleet.data.device_rows import read_configured  # it builds on this module
+
+        train = read_configured(cfg.data.path, cfg.data)
+    else:
+        train = load_split(cfg.data.dataset, cfg.data.data_dir, "train")
+    return as_instructions(train) if cfg.model.task == "causal_lm" else train
+
+
+def load_device_train(cfg: RunConfig, path: str | Path) -> TextDataset:
+    """A device's own training rows (``data.source: local``): the labelled rows of its file ``path``
+    (lorafleet/data/device_rows.py), as instructions under ``causal_lm``.
+
+    Raises:
+        DataError: the file is missing, empty or unreadable, lacks a column, or has a label outside
+            ``data.labels``; the message starts with the path.
+    """
+    from lorafleet.data.device_rows import read_configured  # it builds on this module
+    from lorafleet.data.instructions import as_instructions  # it builds on this module
+
+    train = read_configured(path, cfg.data)
+    return as_instructions(train) if cfg.model.task == "causal_lm" else train
+
+
 def eval_set(cfg: RunConfig) -> TextDataset:
-    """The evaluation split, or a seeded random subset of ``cfg.data.eval_samples`` rows (order kept)."""
-    full = load_split(cfg.data.dataset, cfg.data.data_dir, "eval")
+    """The evaluation split, or a seeded random subset of ``cfg.data.eval_samples`` rows (order kept);
+    for ``jsonl`` without ``eval_path``, the rows held out of ``path``."""
+    from lorafleet.data.instructions import as_instructions, jsonl_splits  # it builds on this module
+
+    if cfg.data.dataset == "jsonl":
+        full = jsonl_splits(cfg)[1]
+        if cfg.data.eval_path is None:
+            return full
+    else:
+        if cfg.data.eval_path is not None:  # a file of labelled rows instead of the named set's split
+            from lorafleet.data.device_rows import read_configured  # it builds on this module
+
+            full = read_configured(cfg.data.eval_path, cfg.data)
+        else:
+            full = load_split(cfg.data.dataset, cfg.data.data_dir, "eval")
+        full = as_instructions(full) if cfg.model.task == "causal_lm" else full
     wanted = cfg.data.eval_samples
     if wanted is None or wanted >= len(full):
         return full
@@ -273,9 +359,15 @@ def eval_set(cfg: RunConfig) -> TextDataset:
 
 
 def encode_dataset(tokenizer: PreTrainedTokenizerBase, ds: TextDataset, max_len: int) -> EncodedDataset:
-    """Token ids (truncated to ``max_len``, special tokens added, no padding) and labels of ``ds``."""
+    """Token ids (truncated to ``max_len``, special tokens added, no padding) and labels of ``ds``;
+    instruction rows as :func:`lorafleet.data.instructions.encode_instructions` encodes them."""
+    if ds.responses is not None:
+        from lorafleet.data.instructions import encode_instructions  # it builds on this module
+
+        return encode_instructions(tokenizer, ds, max_len)
+    pairs: dict[str, Any] = {} if ds.pairs is None else {"text_pair": ds.pairs}
     ids = (
-        tokenizer(ds.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
+        tokenizer(ds.texts, truncation=True, max_length=max_len, padding=False, **pairs)["input_ids"]
         if len(ds)
         else []
     )
@@ -299,7 +391,11 @@ def iter_batches(encoded: EncodedDataset, batch_size: int, seed: int | None) -> 
 
 
 def collate(encoded: EncodedDataset, indices: Sequence[int]) -> dict[str, Tensor]:
-    """One dynamically padded batch of the examples at ``indices``."""
+    """One dynamically padded batch of the examples at ``indices``.
+
+    Causal-LM rows get no ``token_type_ids`` and per-token ``labels``: the token ids from each row's
+    response start on, -100 on the prompt and the padding (the model shifts them by one itself).
+    """
     rows = [encoded.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), encoded.pad_token_id, dtype=torch.long)
@@ -307,6 +403,12 @@ def collate(encoded: EncodedDataset, indices: Sequence[int]) -> dict[str, Tensor
     for j, row in enumerate(rows):
         input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[j, : len(row)] = 1
+    if encoded.response_starts is not None:
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for j, i in enumerate(indices):
+            start, end = encoded.response_starts[i], len(encoded.input_ids[i])
+            labels[j, start:end] = input_ids[j, start:end]
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

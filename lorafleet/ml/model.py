@@ -1,10 +1,14 @@
 """The base model and the LoRA adapters on it.
 
 One :class:`AdapterRuntime` per process keeps ONE frozen base model (all-MiniLM-L6-v2, a tiny random
-BERT, or a local checkpoint) and swaps only LoRA adapters in and out of it. Adapters travel as
-``dict[str, Tensor]`` keyed like :func:`peft.get_peft_model_state_dict` (adapter name stripped), e.g.
+model, or any local checkpoint that transformers loads: BERT, RoBERTa, DistilBERT, DeBERTa-v2,
+ELECTRA, GPT-2, Llama, Qwen2, Mistral, Phi, ...) and swaps only LoRA adapters in and out of it. What
+LoRA attaches to (the blocks, their projections, the head) is read from the loaded model
+(:mod:`lorafleet.ml.architecture`). Adapters travel as ``dict[str, Tensor]`` keyed like
+:func:`peft.get_peft_model_state_dict` (adapter name stripped), e.g.
 ``base_model.model.bert.encoder.layer.5.attention.self.query.lora_A.weight`` and
-``base_model.model.classifier.weight``. Nothing is ever fetched from a model hub.
+``base_model.model.classifier.weight``; they are float32 whatever the base weights' ``model.dtype``.
+Nothing is ever fetched from a model hub.
 """
 
 from __future__ import annotations
@@ -15,27 +19,37 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
+from lorafleet.ml.architecture import Architecture, describe
 from lorafleet.ml.lora import shape_mismatch
+from lorafleet.ml.prefix_cache import ModelSplit
+from lorafleet.ml.tiny import build_tiny_model, tiny_config
 from schemas.config import ModelConfig
 from schemas.messages import LoraSpec
 
-#: The classification head every supported model has; it is trained (``modules_to_save``) with LoRA.
-HEAD_MODULE = "classifier"
+#: ``model.dtype`` -> the torch dtype of the base weights.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_ADAPTER_PREFIX = "base_model.model."
+
+#: The weight std of a tiny random causal LM: ten times transformers' usual 0.02, so that its frozen
+#: output layer spans logits wide enough for LoRA alone to make confident predictions (a pretrained
+#: model's output layer has learnt that range).
+TINY_CAUSAL_STD = 0.2
 
 hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # transformers leaves these unannotated
 hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -65,58 +79,134 @@ def model_path(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of the model (the MiniLM WordPiece tokenizer for ``minilm`` and ``tiny``), offline."""
-    return AutoTokenizer.from_pretrained(model_path(cfg), local_files_only=True)
+    """The tokenizer of the model (the MiniLM WordPiece tokenizer for ``minilm`` and ``tiny``), offline.
 
-
-def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> PreTrainedModel:
-    """A sequence classifier with ``num_labels`` outputs whose weights depend only on ``cfg`` and ``seed``.
-
-    ``tiny`` is a random BERT (``cfg.tiny_layers`` blocks, ``cfg.tiny_hidden`` hidden, 2 heads,
-    intermediate ``2 * hidden``, the MiniLM vocabulary) initialised from ``seed``; otherwise the
-    checkpoint is loaded and its classification head re-initialised from ``seed``. The global torch
-    RNG is left untouched.
+    A tokenizer without a pad token (GPT-2, Llama) pads with its end-of-sequence token (or its unknown
+    token); batches are padded on the right and masked, so the choice does not change any output.
 
     Raises:
-        ValueError: unknown model name/path, or a model without a linear ``classifier`` head.
+        ValueError: the tokenizer has neither a pad, an end-of-sequence nor an unknown token.
     """
+    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg), local_files_only=True)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"the tokenizer of {cfg.name!r} has no pad, end-of-sequence or unknown token")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base_model(
+    cfg: ModelConfig, num_labels: int, seed: int, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """The task model of ``cfg`` whose weights depend only on ``cfg`` and ``seed``.
+
+    ``tiny`` is a random model of ``cfg.tiny_family`` (``cfg.tiny_layers`` blocks, ``cfg.tiny_hidden``
+    hidden, 2 heads, MLP width ``2 * hidden``, the MiniLM vocabulary) initialised from ``seed``;
+    otherwise the checkpoint is loaded. ``sequence_classification`` puts the family's head with
+    ``num_labels`` outputs on it, re-initialised from ``seed`` (its linear weights normal with the
+    model's ``initializer_range``, biases zero) and kept in float32; a decoder classifier gets the
+    tokenizer's pad id (it pools the last token that is not padding). The global torch RNG is left
+    untouched; the model is returned in eval mode, its KV cache off.
+
+    Raises:
+        ValueError: unknown model name/path, ``max_seq_len`` beyond the model's positions, a model
+            without blocks or head lorafleet can find, or ``gradient_checkpointing`` on a model that
+            does not support it.
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    pad = int(tokenizer.pad_token_id)
+    dtype = DTYPES[cfg.dtype]
+    classify = cfg.task == "sequence_classification"
     if cfg.name == "tiny":
-        config = BertConfig(
-            vocab_size=load_tokenizer(cfg).vocab_size,
-            hidden_size=cfg.tiny_hidden,
-            num_hidden_layers=cfg.tiny_layers,
-            num_attention_heads=2,
-            intermediate_size=2 * cfg.tiny_hidden,
-            max_position_embeddings=512,
-            num_labels=num_labels,  # type: ignore[call-arg]  # a PretrainedConfig kwarg that BertConfig's stub omits
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        config = tiny_config(
+            cfg.tiny_family,
+            vocab_size=tokenizer.vocab_size,
+            hidden=cfg.tiny_hidden,
+            layers=cfg.tiny_layers,
+            pad_token_id=pad,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            num_labels=num_labels,
+            init_std=TINY_CAUSAL_STD if cfg.task == "causal_lm" else 0.02,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model: PreTrainedModel = BertForSequenceClassification(config)
-    else:
+        model: PreTrainedModel = build_tiny_model(config, cfg.task, seed)
+        model.to(dtype)  # type: ignore[arg-type]  # nn.Module.to takes a dtype; transformers' stub does not say
+    elif classify:
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path(cfg), num_labels=num_labels, local_files_only=True
+            model_path(cfg), num_labels=num_labels, local_files_only=True, dtype=dtype
         )
-    _init_head(_head(model), model.config.initializer_range, seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path(cfg), local_files_only=True, dtype=dtype)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_seq_len > positions:
+        raise ValueError(f"model.max_seq_len {cfg.max_seq_len} exceeds the model's {positions} positions")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # training and scoring never decode step by step
+    architecture = describe(model, cfg.task)
+    _init_head(model, architecture, seed)
+    if cfg.gradient_checkpointing:
+        _checkpoint_blocks(model)
     model.train(False)
     return model
 
 
-def _head(model: nn.Module) -> nn.Linear:
-    head = getattr(model, HEAD_MODULE, None)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"the model has no linear {HEAD_MODULE!r} head; only BERT-like classifiers are supported"
-        )
-    return head
+def _checkpoint_blocks(model: PreTrainedModel) -> None:
+    """Recompute every block's activations in the backward pass, non-reentrant (so the LoRA inside a
+    checkpointed block gets gradients without the inputs needing any).
+
+    Raises:
+        ValueError: the model does not support it.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(f"{type(model).__name__} does not support model.gradient_checkpointing")
+    kwargs = {"use_reentrant": False}
+    enable: Any = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[no-untyped-call]
+
+
+def _std(model: nn.Module) -> float:
+    return float(getattr(model.config, "initializer_range", 0.02))
 
 
 @torch.no_grad()
-def _init_head(head: nn.Linear, std: float, seed: int) -> None:
+def _init_head(model: nn.Module, architecture: Architecture, seed: int) -> None:
+    """Re-initialise the head's linear layers from ``seed`` and keep the head in float32: its inputs are
+    cast up on the way in (a pre-hook), so a half-precision body feeds a float32 head."""
     generator = torch.Generator().manual_seed(seed)
-    head.weight.normal_(0.0, std, generator=generator)
-    if head.bias is not None:
-        head.bias.zero_()
+    for name in architecture.head:
+        head = model.get_submodule(name)
+        head.float()
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            head.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True)
+        for module in head.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, _std(model), generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
+def _inputs_to_float32(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def up(x: Any) -> Any:
+        return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
+
+    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+
+def forward_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` without ``token_type_ids``: every supported encoder defaults them to zeros, and GPT-2
+    would add a token embedding for them."""
+    return {k: v for k, v in batch.items() if k != "token_type_ids"}
 
 
 def configure_torch_threads(n: int, share: int = 1) -> int:
@@ -144,20 +234,26 @@ def spec_key(spec: LoraSpec) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def lora_config(spec: LoraSpec, base_model_name_or_path: str | None = None) -> LoraConfig:
-    """The peft ``LoraConfig`` that realises ``spec``: only its blocks, one rank (and alpha) per block."""
-    block = {i: rf"layer\.{i}\..*" for i in spec.layers}
+def lora_config(
+    spec: LoraSpec, architecture: Architecture, base_model_name_or_path: str | None = None
+) -> LoraConfig:
+    """The peft ``LoraConfig`` that realises ``spec`` on a model of ``architecture``: only its blocks,
+    one rank (and alpha) per block, the head (if any) trained whole."""
+    block = {i: architecture.block_regex(i) for i in spec.layers}
+    targets = sorted(spec.target_modules)
+    causal = architecture.task == "causal_lm"
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=spec.max_rank,
         lora_alpha=spec.alpha_ratio * spec.max_rank,  # type: ignore[arg-type]  # peft scales by a float alpha
         rank_pattern={block[i]: spec.layer_ranks[i] for i in spec.layers},
         alpha_pattern={block[i]: spec.alpha_ratio * spec.layer_ranks[i] for i in spec.layers},
         layers_to_transform=spec.layers,
-        layers_pattern="layer",
-        target_modules=sorted(spec.target_modules),
+        layers_pattern=architecture.blocks_attr,
+        target_modules=targets,
+        fan_in_fan_out=architecture.uses_conv1d(targets),
         lora_dropout=spec.dropout,
-        modules_to_save=[HEAD_MODULE],
+        modules_to_save=list(architecture.head) or None,
         base_model_name_or_path=base_model_name_or_path,
     )
 
@@ -185,19 +281,42 @@ class AdapterRuntime:
         self.num_labels = num_labels
         self.seed = seed
         self.base_path = model_path(model_cfg) if model_cfg.name != "tiny" else "tiny"
-        self._base = load_base_model(model_cfg, num_labels, seed)
+        self.tokenizer = load_tokenizer(model_cfg)
+        self._base = load_base_model(model_cfg, num_labels, seed, self.tokenizer)
+        self.architecture = describe(self._base, model_cfg.task)
+        self._head_init = {  # the head as loaded: what a fresh adapter's non-linear head tensors start at
+            f"{_ADAPTER_PREFIX}{name}.{key}": value.detach().clone()
+            for name in self.architecture.head
+            for key, value in self._base.get_submodule(name).state_dict().items()
+        }
         self._peft: PeftModel | None = None
         self._adapters: dict[str, tuple[str, dict[str, nn.Parameter]]] = {}
+        self._split: ModelSplit | None = None
+
+    @property
+    def task(self) -> str:
+        """``sequence_classification`` or ``causal_lm``."""
+        return self.model_cfg.task
 
     @property
     def num_blocks(self) -> int:
         """The number of transformer blocks of the base model."""
-        return int(self._base.config.num_hidden_layers)
+        return self.architecture.num_blocks
 
     @property
     def hidden_size(self) -> int:
         """The hidden width of the base model."""
-        return int(self._base.config.hidden_size)
+        return self.architecture.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the base weights (``model.dtype``)."""
+        return DTYPES[self.model_cfg.dtype]
+
+    @property
+    def base(self) -> PreTrainedModel:
+        """The transformers task model (with peft's LoRA layers in it once an adapter exists)."""
+        return self._base
 
     @property
     def model(self) -> PeftModel:
@@ -205,6 +324,22 @@ class AdapterRuntime:
         if self._peft is None:
             raise RuntimeError("no adapter has been created yet")
         return self._peft
+
+    @property
+    def split(self) -> ModelSplit | None:
+        """The model split at its block boundaries for the prefix cache (one per runtime, so it checks
+        itself and logs once per process); None before the first adapter exists."""
+        if self._split is None and self._peft is not None:
+            self._split = ModelSplit.of(self._peft)
+        return self._split
+
+    def target_modules(self, configured: list[str] | None) -> list[str]:
+        """``lora.target_modules`` checked against the model, or the family's default for None.
+
+        Raises:
+            ValueError: a configured target names no linear module of a block.
+        """
+        return self.architecture.resolve_targets(configured)
 
     def expected_shapes(self, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
         """The tensor names and shapes an adapter of ``spec`` has."""
@@ -215,20 +350,23 @@ class AdapterRuntime:
         return self._adapter(spec)[1]
 
     def initial_adapter(self, spec: LoraSpec, seed: int) -> dict[str, Tensor]:
-        """A fresh adapter for ``spec``, deterministic given ``seed``.
+        """A fresh adapter for ``spec``, deterministic given ``seed``; float32.
 
-        LoRA A is kaiming-uniform (a=sqrt(5)) and B zeros, as peft's default init; the head weight is
-        normal(0, initializer_range), its bias zeros. Keys as :func:`get_peft_model_state_dict`.
+        LoRA A is kaiming-uniform (a=sqrt(5)) and B zeros, as peft's default init; the head's linear
+        weights are normal(0, initializer_range) and their biases zeros (drawn in key order from one
+        generator), its other tensors (layer norms) as loaded. Keys as :func:`get_peft_model_state_dict`.
         """
         generator = torch.Generator().manual_seed(seed)
-        std = float(self._base.config.initializer_range)
+        weights, biases = self._head_linear_keys()
         out: dict[str, Tensor] = {}
         for key, shape in sorted(self.expected_shapes(spec).items()):
             tensor = torch.zeros(shape)
             if key.endswith("lora_A.weight"):
                 nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
-            elif key.endswith(f"{HEAD_MODULE}.weight"):
-                tensor.normal_(0.0, std, generator=generator)
+            elif key in weights:
+                tensor.normal_(0.0, _std(self._base), generator=generator)
+            elif key in self._head_init and key not in biases:
+                tensor = self._head_init[key].to(torch.float32).clone()
             out[key] = tensor
         return out
 
@@ -257,8 +395,9 @@ class AdapterRuntime:
         """Write a peft checkpoint of ``tensors`` to ``out_dir``.
 
         Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (loadable with
-        ``PeftModel.from_pretrained(load_base_model(...), out_dir)``) and ``lorafleet.json`` with
-        num_labels, the model name, the dataset and the spec.
+        ``PeftModel.from_pretrained(base, out_dir)`` on the base model as transformers loads it for the
+        task) and ``lorafleet.json`` with the task, num_labels, the pad token id (a decoder classifier
+        needs it), the model configuration and architecture, the dataset and the spec.
 
         Raises:
             ValueError: ``tensors`` do not fit ``spec``.
@@ -266,12 +405,20 @@ class AdapterRuntime:
         check_tensors(self.expected_shapes(spec), tensors)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        lora_config(spec, self.base_path).save_pretrained(str(out_dir))
+        lora_config(spec, self.architecture, self.base_path).save_pretrained(str(out_dir))
         flat = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
         save_file(flat, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        arch = self.architecture
         meta = {
+            "task": self.task,
             "num_labels": self.num_labels,
+            "pad_token_id": int(self.tokenizer.pad_token_id),
             "model": self.model_cfg.model_dump(mode="json"),
+            "architecture": {
+                "model_type": arch.model_type,
+                "blocks": arch.blocks_path,
+                "head": list(arch.head),
+            },
             "dataset": dataset,
             "spec": spec.model_dump(mode="json"),
         }
@@ -279,26 +426,39 @@ class AdapterRuntime:
 
     # ----------------------------------------------------------------------- internals
 
+    def _head_linear_keys(self) -> tuple[set[str], set[str]]:
+        """Adapter keys of the head's linear weights, and of their biases."""
+        modules = [
+            _ADAPTER_PREFIX + ".".join(filter(None, (name, sub)))
+            for name in self.architecture.head
+            for sub, module in self._base.get_submodule(name).named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+        return {f"{m}.weight" for m in modules}, {f"{m}.bias" for m in modules}
+
     def _adapter(self, spec: LoraSpec) -> tuple[str, dict[str, nn.Parameter]]:
         key = spec_key(spec)
         if key not in self._adapters:
-            self._check_blocks(spec)
+            self._check_spec(spec)
             name = "a" + hashlib.sha256(key.encode()).hexdigest()[:16]
             self._add(name, spec)
             self._adapters[key] = (name, self._adapter_params(name))
         return self._adapters[key]
 
-    def _check_blocks(self, spec: LoraSpec) -> None:
+    def _check_spec(self, spec: LoraSpec) -> None:
         bad = [i for i in spec.layers if i >= self.num_blocks]
         if bad:
             raise ValueError(f"LoRA blocks {bad} do not exist; the model has blocks 0..{self.num_blocks - 1}")
+        self.architecture.resolve_targets(spec.target_modules)
 
     def _add(self, name: str, spec: LoraSpec) -> None:
-        config = lora_config(spec)
+        config = lora_config(spec, self.architecture)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             if self._peft is None:
                 self._peft = get_peft_model(self._base, config, adapter_name=name)
+                if self.model_cfg.gradient_checkpointing:  # non-reentrant checkpointing needs no input grads
+                    self._base.disable_input_require_grads()  # type: ignore[no-untyped-call]
             else:
                 self._peft.add_adapter(name, config)
         self._activate(name)

@@ -9,7 +9,7 @@ from typing import Any
 from lorafleet import __version__
 from lorafleet.run.round_numbers import parse_round
 from lorafleet.state.base import StateStore
-from schemas.config import RunConfig
+from schemas.config import RoundsConfig, RunConfig
 
 REPORT_VERSION = 1
 
@@ -26,7 +26,12 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         if groups:  # a hierarchical run's global round: its plan and what each group did
             entry["groups"] = _groups_entry(groups, metrics[entry["round"]])
     counters = state.get_counters(run_id)
-    target = config.rounds.target_accuracy
+    target = config.rounds.target_value
+    # what every device shared of its labels (all run one configuration): the mode and its epsilon
+    privacy = {
+        "label_histogram": config.privacy.label_histogram,
+        "epsilon": config.privacy.epsilon if config.privacy.label_histogram == "noisy" else None,
+    }
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "lorafleet_version": __version__,
@@ -40,7 +45,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "wall_time_s": fields.get("wall_time_s"),
         "virtual_time_s": rounds[-1]["virtual_time_s"] if rounds else 0.0,
         "bytes_total": sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
-        "time_to_target": None if target is None else time_to_target(rounds, target),
+        "time_to_target": None if target is None else time_to_target(rounds, config.rounds),
         "devices_registered": len(state.get_devices(run_id)),
         "updates": {
             k.removeprefix("update_"): v for k, v in sorted(counters.items()) if k.startswith("update_")
@@ -56,6 +61,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
                 "num_samples": info.get("num_samples"),
                 "label_histogram": info.get("label_histogram"),
                 "tier": (info.get("profile") or {}).get("tier"),
+                "privacy": privacy,
             }
             for d, info in sorted(state.get_devices(run_id).items())
         },
@@ -130,23 +136,24 @@ def _round_entry(round_no: int, m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def time_to_target(rounds: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """When the run first reached ``target`` accuracy: virtual and wall seconds and total bytes by then.
-
-    Every value is None when it never did.
-    """
+def time_to_target(rounds: list[dict[str, Any]], goal: RoundsConfig) -> dict[str, Any]:
+    """When the run first reached its target (``rounds.target_metric`` at ``rounds.target_value``):
+    virtual and wall seconds and total bytes by then. Every value is None when it never did."""
     spent = 0
+    target = goal.target_value
     for entry in rounds:
         spent += entry["bytes_up"] + entry["bytes_down"]
-        if entry["accuracy"] is not None and entry["accuracy"] >= target:
+        if goal.target_reached(entry["accuracy"], entry["loss"]):
             return {
                 "target": target,
+                "metric": goal.target_metric,
                 "round": entry["round"],
                 "virtual_s": entry["virtual_time_s"],
                 "wall_s": entry["wall_time_s"],
                 "bytes": spent,
             }
-    return {"target": target, "round": None, "virtual_s": None, "wall_s": None, "bytes": None}
+    none = {"round": None, "virtual_s": None, "wall_s": None, "bytes": None}
+    return {"target": target, "metric": goal.target_metric, **none}
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:

@@ -107,6 +107,12 @@ class Delivery(Protocol):
 
 
 class Subscription(Protocol):
+    @property
+    def live_connection(self) -> int | None:
+        """Which connection to the broker is consuming now, numbered from 1 and counting up with every
+        reconnection; None while there is none (the broker is away). A change means a gap."""
+        ...
+
     def get(self, timeout: float = 0.0) -> Delivery | None:
         """The next delivery, waiting up to ``timeout`` seconds; ``None`` if none came."""
         ...

@@ -326,6 +326,11 @@ class _MemorySubscription:
         self._closed = False
         self._mutex = threading.Lock()
 
+    @property
+    def live_connection(self) -> int | None:
+        """In process there is one connection, never lost."""
+        return None if self._closed else 1
+
     def get(self, timeout: float = 0.0) -> _MemoryDelivery | None:
         if self._closed:
             raise TransportClosed(f"subscription to {self.queue!r} is closed")

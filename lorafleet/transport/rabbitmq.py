@@ -707,6 +707,11 @@ class _PikaSubscription:
         """How many connections this subscription has consumed on (1 unless it had to reconnect)."""
         return self._generation
 
+    @property
+    def live_connection(self) -> int | None:
+        """The connection now consuming (its number, see ``connection_count``); None while it is down."""
+        return self._live_generation
+
     # -- service-thread side --------------------------------------------------------------------
     def get(self, timeout: float = 0.0) -> _PikaDelivery | None:
         if self.closed:

@@ -11,6 +11,7 @@ frequency per group (orchestrator/planners/hierfedlora.py):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from orchestrator.planners.context import PlanningContext
@@ -18,6 +19,11 @@ from orchestrator.planners.grouping import GroupingDevice, divergence, group_dev
 from orchestrator.planners.hierfedlora import GroupInput, HierOptions, plan_hierarchy
 from orchestrator.planners.specs import DevicePlan, lora_spec
 from schemas.strategies import StrategyName
+
+log = logging.getLogger(__name__)
+
+#: Runs already warned that devices shared no label histogram (one warning per run and process).
+_warned_no_histograms: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,22 @@ def form_groups(
     ctx: PlanningContext, histograms: dict[str, list[int]]
 ) -> tuple[list[list[str]], list[float]]:
     """The groups of ``ctx.devices`` for the strategy (one group for ``hier_no_grouping``), and each
-    group's label divergence from the fleet's."""
+    group's label divergence from the fleet's.
+
+    A device without a histogram (``privacy.label_histogram: off``) counts as one of a single class,
+    so grouping falls back to speed alone for it; that is logged once per run.
+    """
+    missing = sorted(d.device_id for d in ctx.devices if not histograms.get(d.device_id))
+    grouped = ctx.config.strategy is not StrategyName.HIER_NO_GROUPING
+    if missing and grouped and ctx.config.run_id not in _warned_no_histograms:
+        _warned_no_histograms.add(ctx.config.run_id)
+        log.warning(
+            "orchestrator: %d of %d devices shared no label histogram (privacy.label_histogram is %s): "
+            "groups are formed by speed alone for them, not near-IID by labels",
+            len(missing),
+            len(ctx.devices),
+            ctx.config.privacy.label_histogram,
+        )
     devices = [
         GroupingDevice(
             d.device_id,

@@ -137,6 +137,7 @@ def test_subscription_reconnects_when_the_broker_closes_its_connection(
     sub = transport.subscribe(QUEUE)
     held = sub.get(timeout=5.0)
     assert held is not None and held.message_id == "task:held"
+    assert sub.live_connection == 1
 
     vhost = _vhost(rabbitmq_url)
     out = subprocess.run(
@@ -150,6 +151,7 @@ def test_subscription_reconnects_when_the_broker_closes_its_connection(
         )
 
     _wait_for(lambda: sub.connection_count == 2)
+    assert sub.live_connection == 2  # the gap shows: a service can tell it was cut off
     held.ack()  # its channel is gone: skipped, never sent on the new channel
     again = sub.get(timeout=5.0)
     assert again is not None and again.message_id == "task:held"

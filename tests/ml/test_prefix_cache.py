@@ -14,7 +14,7 @@ from lorafleet.data.datasets import (
     iter_batches,
     load_split,
 )
-from lorafleet.ml.model import AdapterRuntime, load_tokenizer
+from lorafleet.ml.model import AdapterRuntime, forward_inputs, load_tokenizer
 from lorafleet.ml.prefix_cache import BertParts, PrefixCache, forward_from
 from schemas.config import ModelConfig
 from schemas.messages import LoraSpec
@@ -240,4 +240,9 @@ def test_minilm_cached_forward_equals_the_peft_forward() -> None:
         with torch.no_grad():
             expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             got = forward_from(parts, min(blocks), *cache.batch(min(blocks), range(24)))
+            split = runtime.split  # the generic split (what LoraTrainer uses) reads the same cache
+            assert split is not None
+            inputs = forward_inputs(batch)
+            generic = split.forward(min(blocks), cache.batch(min(blocks), range(24))[0], inputs).logits
         assert (got - expected).abs().max().item() < 1e-5
+        assert (generic - expected).abs().max().item() < 1e-5
