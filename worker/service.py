@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 _Report = TypeVar("_Report", LoraUpdate, TaskFailed)
 
 
+class TrainingStopped(Exception):
+    """The worker was told to stop while it trained (internal: the task is handed back)."""
+
+
 class WorkerService:
     """A device's service loop. ``step`` handles at most one delivery."""
 
@@ -83,6 +87,8 @@ class WorkerService:
         self.sleep_device_time = sleep_device_time
         self.on_finished = on_finished
         self.signing_key = signing_key  # this device's key (security/signing.py); None: unsigned
+        self._stop: threading.Event | None = None  # set by run_forever: a stop interrupts training
+        self._training: threading.Thread | None = None
         self.finished = False
         self.stats: Counter[str] = Counter()
         self.rejections = Rejections(f"worker {device_id}")
@@ -158,6 +164,7 @@ class WorkerService:
         ``stop`` is only read: services sharing one event (threads in one process) keep running when
         this worker finishes. The heartbeat thread has its own event, set when the loop ends."""
         stop = stop or threading.Event()
+        self._stop = stop
         beating = threading.Event()
         beat = threading.Thread(
             target=self._beat,
@@ -212,7 +219,13 @@ class WorkerService:
             self.stats["stale_tasks"] += 1  # its round closed already: training it helps nobody
             delivery.ack()
             return
-        update = self._completed.get(task.task_id) or self._train(task, len(delivery.body))
+        try:
+            update = self._completed.get(task.task_id) or self._interruptible_train(task, len(delivery.body))
+        except TrainingStopped:
+            delivery.requeue()  # the task goes back to this device's queue, for the next worker of it
+            self.stats["tasks_handed_back"] += 1
+            log.info("worker %s: stopping; task %s handed back for redelivery", self.device_id, task.task_id)
+            return
         if update is None:
             delivery.ack()  # a TaskFailed went out instead
             return
@@ -226,6 +239,41 @@ class WorkerService:
         self._completed = {task.task_id: update}
         delivery.ack()
         self.stats["tasks_done"] += 1
+
+    def _interruptible_train(self, task: TrainTask, bytes_down: int) -> LoraUpdate | None:
+        """:meth:`_train` in a thread of its own, so that a stop (SIGTERM, SIGINT) while it trains hands
+        the task back at once instead of after minutes of training (the thread dies with the process).
+
+        Raises:
+            TrainingStopped: the worker was told to stop before training ended.
+        """
+        stop = self._stop
+        if stop is None:
+            return self._train(task, bytes_down)
+        outcome: list[LoraUpdate | None] = []
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                outcome.append(self._train(task, bytes_down))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the service thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=work, daemon=True, name=f"train-{self.device_id}")
+        self._training = thread
+        thread.start()
+        while thread.is_alive():
+            if stop.wait(0.1) and thread.is_alive():
+                raise TrainingStopped(task.task_id)
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    @property
+    def training_abandoned(self) -> bool:
+        """A task was handed back while its training thread still runs (the process must end hard:
+        torch's threads do not survive the interpreter's shutdown)."""
+        return self._training is not None and self._training.is_alive()
 
     def _train(self, task: TrainTask, bytes_down: int) -> LoraUpdate | None:
         start = decode_tensors(task.adapter, max_bytes=self.limits.max_payload_bytes)

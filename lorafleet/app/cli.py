@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -92,11 +93,25 @@ def _device_key(device_id: str, *, required: bool) -> bytes | None:
     return None if fleet is None else derive_device_key(fleet, device_id)
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class _StopOnSignals:
+    """SIGTERM and SIGINT: before the service loop runs (waiting for the run, a slot, the topology)
+    they end the command at once (status 0); once it serves (``serving``) they set ``event``, and the
+    loop stops cleanly (a worker hands its task back)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.serving = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.serving:
+            raise SystemExit(0)
+        self.event.set()
+
+
+def _stop_on_signals() -> _StopOnSignals:
+    return _StopOnSignals()
 
 
 @app.command()
@@ -159,7 +174,8 @@ def _serve(
     try:
         service = build(cfg, transport, store, build_runtime(cfg))
         service.start()
-        service.run_forever(stop)
+        stop.serving = True
+        service.run_forever(stop.event)
     finally:
         transport.close()
         store.close()
@@ -272,11 +288,16 @@ def worker(
             signing_key=_device_key(device_id, required=bool(cfg.security.require_signatures)),
         )
         service.start()
-        service.run_forever(stop, heartbeat_s=cfg.rounds.heartbeat_s)
+        stop.serving = True
+        service.run_forever(stop.event, heartbeat_s=cfg.rounds.heartbeat_s)
     finally:
         if lease is not None:
             lease.release()  # a no-op after retire; otherwise the slot is free for a replacement
         transport.close()
+    if service.training_abandoned:  # its task went back to the queue; torch cannot be shut down mid-step
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

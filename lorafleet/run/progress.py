@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from schemas.config import RunConfig
+from schemas.config import RunConfig, perplexity
 
 
 class RunReporter:
@@ -35,7 +35,22 @@ class RunReporter:
         )
 
     def round_evaluated(self, round_no: int, accuracy: float, loss: float) -> None:
-        self._print(f"[green]round {round_no}[/green] accuracy [bold]{accuracy:.4f}[/bold] loss {loss:.4f}")
+        """The round's metrics; a causal LM's accuracy is exact match, and it adds perplexity. The
+        metric the target applies to is in bold, with the target."""
+        rounds = self.config.rounds
+        causal = self.config.model.task == "causal_lm"
+        values = {"accuracy": accuracy, "loss": loss}
+        if causal:
+            values["perplexity"] = perplexity(loss)
+        parts = []
+        for name, value in values.items():
+            label = "exact match" if causal and name == "accuracy" else name
+            text = f"{label} {value:.4f}"
+            if name == rounds.target_metric:
+                target = rounds.target_value
+                text = f"[bold]{text}[/bold]" + ("" if target is None else f" (target {target:g})")
+            parts.append(text)
+        self._print(f"[green]round {round_no}[/green] " + " ".join(parts))
 
     def finished(self, reason: str, final_round: int, accuracy: float | None, wall_s: float) -> None:
         acc = "n/a" if accuracy is None else f"{accuracy:.4f}"

@@ -51,13 +51,12 @@ from lorafleet.transport import rabbitmq as rabbitmq_module
 from lorafleet.transport import topology
 from lorafleet.transport.base import TransportError
 from lorafleet.transport.rabbitmq import PikaTransport, broker_urls
-from schemas.config import merge_overrides
 from tests.conftest import REDIS_HOST, REDIS_PORT, _redis_ping
+from tests.integration.test_faults import DEVICES, MAX_ROUNDS
+from tests.integration.test_faults import run_config as faults_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = 3
-DEVICES = 6
-MAX_ROUNDS = 4
 KILL_IN_ROUND = 2
 VHOST = topology.VHOST
 #: the whole test, cluster start and stop included, stays below this (pytest-timeout enforces it)
@@ -70,42 +69,16 @@ RABBITMQ_BIN_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/lib/rabbitmq/bin", "/o
 
 
 def run_config(run_id: str) -> dict[str, Any]:
-    """tests/integration/test_faults.py's experiment: 6 devices, 4 rounds of the tiny random BERT on
-    synthetic data; workers wait out an emulated device time, about 1.5 s per task for half of them
-    and 3.75 s for the other half, so that every round is mid-way (some updates in, some not) for a
-    few seconds, long enough to kill a node inside it however loaded the machine is. Quorum 1.0 and a
-    long lease: every round waits for every device, so a lost update would stall the run rather than
-    pass unnoticed."""
-    base = {
-        "run_id": run_id,
-        "seed": 0,
-        "strategy": "fedlora",
-        "model": {
-            "name": "tiny",
-            "max_seq_len": 32,
-            "tiny_layers": 2,
-            "tiny_hidden": 128,
-            "torch_threads": 1,
-        },
-        "data": {"dataset": "synthetic", "samples_per_device": 128},
-        "lora": {"rank": 4},
-        "training": {"batch_size": 16, "lr": 0.01, "local_epochs": 4},
-        "devices": {
-            "count": DEVICES,
-            "sleep": True,
-            "tiers": [
-                {"name": "fast", "fraction": 0.5, "speed": 0.1},
-                {"name": "slow", "fraction": 0.5, "speed": 0.04},
-            ],
-        },
-        "rounds": {
-            "max_rounds": MAX_ROUNDS,
-            "lease_s": 60.0,
-            "heartbeat_s": 2.0,
-            "registration_timeout_s": 120.0,
-        },
-    }
-    return merge_overrides(base, {})
+    """tests/integration/test_faults.py's experiment (6 devices, 4 rounds of the tiny random BERT on
+    synthetic data, quorum 1.0 and a long lease: a lost update would stall the run rather than pass
+    unnoticed), with half the devices slower (about 1.5 s and 3.75 s per task), so that every round is
+    mid-way for a few seconds, long enough to kill a node inside it however loaded the machine is."""
+    slow_half = [
+        {"name": "fast", "fraction": 0.5, "speed": 0.1},
+        {"name": "slow", "fraction": 0.5, "speed": 0.04},
+    ]
+    overrides = {"devices": {"tiers": slow_half}, "rounds": {"registration_timeout_s": 120.0}}
+    return faults_run_config(run_id, overrides)
 
 
 # -- the cluster ----------------------------------------------------------------------------------------

@@ -924,3 +924,29 @@ def test_a_redis_that_lost_the_run_stops_the_services_instead_of_beginning_again
             assert fleet.store.get_run_fields(run_id).get("status") is None  # not begun again
     finally:
         redis_server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_a_worker_told_to_stop_mid_task_hands_it_back_and_exits_at_once(
+    baseline: Baseline, rabbitmq_url: str, redis_url: str, run_id: str, tmp_path: Path
+) -> None:
+    # Given tasks that each take 7.5 s of (slept) device time: what a scale-down or a pod eviction meets
+    config = run_config(run_id, {"devices": {"profile": {"speed": 0.02}}})
+    with fleet_of(tmp_path, config, rabbitmq_url, redis_url) as fleet:
+        fleet.start_run(workers=device_ids())
+        fleet.wait_round(2)
+        time.sleep(1.5)  # every worker is inside its round-2 task
+        # When one worker gets SIGTERM (what Kubernetes and compose send)
+        victim = fleet.services["worker-2"]
+        sent = time.monotonic()
+        os.kill(victim.proc.pid, signal.SIGTERM)
+        code = victim.proc.wait(timeout=60)
+        took = time.monotonic() - sent
+        fleet.mark(f"worker-2 exited {code} {took:.1f} s after SIGTERM")
+        # Then it exits 0 within a few seconds, handing its task back (before: it trained on to the end)
+        assert code == 0 and took < 5.0, (code, took)
+        assert "handed back for redelivery" in victim.log.read_text(errors="replace")
+        # ... and the next worker of that device trains it: nothing lost, the fault-free result
+        fleet.start("worker-2", "worker", device="dev-0002")
+        check_resumed_run(fleet, baseline)

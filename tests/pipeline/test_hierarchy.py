@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -165,17 +164,7 @@ def run_to_end(servers: Servers, pipeline: Pipeline, timeout: float = 120.0) -> 
     if not servers.threaded:
         pipeline.drive()
         return
-    stop = threading.Event()
-    pipeline.start_threads(stop)
-    deadline = time.monotonic() + timeout
-    try:
-        while not (pipeline.orchestrator.finished and pipeline.aggregator.finished):
-            assert time.monotonic() < deadline, "the hierarchical run did not finish in time"
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for t in pipeline.threads:
-            t.join(timeout=10)
+    pipeline.run_threaded(timeout)
 
 
 def test_a_hierarchical_run_aggregates_exactly_and_its_counters_agree_with_the_report(
