@@ -55,5 +55,6 @@ def test_the_causal_lm_example_learns_the_same_distributed_as_embedded(
     losses = _losses(distributed)
     print(f"eval loss per round: distributed {losses}, embedded {_losses(embedded)}")
     assert losses[-1] <= 0.7 * losses[0], losses
-    assert losses == pytest.approx(_losses(embedded), rel=1e-5)
+    # equal up to float summation order (workers train on one torch thread each, embedded on all)
+    assert losses == pytest.approx(_losses(embedded), rel=1e-3)
     assert distributed["final_round"] == embedded["final_round"]
