@@ -138,10 +138,11 @@ class AggregatorService:
         did = False
         self._note_outages(timeout)
         delivery = self._subscription.get(timeout)
+        status = self._run_status()  # first: it stops this service if the run's state was lost
         if delivery is not None:
             self._handle(delivery)
             did = True
-        if self._run_status() == "finished":
+        if status == "finished":
             self._finalise()
             return True
         now_ms = to_ms(self.clock.now())

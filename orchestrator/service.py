@@ -179,6 +179,7 @@ class OrchestratorService:
         assert self._subscription is not None
         delivery = self._subscription.get(timeout)
         if delivery is not None:
+            self._epoch.check(self.state.get_run_fields(self.run_id))  # before the state is touched
             self._handle(delivery)
         self._tick()
         return delivery is not None
