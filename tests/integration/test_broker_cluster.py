@@ -52,7 +52,7 @@ from lorafleet.transport import topology
 from lorafleet.transport.base import TransportError
 from lorafleet.transport.rabbitmq import PikaTransport, broker_urls
 from tests.conftest import REDIS_HOST, REDIS_PORT, _redis_ping
-from tests.integration.test_faults import DEVICES, MAX_ROUNDS
+from tests.integration.test_faults import DEVICES, MAX_ROUNDS, _env
 from tests.integration.test_faults import run_config as faults_run_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -305,19 +305,6 @@ def cluster(tmp_path: Path) -> Iterator[RabbitCluster]:
 
 
 # -- the run --------------------------------------------------------------------------------------------
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-    )
-    return env
 
 
 def _logs(out: Path, launcher_log: Path) -> str:
