@@ -214,6 +214,7 @@ class HierarchicalAggregator(AggregatorService):
             ReplanRequest(run_id=self.run_id, round=global_round, reason=f"global aggregation {global_round}")
         )
         self._to_evaluate.append(global_round)
+        self._checkpointed(global_round)
         log.info(
             "aggregator: global round %d aggregated over %d groups (%s intra-group rounds)",
             global_round,

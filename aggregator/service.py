@@ -24,6 +24,7 @@ from aggregator.validation import check_update_shapes
 from lorafleet.ml.lora import Tensors, select_for_spec, shapes
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.epoch import EpochGuard
+from lorafleet.run.recovery import latest_snapshot, restore, restore_at_start, wait_restored, write_snapshot
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import StartAdapterGone, start_adapter
 from lorafleet.security.signing import verify
@@ -34,7 +35,7 @@ from lorafleet.transport.messaging import Rejections, publish_message, receive
 from lorafleet.transport.waiting import wait_for_topology
 from schemas.config import RunConfig
 from schemas.envelope import decode
-from schemas.errors import MessageRefused, Rejected
+from schemas.errors import MessageRefused, Rejected, StateLost
 from schemas.measurement import DeviceMeasurement
 from schemas.messages import LoraSpec, LoraUpdate, ReplanRequest, RoundClosed, RoundEvaluated, TaskFailed
 from schemas.tensors import decode_tensors, tensors_from_bytes, tensors_to_bytes
@@ -59,6 +60,9 @@ def update_norm(start: Tensors, trained: Tensors) -> float:
     return math.sqrt(sum(float(((trained[k].double() - start[k].double()) ** 2).sum()) for k in start))
 
 
+AGGREGATED_FIELD = "aggregated"  # run field: the latest round (global round) aggregated and snapshotted
+
+
 def checkpoint_dir(out_dir: Path, round_no: int) -> Path:
     return out_dir / "checkpoints" / f"round-{round_no:04d}"
 
@@ -78,9 +82,11 @@ class AggregatorService:
         clock: Clock | None = None,
         drop_vanished: bool = True,
         fleet_key: bytes | None = None,
+        snapshots: bool = True,
     ) -> None:
         self.transport = transport
         self.drop_vanished = drop_vanished  # off in embedded mode: in-process devices cannot vanish
+        self.snapshots = snapshots  # off in embedded mode: the in-process store cannot lose the run
         self.fleet_key = fleet_key  # verifies device signatures (lorafleet/security/signing.py)
         if config.security.require_signatures and fleet_key is None:
             raise ValueError(
@@ -106,10 +112,14 @@ class AggregatorService:
         self._last_step_at: float | None = None
         self._seen_connection: int | None = None  # the broker connection the last step saw
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
+        self._snapshot_round: int | None = None  # the round of the latest snapshot this service wrote
+        self._since_snapshot: set[tuple[int, str]] = set()  # (round, task) counted after that snapshot
 
     def start(self, *, wait_s: float = 600.0, poll_s: float = 1.0) -> None:
         """Subscribe to the updates queue, waiting up to ``wait_s`` for the orchestrator to declare it
-        (where the broker did not load the definitions), and resume a lost evaluation."""
+        (where the broker did not load the definitions), and resume a lost evaluation. A store without
+        the run, beside a snapshot of it in the output directory, gets the snapshot back first."""
+        restore_at_start(self.state, self.run_id, self.out_dir)
         self._subscription = wait_for_topology(
             lambda: self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8),
             missing=(QueueNotFound,),
@@ -138,7 +148,13 @@ class AggregatorService:
         did = False
         self._note_outages(timeout)
         delivery = self._subscription.get(timeout)
-        status = self._run_status()  # first: it stops this service if the run's state was lost
+        try:
+            status = self._run_status()  # first: the run's state may have been lost
+        except StateLost as lost:
+            if delivery is not None:
+                delivery.requeue()  # handled once the run is back
+            self._recover(lost)
+            return True
         if delivery is not None:
             self._handle(delivery)
             did = True
@@ -229,9 +245,55 @@ class AggregatorService:
 
     def _run_status(self) -> str | None:
         fields = self.state.get_run_fields(self.run_id)
-        self._epoch.check(fields)
+        if self._epoch.check(fields):
+            self._restored()  # from a snapshot, by another service
         status = fields.get("status")
+        if status == "running" and self._snapshot_round is None:
+            self._snapshot(int(fields.get(AGGREGATED_FIELD, 0)))  # the first: before any aggregation
         return None if status is None else str(status)
+
+    # -- state recovery (lorafleet/run/recovery.py) ---------------------------------------------
+    def _snapshot(self, round_no: int) -> None:
+        if self.snapshots and self.out_dir is not None and self._epoch.epoch is not None:
+            write_snapshot(self.state, self.run_id, self._epoch.epoch, round_no, self.out_dir)
+        self._snapshot_round = round_no
+        self._since_snapshot.clear()
+
+    def _checkpointed(self, round_no: int) -> None:
+        """A round (a hierarchical run's global round) is aggregated, checkpointed and announced: fence
+        it and snapshot the run, so that a store that loses what follows can be brought back to here."""
+        self.state.put_run_field(self.run_id, AGGREGATED_FIELD, round_no)
+        self._epoch.fence(AGGREGATED_FIELD, round_no)
+        self._snapshot(round_no)
+
+    def _recover(self, lost: StateLost) -> None:
+        """The store lost the run (or rolled it back): import the latest snapshot of the run's epoch;
+        without one, wait for another service to bring the run back, or stop (re-raise ``lost``)."""
+        snapshot = latest_snapshot(self.out_dir, self.run_id, self._epoch.epoch)
+        log.warning("aggregator: %s", lost)
+        if snapshot is not None:
+            restore(self.state, snapshot)
+            self._epoch.accept(self.state.get_run_fields(self.run_id))
+        elif wait_restored(self.state, self._epoch, self.clock) is None:
+            raise StateLost(f"{lost}; no snapshot of it to restore (keep Redis persistent, or give --out)")
+        self._restored()
+
+    def _restored(self) -> None:
+        """Take this service's view from the restored store: updates counted since the snapshot are
+        accounted as lost with the state (their resends count in their place), caches are dropped, no
+        device is dropped for a lease, and the latest aggregate is evaluated if it was not."""
+        since = sorted(self._since_snapshot)
+        lost = [(r, t) for r, t in since if t not in self.state.get_updates(self.run_id, r)]
+        if lost:
+            self.state.incr_counter(self.run_id, "update_lost_with_state", len(lost))
+        self._since_snapshot.clear()
+        self._snapshot_round = int(self.state.get_run_fields(self.run_id).get(AGGREGATED_FIELD, 0))
+        self._expected.clear()
+        self._registered_samples.clear()
+        self._to_evaluate.clear()
+        self._leases_resume_ms = to_ms(self.clock.now() + self.config.rounds.lease_s)
+        self._resume_evaluation()
+        log.warning("aggregator: going on from the restored state (%d counted updates lost)", len(lost))
 
     # -- ingress --------------------------------------------------------------------------------
     def _handle(self, delivery: Delivery) -> None:
@@ -256,6 +318,8 @@ class AggregatorService:
                 stored,
                 to_ms(self.clock.now()),
             )
+            if result.outcome in ("counted", "recovered"):
+                self._since_snapshot.add((message.round, message.task_id))
             if result.outcome == "recovered":
                 log.warning(
                     "aggregator: %s from %s arrived after its device was dropped; round %d is open: counted",
@@ -359,6 +423,7 @@ class AggregatorService:
         self.state.mark_aggregated(self.run_id, round_no, round_no)
         self._compact(round_no, stored, messages)
         self._to_evaluate.append(round_no)
+        self._checkpointed(round_no)
         log.info(
             "aggregator: round %d closed (%s) with %d/%d updates",
             round_no,

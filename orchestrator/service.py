@@ -17,6 +17,7 @@ from lorafleet.ml.lora import Tensors, select_for_spec
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.epoch import EPOCH_FIELD, EpochGuard, new_epoch
 from lorafleet.run.progress import RunReporter
+from lorafleet.run.recovery import restore_at_start, wait_restored
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import start_adapter
 from lorafleet.state.base import StateStore
@@ -31,13 +32,14 @@ from orchestrator.planners.specs import DevicePlan, global_spec
 from orchestrator.rounds import quorum_size, sample_devices, task_id
 from schemas.config import RunConfig
 from schemas.envelope import encode
-from schemas.errors import MessageRefused, Rejected
+from schemas.errors import MessageRefused, Rejected, StateLost, StateRolledBack
 from schemas.measurement import DeviceMeasurement
 from schemas.messages import (
     DeviceRegistered,
     DeviceSlot,
     Heartbeat,
     LoraSpec,
+    RegisterAgain,
     ReplanRequest,
     RoundClosed,
     RoundEvaluated,
@@ -111,6 +113,7 @@ class OrchestratorService:
         except AccessRefused:
             log.info("orchestrator: topology comes from the broker's definitions")
         self._subscription = self.transport.subscribe(topology.ORCHESTRATOR_QUEUE, prefetch=16)
+        restore_at_start(self.state, self.run_id, self.out_dir)
         fields = self.state.get_run_fields(self.run_id)
         status = fields.get("status")
         if status == "finished":
@@ -121,9 +124,11 @@ class OrchestratorService:
             self._initialise()
         self._epoch.check(self.state.get_run_fields(self.run_id))
 
-    def _initialise(self) -> None:
+    def _initialise(self, epoch: str | None = None) -> None:
+        """Write the run's record (a new epoch, or ``epoch`` again when the store lost a run that was
+        registering) and publish the device slots once."""
         if EPOCH_FIELD not in self.state.get_run_fields(self.run_id):
-            self.state.put_run_field(self.run_id, EPOCH_FIELD, new_epoch())
+            self.state.put_run_field(self.run_id, EPOCH_FIELD, epoch or new_epoch())
         self.state.put_run_field(self.run_id, "config", self.config.model_dump(mode="json"))
         self.state.put_run_field(self.run_id, "global_spec", self.global_spec.model_dump_json())
         if self.state.get_global_adapter(self.run_id) is None:
@@ -131,6 +136,8 @@ class OrchestratorService:
                 self.run_id, 0, tensors_to_bytes(self.initial_adapter(self.global_spec))
             )
         self.state.put_run_field(self.run_id, "status", "registering")
+        if epoch is not None:
+            self.state.put_run_field(self.run_id, "slots_published", True)  # the tokens are out already
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
         self._publish_slots()
@@ -150,7 +157,9 @@ class OrchestratorService:
 
     def _resume(self, fields: dict[str, object]) -> None:
         self.phase = "running"
+        self._finishing = None
         self.round = int(str(fields.get("round", 0)))
+        self._epoch.fence("round", self.round)
         self._started_at = float(str(fields.get("started_at", self.clock.now())))
         raw = fields.get("estimates") or {}
         assert isinstance(raw, dict)
@@ -163,7 +172,9 @@ class OrchestratorService:
     def _resume_round(self) -> None:
         """Go on with the current round after a restart."""
         info = self.state.get_round(self.run_id, self.round)
-        if info is not None and info.status == "open":
+        if info is None and self.round > 0:
+            self._open_round(self.round)  # its opening was lost with the state (or cut short)
+        elif info is not None and info.status == "open":
             self._publish_tasks(self.round)  # tasks may not all have gone out before the crash
         elif info is not None and info.status == "aggregated":
             # its RoundClosed may have died with the previous incarnation (or will be ignored now)
@@ -179,7 +190,9 @@ class OrchestratorService:
         assert self._subscription is not None
         delivery = self._subscription.get(timeout)
         if delivery is not None:
-            self._epoch.check(self.state.get_run_fields(self.run_id))  # before the state is touched
+            if not self._state_intact():  # checked before the state is touched
+                delivery.requeue()  # handled against the restored state
+                return True
             self._handle(delivery)
         self._tick()
         return delivery is not None
@@ -193,7 +206,8 @@ class OrchestratorService:
         now = self.clock.now()
         if now >= self._next_epoch_check:
             self._next_epoch_check = now + 1.0
-            self._epoch.check(self.state.get_run_fields(self.run_id))
+            if not self._state_intact():
+                return
         if self.phase == "registering":
             devices = self.state.get_devices(self.run_id)
             waited = now - self._registration_started
@@ -205,6 +219,41 @@ class OrchestratorService:
                 self._finish("aborted", 0)
         elif self.phase == "running" and self._over_time_budget() and self._round_aggregated(self.round):
             self._finish("time_budget", self.round)
+
+    def _state_intact(self) -> bool:
+        """Whether the store still holds the run as this service last saw it; if not, take the run back
+        from it (lorafleet/run/recovery.py) and return False.
+
+        Lost (the epoch gone): wait for the aggregator to restore its latest snapshot, then resume from
+        it; a run still registering, which has no snapshot, is written again with the same epoch (its
+        devices register again when their heartbeats are answered with ``RegisterAgain``); otherwise
+        stop with :class:`StateLost`. Restored by another service, or rolled back (this service's round
+        behind what it wrote: a failover lost it): resume from what the store holds."""
+        fields = self.state.get_run_fields(self.run_id)
+        try:
+            if not self._epoch.check(fields):
+                return True
+        except StateRolledBack as behind:
+            log.warning("orchestrator: %s; resuming from the state store", behind)
+            self._epoch.accept(fields)
+        except StateLost as lost:
+            log.warning("orchestrator: %s; waiting for the aggregator to restore it", lost)
+            restored = wait_restored(self.state, self._epoch, self.clock)
+            if restored is None and self.phase == "registering":
+                epoch = self._epoch.epoch
+                self._initialise(epoch)
+                self._epoch.accept(self.state.get_run_fields(self.run_id))
+                self._registration_started = self.clock.now()
+                log.warning("orchestrator: the run was registering; written again, devices register again")
+                return False
+            if restored is None:
+                raise StateLost(f"{lost}; nobody restored it (the aggregator keeps the snapshots)") from lost
+            fields = restored
+        if fields.get("status") == "finished":
+            self.phase = "finished"
+        elif fields.get("status") == "running":
+            self._resume(fields)
+        return False
 
     def _round_aggregated(self, round_no: int) -> bool:
         """The round is over (aggregated), or there is none."""
@@ -224,9 +273,7 @@ class OrchestratorService:
             if isinstance(message, DeviceRegistered):
                 self._on_registered(message)
             elif isinstance(message, Heartbeat):
-                self.state.touch_device(
-                    self.run_id, message.device_id, to_ms(self.clock.now() + self.config.rounds.lease_s)
-                )
+                self._on_heartbeat(message)
             elif isinstance(message, RoundClosed):
                 self._on_round_closed(message)
             elif isinstance(message, RoundEvaluated):
@@ -246,6 +293,22 @@ class OrchestratorService:
         and hold rounds open until their deadline."""
         if device_id not in self._slots:
             raise Rejected("unknown_device", f"{device_id} is not one of the run's {len(self._slots)} slots")
+
+    def _on_heartbeat(self, message: Heartbeat) -> None:
+        """Extend the device's lease; a device the run does not have registered (its registration was
+        lost with the state) is asked to register again."""
+        if message.device_id not in self.state.get_devices(self.run_id):
+            publish_message(
+                self.transport,
+                topology.TASKS_EXCHANGE,
+                message.device_id,
+                RegisterAgain(run_id=self.run_id, device_id=message.device_id, seq=message.seq),
+            )
+            self.state.incr_counter(self.run_id, "register_again")
+            return
+        self.state.touch_device(
+            self.run_id, message.device_id, to_ms(self.clock.now() + self.config.rounds.lease_s)
+        )
 
     def _on_replan(self, message: ReplanRequest) -> None:
         """Flat strategies replan every round anyway."""
@@ -369,6 +432,7 @@ class OrchestratorService:
         now = self.clock.now()
         self._open_state_round(round_no, round_plan.plans, now)
         self.state.put_run_field(self.run_id, "round", round_no)
+        self._epoch.fence("round", round_no)
         self.round = round_no
         self.state.put_round_metrics(
             self.run_id,

@@ -83,6 +83,11 @@ class StateLost(StateStoreError):
     exit_code = 3  # not worth restarting the service: the supervisor gives up on it
 
 
+class StateRolledBack(StateLost):
+    """The state store shows the run as it was before writes this service saw succeed (a failover to
+    a replica that had not received them): the run is there, but older than this service's view."""
+
+
 class NoFreeSlot(LorafleetError):
     """No free device slot within the time allowed."""
 

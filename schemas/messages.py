@@ -167,6 +167,20 @@ class Heartbeat(StrictModel):
         return f"heartbeat:{self.run_id}:{self.device_id}:{self.seq}"
 
 
+class RegisterAgain(StrictModel):
+    """The orchestrator to a device whose heartbeat it heard but which the run does not have registered
+    (the state store lost a run that was registering): send ``DeviceRegistered`` again."""
+
+    KIND: ClassVar[str] = "register_again"
+    run_id: RunId
+    device_id: DeviceId
+    seq: Annotated[int, Field(ge=0)]  # the heartbeat it answers
+
+    @property
+    def message_id(self) -> str:
+        return f"register-again:{self.run_id}:{self.device_id}:{self.seq}"
+
+
 class TrainTask(StrictModel):
     KIND: ClassVar[str] = "train_task"
     task_id: TaskId
@@ -271,6 +285,7 @@ Message = (
     DeviceRegistered
     | DeviceSlot
     | Heartbeat
+    | RegisterAgain
     | TrainTask
     | LoraUpdate
     | TaskFailed
@@ -284,6 +299,7 @@ MESSAGE_TYPES: tuple[type[StrictModel], ...] = (
     DeviceRegistered,
     DeviceSlot,
     Heartbeat,
+    RegisterAgain,
     TrainTask,
     LoraUpdate,
     TaskFailed,

@@ -36,6 +36,7 @@ from schemas.messages import (
     DeviceRegistered,
     Heartbeat,
     LoraUpdate,
+    RegisterAgain,
     RunFinished,
     TaskFailed,
     TrainTask,
@@ -104,6 +105,16 @@ class WorkerService:
         Where the broker did not load the definitions, the orchestrator declares the exchanges and
         queues; a worker that starts before it waits for them (up to ``wait_s``) instead of failing.
         """
+        wait_for_topology(
+            self._register,
+            missing=(ExchangeNotFound, Unroutable),
+            what=f"the orchestrator's topology (worker {self.device_id})",
+            wait_s=wait_s,
+            poll_s=poll_s,
+            clock=self.clock,
+        )
+
+    def _register(self) -> None:
         registered = DeviceRegistered(
             run_id=self.run_id,
             device_id=self.device_id,
@@ -113,14 +124,7 @@ class WorkerService:
             incarnation=self.incarnation,
         )
         exchange, key = topology.CONTROL_EXCHANGE, topology.register_key(self.device_id)
-        wait_for_topology(
-            lambda: publish_message(self.transport, exchange, key, registered),
-            missing=(ExchangeNotFound, Unroutable),
-            what=f"the orchestrator's topology (worker {self.device_id})",
-            wait_s=wait_s,
-            poll_s=poll_s,
-            clock=self.clock,
-        )
+        publish_message(self.transport, exchange, key, registered)
 
     def heartbeat(self) -> None:
         """Tell the orchestrator this device is alive (and what it is working on)."""
@@ -207,6 +211,12 @@ class WorkerService:
                 log.info("worker %s: run finished (%s)", self.device_id, message.reason)
             elif isinstance(message, TrainTask):
                 self._handle_task(message, delivery)
+            elif isinstance(message, RegisterAgain):
+                if message.device_id != self.device_id:
+                    raise Rejected("wrong_device", f"{message.device_id}'s request reached {self.device_id}")
+                self._register()  # the run lost this device's registration
+                delivery.ack()
+                self.stats["registered_again"] += 1
             else:
                 raise Rejected("unexpected_kind", f"a worker does not consume {type(message).__name__}")
         except MessageRefused as exc:

@@ -211,6 +211,7 @@ def build_aggregator(
         clock=clock,
         drop_vanished=not embedded,
         fleet_key=fleet_key,
+        snapshots=not embedded,
     )
 
 

@@ -56,6 +56,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "tasks_failed": counters.get("task_failed", 0),
         "tasks_dropped": counters.get("task_dropped", 0),
         "tasks_purged": counters.get("tasks_purged", 0),
+        "state_restored": counters.get("state_restored", 0),  # lorafleet/run/recovery.py
         "devices": {
             d: {
                 "num_samples": info.get("num_samples"),

@@ -219,4 +219,18 @@ class StateStore(Protocol):
         """Remove every record of a run."""
         ...
 
+    # -- snapshots (lorafleet/run/recovery.py) -----------------------------------------------------
+    def export_run(self, run_id: str) -> bytes:
+        """Every record of a run, as one opaque blob that :meth:`import_run` of the same kind of store
+        takes back (a consistent point in time: no write of the run lands halfway through it)."""
+        ...
+
+    def import_run(self, run_id: str, snapshot: bytes) -> None:
+        """Replace every record of a run by an :meth:`export_run` blob, atomically.
+
+        Raises:
+            StateStoreError: the blob is not a snapshot of this kind of store.
+        """
+        ...
+
     def close(self) -> None: ...

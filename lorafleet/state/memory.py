@@ -6,7 +6,10 @@ Values are JSON round-tripped where Redis would store JSON, so both stores retur
 
 from __future__ import annotations
 
+import copy
+import io
 import json
+import pickle
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +23,7 @@ from lorafleet.state.base import (
     RecordResult,
     RoundInfo,
     RoundStatus,
+    StateStoreError,
 )
 
 
@@ -57,6 +61,21 @@ class _Run:
     global_rounds: dict[int, _GlobalRound] = field(default_factory=dict)
     global_count: int = 0
     group_adapters: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+
+
+_SNAPSHOT_TAG = b"lorafleet-memory-snapshot-1\n"
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    """Loads only this module's records and plain containers: a snapshot file is data, never code."""
+
+    _ALLOWED = frozenset({(__name__, "_Run"), (__name__, "_Round"), (__name__, "_GlobalRound"),
+                          ("builtins", "set"), ("builtins", "frozenset")})  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"a snapshot may not hold {module}.{name}")
+        return super().find_class(module, name)
 
 
 class InMemoryStateStore:
@@ -340,6 +359,22 @@ class InMemoryStateStore:
     def delete_run(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
+
+    def export_run(self, run_id: str) -> bytes:
+        with self._lock:
+            return _SNAPSHOT_TAG + pickle.dumps((run_id, copy.deepcopy(self._run(run_id))))
+
+    def import_run(self, run_id: str, snapshot: bytes) -> None:
+        if not snapshot.startswith(_SNAPSHOT_TAG):
+            raise StateStoreError("import_run: not a snapshot of the in-process state store")
+        try:
+            owner, run = _SnapshotUnpickler(io.BytesIO(snapshot[len(_SNAPSHOT_TAG) :])).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise StateStoreError(f"import_run: unreadable snapshot: {exc}") from exc
+        if owner != run_id or not isinstance(run, _Run):
+            raise StateStoreError(f"import_run: not a snapshot of run {run_id!r}")
+        with self._lock:
+            self._runs[run_id] = run
 
     def close(self) -> None:
         """Nothing to release."""

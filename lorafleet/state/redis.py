@@ -20,6 +20,7 @@ Redis exceptions never leave this module: they become :class:`lorafleet.state.ba
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -333,6 +334,8 @@ def _glob_escape(text: str) -> str:
 def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
+
+_SNAPSHOT_FORMAT = "lorafleet-redis-snapshot-1"  # DUMP payloads: RESTORE needs the same or a newer Redis
 
 #: how long a call waits for an unreachable Redis (a restart, a failover) before it fails
 OUTAGE_S = 90.0
@@ -748,6 +751,48 @@ class RedisStateStore:
                 batch.clear()
         if batch:
             self._r.unlink(*batch)
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def _run_keys(self, run_id: str) -> list[bytes]:
+        pattern = keys.run_pattern(_glob_escape(run_id))
+        return sorted(cast(Iterable[bytes], self._r.scan_iter(match=pattern, count=500)))
+
+    @_translated
+    def export_run(self, run_id: str) -> bytes:
+        """DUMP of every key of the run, read in one MULTI/EXEC (one point in time); a key written
+        after the SCAN that listed them is not in it (the services' resume paths tolerate that)."""
+        names = self._run_keys(run_id)
+        pipe = self._r.pipeline(transaction=True)
+        for name in names:
+            pipe.dump(name)
+            pipe.pttl(name)
+        replies = pipe.execute()
+        entries = [
+            [_s(name), int(ttl), base64.b64encode(payload).decode()]
+            for name, payload, ttl in zip(names, replies[0::2], replies[1::2], strict=True)
+            if payload is not None  # gone between the SCAN and the transaction
+        ]
+        return json.dumps({"format": _SNAPSHOT_FORMAT, "run_id": run_id, "keys": entries}).encode()
+
+    @_translated
+    def import_run(self, run_id: str, snapshot: bytes) -> None:
+        """Delete the run's keys and RESTORE the snapshot's in one MULTI/EXEC, the run record last."""
+        try:
+            doc = json.loads(snapshot)
+            if doc["format"] != _SNAPSHOT_FORMAT or doc["run_id"] != run_id:
+                raise ValueError(f"format {doc['format']!r} of run {doc['run_id']!r}")
+            entries = [(str(k), int(ttl), base64.b64decode(p)) for k, ttl, p in doc["keys"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateStoreError(f"import_run: not a Redis snapshot of run {run_id!r}: {exc}") from exc
+        meta = keys.run_meta(run_id)
+        entries.sort(key=lambda entry: entry[0] == meta)
+        pipe = self._r.pipeline(transaction=True)
+        stale = self._run_keys(run_id)
+        if stale:
+            pipe.unlink(*stale)
+        for name, ttl, payload in entries:
+            pipe.restore(name, max(ttl, 0), payload, replace=True)
+        pipe.execute()
 
     @_translated
     def close(self) -> None:

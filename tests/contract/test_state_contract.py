@@ -768,3 +768,74 @@ def test_only_the_redis_adapter_imports_redis() -> None:
             if any(n == "redis" or n.startswith("redis.") for n in names):
                 offenders.append(str(rel))
     assert offenders == [], f"only lorafleet/state/redis.py may import redis: {offenders}"
+
+
+# -- snapshots --------------------------------------------------------------------------------------------
+def _observed(store: StateStore, run_id: str) -> dict[str, Any]:
+    """Everything the protocol shows of a run."""
+    return {
+        "fields": store.get_run_fields(run_id),
+        "devices": store.get_devices(run_id),
+        "rounds": {r: store.get_round(run_id, r) for r in store.list_rounds(run_id)},
+        "updates": {r: store.get_updates(run_id, r) for r in store.list_rounds(run_id)},
+        "pending": store.pending_aggregations(run_id),
+        "global": store.get_global_adapter(run_id),
+        "group": store.get_group_adapter(run_id, 1),
+        "global_rounds": {g: store.get_global_round(run_id, g) for g in store.list_global_rounds(run_id)},
+        "metrics": store.get_round_metrics(run_id),
+        "counters": store.get_counters(run_id),
+        "expired": store.expired_devices(run_id, 5_000),
+    }
+
+
+def test_an_imported_snapshot_brings_back_exactly_the_exported_run(store: StateStore, run_id: str) -> None:
+    # Given a run with every kind of record
+    store.put_run_field(run_id, "epoch", "e1")
+    store.register_device(run_id, "d0", {"num_samples": 10})
+    store.touch_device(run_id, "d0", 4_000)
+    tasks = _open(store, run_id, 1, n=3, quorum=2)
+    for task, device in list(tasks.items())[:2]:
+        store.record_update(run_id, 1, task, device, b"\x00\xffbody", 1_500)
+    assert store.pending_aggregations(run_id) == [1]
+    store.mark_aggregated(run_id, 1, 1)
+    store.put_global_adapter(run_id, 1, b"adapter-1")
+    store.put_group_adapter(run_id, 1, 3, b"group")
+    store.open_global_round(run_id, 1, {1: 2})
+    store.put_round_metrics(run_id, 1, {"accuracy": 0.5, "devices": {"d0": {"x": 1.25}}})
+    store.incr_counter(run_id, "update_counted", 2)
+    _open(store, run_id, 2, n=3, quorum=3)
+    snapshot = store.export_run(run_id)
+    before = _observed(store, run_id)
+    # When the run moves on, and is then lost, and the snapshot is imported
+    store.record_update(run_id, 2, "t0", "d0", b"later", 2_000)
+    store.put_global_adapter(run_id, 2, b"adapter-2")
+    store.incr_counter(run_id, "update_counted")
+    store.put_run_field(run_id, "round", 3)
+    store.delete_run(run_id)
+    store.put_run_field(run_id, "written_after_the_loss", True)
+    store.import_run(run_id, snapshot)
+    # Then the store shows the run exactly as it was exported, and nothing written since
+    assert _observed(store, run_id) == before
+    # ... and it goes on from there as before (round 2 still counts its first update)
+    assert store.record_update(run_id, 2, "t0", "d0", b"later", 2_000).outcome == "counted"
+
+
+def test_import_refuses_what_is_not_a_snapshot_of_the_run(store: StateStore, run_id: str) -> None:
+    store.put_run_field(run_id, "epoch", "e1")
+    snapshot = store.export_run(run_id)
+    for blob in (b"", b"not a snapshot", snapshot[: len(snapshot) // 2]):
+        with pytest.raises(StateStoreError):
+            store.import_run(run_id, blob)
+    with pytest.raises(StateStoreError):
+        store.import_run(run_id + "-other", snapshot)
+    assert store.get_run_fields(run_id) == {"epoch": "e1"}  # a refused import changed nothing
+
+
+def test_a_memory_snapshot_cannot_carry_code() -> None:
+    import pickle
+
+    from lorafleet.state.memory import _SNAPSHOT_TAG
+
+    hostile = _SNAPSHOT_TAG + pickle.dumps(print)
+    with pytest.raises(StateStoreError, match=r"may not hold builtins\.print"):
+        InMemoryStateStore().import_run("run", hostile)

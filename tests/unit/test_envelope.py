@@ -22,6 +22,7 @@ from schemas.messages import (
     LoraUpdate,
     ReplanRequest,
     RoundClosed,
+    RegisterAgain,
     RoundEvaluated,
     RunFinished,
     StrictModel,
@@ -84,6 +85,7 @@ def _one_of_each() -> list[StrictModel]:
         RoundEvaluated(run_id="run-1", round=3, accuracy=0.875, loss=0.31, eval_s=1.25),
         ReplanRequest(run_id="run-1", round=3, reason="device dev-0002 is gone"),
         RunFinished(run_id="run-1", reason="target_accuracy", rounds_completed=5, final_accuracy=0.9),
+        RegisterAgain(run_id="run-1", device_id="dev-0001", seq=7),
     ]
 
 
