@@ -9,6 +9,7 @@ Evaluation runs after ``RoundClosed`` is published: the next round does not wait
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -23,8 +24,16 @@ from aggregator.receipts import fingerprint, fingerprint_of, receipt
 from aggregator.validation import check_update_shapes
 from lorafleet.ml.lora import Tensors, select_for_spec, shapes
 from lorafleet.run.clock import Clock, SystemClock, to_ms
-from lorafleet.run.epoch import EpochGuard
-from lorafleet.run.recovery import latest_snapshot, restore, restore_at_start, wait_restored, write_snapshot
+from lorafleet.run.epoch import RESTORED_FIELD, EpochGuard
+from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
+from lorafleet.run.recovery import (
+    latest_snapshot,
+    lost_state,
+    restore,
+    restore_at_start,
+    wait_restored,
+    write_snapshot,
+)
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import StartAdapterGone, start_adapter
 from lorafleet.security.signing import verify
@@ -83,8 +92,10 @@ class AggregatorService:
         drop_vanished: bool = True,
         fleet_key: bytes | None = None,
         snapshots: bool = True,
+        restore_wait_s: float = RESTORE_WAIT_S,
     ) -> None:
         self.transport = transport
+        self.restore_wait_s = restore_wait_s  # for another service to restore a lost run
         self.drop_vanished = drop_vanished  # off in embedded mode: in-process devices cannot vanish
         self.snapshots = snapshots  # off in embedded mode: the in-process store cannot lose the run
         self.fleet_key = fleet_key  # verifies device signatures (lorafleet/security/signing.py)
@@ -144,20 +155,33 @@ class AggregatorService:
             return False
         if self._subscription is None:
             self.start()
+        try:
+            return self._step(timeout)
+        except StateLost as lost:
+            self._recover(lost)
+            return True
+        except Exception:
+            cause = lost_state(self.state, self._epoch)  # the store lost the run under this step?
+            if cause is None:
+                raise
+            self._recover(cause)
+            return True
+
+    def _step(self, timeout: float) -> bool:
         assert self._subscription is not None
         did = False
         self._note_outages(timeout)
         delivery = self._subscription.get(timeout)
         try:
             status = self._run_status()  # first: the run's state may have been lost
-        except StateLost as lost:
             if delivery is not None:
-                delivery.requeue()  # handled once the run is back
-            self._recover(lost)
-            return True
-        if delivery is not None:
-            self._handle(delivery)
-            did = True
+                self._handle(delivery)
+                did = True
+        except Exception:
+            if delivery is not None:
+                with contextlib.suppress(Exception):
+                    delivery.requeue()  # not settled: handled again (once the run is back)
+            raise
         if status == "finished":
             self._finalise()
             return True
@@ -254,10 +278,20 @@ class AggregatorService:
 
     # -- state recovery (lorafleet/run/recovery.py) ---------------------------------------------
     def _snapshot(self, round_no: int) -> None:
+        """Snapshot the run, only if the store held it (this epoch) from before this step's work until
+        after the export: a store that lost the run halfway through would give a snapshot of debris."""
         if self.snapshots and self.out_dir is not None and self._epoch.epoch is not None:
-            write_snapshot(self.state, self.run_id, self._epoch.epoch, round_no, self.out_dir)
+            self._require_run()
+            blob = self.state.export_run(self.run_id)
+            self._require_run()
+            write_snapshot(self.run_id, self._epoch.epoch, round_no, blob, self.out_dir)
         self._snapshot_round = round_no
         self._since_snapshot.clear()
+
+    def _require_run(self) -> None:
+        lost = lost_state(self.state, self._epoch)
+        if lost is not None:
+            raise lost
 
     def _checkpointed(self, round_no: int) -> None:
         """A round (a hierarchical run's global round) is aggregated, checkpointed and announced: fence
@@ -274,7 +308,8 @@ class AggregatorService:
         if snapshot is not None:
             restore(self.state, snapshot)
             self._epoch.accept(self.state.get_run_fields(self.run_id))
-        elif wait_restored(self.state, self._epoch, self.clock) is None:
+        # the orchestrator waits restore_wait_s for a restore before it writes a registering run again
+        elif wait_restored(self.state, self._epoch, self.clock, wait_s=2 * self.restore_wait_s) is None:
             raise StateLost(f"{lost}; no snapshot of it to restore (keep Redis persistent, or give --out)")
         self._restored()
 
@@ -335,7 +370,32 @@ class AggregatorService:
                 self.state.incr_counter(self.run_id, "task_failed")
             delivery.ack()
         except MessageRefused as exc:
+            lost = lost_state(self.state, self._epoch)
+            if lost is not None:
+                raise lost from exc  # no such round or task because the store lost the run: not refused
+            if self._round_lost_with_state(exc, delivery):
+                return
             self.rejections.reject(delivery, exc)
+
+    def _round_lost_with_state(self, exc: MessageRefused, delivery: Delivery) -> bool:
+        """An update for a round the restored state does not have (opened after its snapshot, not yet
+        opened again): accounted ``lost_with_state``, not refused; its resend counts once the
+        orchestrator opens the round again. True if that is what ``exc`` was."""
+        if not isinstance(exc, Rejected) or exc.reason != "unknown_task":
+            return False
+        fields = self.state.get_run_fields(self.run_id)
+        try:
+            message = decode(delivery.body)
+        except MessageRefused:
+            return False
+        round_no = getattr(message, "round", None)
+        if RESTORED_FIELD not in fields or not isinstance(round_no, int):
+            return False
+        if round_no <= int(str(fields.get("round", 0))) or self.state.get_round(self.run_id, round_no):
+            return False
+        self.state.incr_counter(self.run_id, "update_lost_with_state")
+        delivery.ack()
+        return True
 
     def _check_signature(self, report: LoraUpdate | TaskFailed) -> None:
         if not self.config.security.require_signatures:
@@ -419,8 +479,8 @@ class AggregatorService:
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, round_no))
         closed = self._record_round_metrics(round_no, stored, messages, started)
-        self._publish(closed.model_copy(update={"global_version": round_no}))
-        self.state.mark_aggregated(self.run_id, round_no, round_no)
+        self.state.mark_aggregated(self.run_id, round_no, round_no)  # before it is announced: the
+        self._publish(closed.model_copy(update={"global_version": round_no}))  # store is the truth
         self._compact(round_no, stored, messages)
         self._to_evaluate.append(round_no)
         self._checkpointed(round_no)

@@ -190,6 +190,9 @@ class HierarchicalOrchestrator(OrchestratorService):
             )
 
     # -- messages ---------------------------------------------------------------------------------
+    def _poll_round_closed(self) -> None:
+        """Intra-group and global rounds are announced by the aggregator (no polling fallback yet)."""
+
     def _on_round_closed(self, message: RoundClosed) -> None:
         parsed = parse_round(message.round)
         if parsed is None:

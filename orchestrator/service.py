@@ -7,6 +7,7 @@ task id), a round that closed while it was down is picked up from the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Literal
 from lorafleet.devices.costmodel import CostModel, cost_model_for
 from lorafleet.ml.lora import Tensors, select_for_spec
 from lorafleet.run.clock import Clock, SystemClock, to_ms
-from lorafleet.run.epoch import EPOCH_FIELD, EpochGuard, new_epoch
+from lorafleet.run.epoch import EPOCH_FIELD, RESTORED_FIELD, EpochGuard, new_epoch
 from lorafleet.run.progress import RunReporter
-from lorafleet.run.recovery import restore_at_start, wait_restored
+from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
+from lorafleet.run.recovery import lost_state, restore_at_start, wait_restored
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import start_adapter
 from lorafleet.state.base import StateStore
@@ -71,8 +73,10 @@ class OrchestratorService:
         reporter: RunReporter | None = None,
         cost: CostModel | None = None,
         plan_live_only: bool = False,
+        restore_wait_s: float = RESTORE_WAIT_S,
     ) -> None:
         self.transport = transport
+        self.restore_wait_s = restore_wait_s  # for another service to restore a lost run
         self.state = state
         self.config = config
         self.run_id = config.run_id
@@ -93,6 +97,7 @@ class OrchestratorService:
         self._slots = frozenset(config.device_ids())
         self._epoch = EpochGuard(self.run_id)  # the run's state must not vanish under us
         self._next_epoch_check = 0.0
+        self._next_round_poll = 0.0
         self.rejections = Rejections(
             "orchestrator", sink=lambda name: self.state.incr_counter(self.run_id, name)
         )
@@ -136,8 +141,9 @@ class OrchestratorService:
                 self.run_id, 0, tensors_to_bytes(self.initial_adapter(self.global_spec))
             )
         self.state.put_run_field(self.run_id, "status", "registering")
-        if epoch is not None:
-            self.state.put_run_field(self.run_id, "slots_published", True)  # the tokens are out already
+        if epoch is not None:  # written again after a loss: the tokens are out already
+            self.state.put_run_field(self.run_id, "slots_published", True)
+            self.state.put_run_field(self.run_id, RESTORED_FIELD, new_epoch())
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
         self._publish_slots()
@@ -189,12 +195,23 @@ class OrchestratorService:
             self.start()
         assert self._subscription is not None
         delivery = self._subscription.get(timeout)
-        if delivery is not None:
-            if not self._state_intact():  # checked before the state is touched
-                delivery.requeue()  # handled against the restored state
-                return True
-            self._handle(delivery)
-        self._tick()
+        try:
+            if delivery is not None:
+                intact = self._state_intact()  # checked before the state is touched
+                if not intact:
+                    delivery.requeue()  # handled against the restored state
+                    return True
+                try:
+                    self._handle(delivery)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        delivery.requeue()  # not settled: handled again
+                    raise
+            self._tick()
+        except Exception:
+            if lost_state(self.state, self._epoch) is None:
+                raise
+            self._state_intact()  # the store lost the run under this step: that is the cause
         return delivery is not None
 
     def run_forever(self, stop: object | None = None, *, poll_s: float = 0.5) -> None:
@@ -219,6 +236,9 @@ class OrchestratorService:
                 self._finish("aborted", 0)
         elif self.phase == "running" and self._over_time_budget() and self._round_aggregated(self.round):
             self._finish("time_budget", self.round)
+        elif self.phase == "running" and now >= self._next_round_poll:
+            self._next_round_poll = now + 1.0
+            self._poll_round_closed()
 
     def _state_intact(self) -> bool:
         """Whether the store still holds the run as this service last saw it; if not, take the run back
@@ -238,7 +258,7 @@ class OrchestratorService:
             self._epoch.accept(fields)
         except StateLost as lost:
             log.warning("orchestrator: %s; waiting for the aggregator to restore it", lost)
-            restored = wait_restored(self.state, self._epoch, self.clock)
+            restored = wait_restored(self.state, self._epoch, self.clock, wait_s=self.restore_wait_s)
             if restored is None and self.phase == "registering":
                 epoch = self._epoch.epoch
                 self._initialise(epoch)
@@ -330,8 +350,17 @@ class OrchestratorService:
     def _on_round_closed(self, message: RoundClosed) -> None:
         if message.round != self.round or self.phase not in ("running", "finishing"):
             return  # a duplicate, or a round we already moved past
+        if not self._round_aggregated(message.round):
+            return  # announced by a state the store lost since: the aggregator will announce it again
         if self._account_round(message.round):
             self._after_round(message.round)
+
+    def _poll_round_closed(self) -> None:
+        """Go on when the store shows the current round aggregated though no RoundClosed came (it died
+        with an aggregator between the two, or was announced from a state the store lost)."""
+        info = self.state.get_round(self.run_id, self.round)
+        if info is not None and info.status == "aggregated" and self._account_round(self.round):
+            self._after_round(self.round)
 
     def _account_round(self, round_no: int) -> bool:
         """Record an aggregated round's times and fold its measurements into the estimates, once;

@@ -28,6 +28,7 @@ from typing import Any
 from lorafleet.run.clock import Clock
 from lorafleet.run.epoch import EPOCH_FIELD, RESTORED_FIELD, EpochGuard, new_epoch
 from lorafleet.state.base import StateStore
+from schemas.errors import StateLost
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,16 @@ class Snapshot:
     blob: bytes  # StateStore.export_run
 
 
-def write_snapshot(state: StateStore, run_id: str, epoch: str, round_no: int, out_dir: Path) -> Path:
-    """Export the run and write it atomically (a temporary file renamed into place); keep the latest
-    :data:`KEEP` snapshots."""
+def write_snapshot(run_id: str, epoch: str, round_no: int, blob: bytes, out_dir: Path) -> Path:
+    """Write ``blob`` (:meth:`StateStore.export_run` of the run) atomically (a temporary file renamed
+    into place); keep the latest :data:`KEEP` snapshots."""
     directory = snapshot_dir(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"run_id": run_id, "epoch": epoch, "round": round_no}).encode()
     path = directory / f"round-{round_no:06d}.snapshot"
     partial = path.with_suffix(".partial")
     with partial.open("wb") as file:
-        file.write(header + b"\n" + state.export_run(run_id))
+        file.write(header + b"\n" + blob)
         file.flush()
         os.fsync(file.fileno())
     partial.replace(path)
@@ -108,6 +109,16 @@ def restore_at_start(state: StateStore, run_id: str, out_dir: Path | None) -> bo
         return False
     restore(state, snapshot)
     return True
+
+
+def lost_state(state: StateStore, guard: EpochGuard) -> StateLost | None:
+    """After a step failed: whether the run's state was lost (or rolled back) under it, which then,
+    not the error it happened to cause (a record gone halfway through an aggregation), is the cause."""
+    try:
+        guard.check(state.get_run_fields(guard.run_id))
+    except StateLost as lost:
+        return lost
+    return None
 
 
 def wait_restored(

@@ -85,7 +85,7 @@ DELIVERY_LIMIT = 5
 
 #: Which message kinds may arrive through which exchange; anything else is a forged sender.
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
-    TASKS_EXCHANGE: frozenset({"train_task", "run_finished"}),
+    TASKS_EXCHANGE: frozenset({"train_task", "run_finished", "register_again"}),
     UPDATES_EXCHANGE: frozenset({"lora_update", "task_failed"}),
     CONTROL_EXCHANGE: frozenset({"device_registered", "heartbeat"}),
     ROUNDS_EXCHANGE: frozenset({"round_closed", "round_evaluated", "replan_request"}),

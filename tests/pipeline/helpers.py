@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,9 +133,12 @@ def build_pipeline(
     workers: int | None = None,
     plan_live_only: bool = False,
     histograms: list[list[int]] | None = None,
+    out_dir: Path | None = None,
+    restore_wait_s: float = 30.0,
 ) -> Pipeline:
     """``transports``: one per service (orchestrator, aggregator, then one per worker); ``workers``:
-    start only the first so many devices (:func:`make_worker` makes the others later)."""
+    start only the first so many devices (:func:`make_worker` makes the others later); ``out_dir``:
+    where the aggregator keeps its state snapshots (none without it)."""
     evaluator = MeanEvaluator()
     orchestrator = orchestrator_class(config)(
         transports[0],
@@ -143,9 +147,16 @@ def build_pipeline(
         num_blocks=NUM_BLOCKS,
         initial_adapter=initial_adapter,
         plan_live_only=plan_live_only,
+        restore_wait_s=restore_wait_s,
     )
     aggregator = aggregator_class(config)(
-        transports[1], state, config=config, evaluator=evaluator, fleet_key=fleet_key
+        transports[1],
+        state,
+        config=config,
+        evaluator=evaluator,
+        fleet_key=fleet_key,
+        out_dir=out_dir,
+        restore_wait_s=restore_wait_s,
     )
     started = [
         make_worker(

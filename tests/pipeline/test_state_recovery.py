@@ -1,0 +1,187 @@
+"""A run survives a state store that loses it or rolls it back (lorafleet/run/recovery.py), in process.
+
+Fake trainers make the final adapter exactly checkable: every round adds the sample-weighted mean of
+the devices' deltas, so a round lost and redone, or a round merged twice, shows in the numbers. The
+same faults against a real Redis: tests/integration/test_faults.py and test_redis_sentinel.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lorafleet.run.epoch import EPOCH_FIELD
+from lorafleet.run.recovery import latest_snapshot
+from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport import topology
+from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
+from orchestrator.planners.specs import global_spec
+from schemas.tensors import tensors_from_bytes
+from tests.pipeline.helpers import (
+    NUM_BLOCKS,
+    Pipeline,
+    build_pipeline,
+    expected_global,
+    make_config,
+    make_worker,
+)
+
+DELTAS, SAMPLES = [0.1, 0.3, 0.7], [10, 30, 60]
+
+
+def _wait(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _check_final_adapter(pipeline: Pipeline, state: InMemoryStateStore, rounds: int) -> None:
+    """Every round merged exactly once, with every device's update."""
+    stored = state.get_global_adapter(pipeline.config.run_id)
+    assert stored is not None and stored[0] == rounds
+    spec = global_spec(pipeline.config, NUM_BLOCKS)
+    expected = expected_global(spec, rounds, DELTAS, SAMPLES)
+    for key, tensor in tensors_from_bytes(stored[1]).items():
+        np.testing.assert_allclose(tensor.numpy(), expected[key], rtol=1e-5, atol=1e-6)
+
+
+def _counted(state: InMemoryStateStore, run_id: str, round_no: int) -> int:
+    return len(state.get_updates(run_id, round_no))
+
+
+def test_a_store_that_lost_a_running_run_gets_it_back_from_the_snapshot(run_id: str, tmp_path: Path) -> None:
+    # Given a running distributed-style run (every service in its own thread) whose aggregator keeps
+    # snapshots in its output directory
+    config = make_config(run_id, devices=3, rounds=4)
+    state = InMemoryStateStore()
+    broker = InMemoryBroker()
+    pipeline = build_pipeline(
+        config,
+        [InMemoryTransport(broker) for _ in range(5)],
+        state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        out_dir=tmp_path,
+    )
+    epoch = state.get_run_fields(run_id)[EPOCH_FIELD]
+    stop = threading.Event()
+    pipeline.start_threads(stop)
+    try:
+        # When the store loses the run after round 2 was aggregated and round 3 counted updates
+        _wait("round 3 to count an update", lambda: _counted(state, run_id, 3) > 0)
+        snapshot = latest_snapshot(tmp_path, run_id, epoch)
+        assert snapshot is not None and snapshot.round_no >= 2  # 3 if it was aggregated meanwhile
+        state.delete_run(run_id)
+        # Then the run completes, every round merged exactly once with every device's update
+        _wait("the run to finish", lambda: pipeline.orchestrator.finished and pipeline.aggregator.finished)
+    finally:
+        stop.set()
+        for thread in pipeline.threads:
+            thread.join(timeout=10)
+    _check_final_adapter(pipeline, state, rounds=4)
+    fields = state.get_run_fields(run_id)
+    assert fields[EPOCH_FIELD] == epoch  # the same run, not a new one
+    counters = state.get_counters(run_id)
+    assert counters["state_restored"] == 1
+    assert counters["update_counted"] == sum(_counted(state, run_id, r) for r in range(1, 5)) == 12
+    # every update sent is accounted once: counted, a duplicate, or counted in the state that was lost
+    # (then its resend is counted)
+    # (then its resend is counted), or still in the queue (a resend after the run ended); none refused
+    sent = sum(w.stats["tasks_done"] for w in pipeline.workers)
+    outcomes = ("update_counted", "update_duplicate", "update_late", "update_lost_with_state")
+    waiting = InMemoryTransport(broker).queue_depth(topology.UPDATES_QUEUE)
+    assert sent == sum(counters.get(name, 0) for name in outcomes) + waiting, (sent, counters, waiting)
+    assert not [name for name in counters if name.startswith("rejected_")], counters
+
+
+def test_a_run_lost_while_registering_is_written_again_and_its_devices_register_again(run_id: str) -> None:
+    # Given a run waiting for its third device, two registered
+    config = make_config(run_id, devices=3, rounds=2)
+    state = InMemoryStateStore()
+    broker = InMemoryBroker()
+    pipeline = build_pipeline(
+        config,
+        [InMemoryTransport(broker) for _ in range(5)],
+        state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        workers=2,
+        restore_wait_s=2.0,
+    )
+    epoch = state.get_run_fields(run_id)[EPOCH_FIELD]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=s.run_forever, args=(stop,), kwargs={"poll_s": 0.05}, daemon=True)
+        for s in (pipeline.orchestrator, pipeline.aggregator)
+    ] + [
+        threading.Thread(target=w.run_forever, args=(stop,), kwargs={"poll_s": 0.05, "heartbeat_s": 0.1})
+        for w in pipeline.workers
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait("two devices to register", lambda: len(state.get_devices(run_id)) == 2)
+        # When the store loses the run (there is no snapshot: nothing was aggregated yet)
+        state.delete_run(run_id)
+        # Then the orchestrator writes it again, with the same epoch, and the two devices, asked by the
+        # answer to their heartbeats, register again
+        _wait("the devices to register again", lambda: len(state.get_devices(run_id)) == 2)
+        assert state.get_run_fields(run_id)[EPOCH_FIELD] == epoch
+        # ... so that when the third device comes, the run begins and completes
+        late = make_worker(config, 2, InMemoryTransport(broker), deltas=DELTAS, samples=SAMPLES)
+        late.start()
+        threads.append(threading.Thread(target=late.run_forever, args=(stop,), kwargs={"poll_s": 0.05}))
+        threads[-1].start()
+        _wait("the run to finish", lambda: pipeline.orchestrator.finished and pipeline.aggregator.finished)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    _check_final_adapter(pipeline, state, rounds=2)
+    assert all(w.stats["registered_again"] >= 1 for w in pipeline.workers)
+    assert state.get_counters(run_id)["register_again"] >= 2
+    assert state.get_counters(run_id)["update_counted"] == 6
+    # the slot tokens were not published twice (a second set would let two workers claim one device)
+    assert state.get_run_fields(run_id)["slots_published"] is True
+
+
+def test_a_store_rolled_back_behind_the_orchestrator_is_resumed_from(run_id: str) -> None:
+    # Given a run stepped by hand: round 1 aggregated (the aggregator alone stepped until then)
+    config = make_config(run_id, devices=3, rounds=3)
+    state = InMemoryStateStore()
+    broker = InMemoryBroker()
+    pipeline = build_pipeline(
+        config, [InMemoryTransport(broker) for _ in range(5)], state, deltas=DELTAS, samples=SAMPLES
+    )
+
+    def step_all_until(predicate: Callable[[], bool], services: list[object] | None = None) -> None:
+        deadline = time.monotonic() + 30.0  # the orchestrator looks at the store once a second
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            for service in services or pipeline.services:
+                service.step(0.001)  # type: ignore[attr-defined]
+        raise AssertionError(
+            f"the run did not get there: {state.get_run_fields(run_id).get('round')} "
+            f"{[state.get_round(run_id, r) for r in state.list_rounds(run_id)]} {state.get_counters(run_id)} "
+            f"{pipeline.orchestrator.round} {pipeline.orchestrator.phase}"
+        )
+
+    step_all_until(lambda: _counted(state, run_id, 1) == 3)
+    step_all_until(lambda: state.get_run_fields(run_id).get("aggregated") == 1, [pipeline.aggregator])
+    before_round_2 = state.export_run(run_id)  # what a replica had: round 2 not opened yet
+    step_all_until(lambda: _counted(state, run_id, 2) >= 2)
+    # When the store rolls back to that point (a failover to a replica that missed the later writes)
+    state.import_run(run_id, before_round_2)
+    assert state.get_round(run_id, 2) is None
+    # Then the orchestrator notices its round is behind, opens round 2 again with the same tasks, the
+    # workers send their updates again, and the run completes with every round merged once
+    step_all_until(lambda: pipeline.orchestrator.finished)
+    step_all_until(lambda: pipeline.aggregator.finished, [pipeline.aggregator])
+    _check_final_adapter(pipeline, state, rounds=3)
+    assert sorted(state.get_round_metrics(run_id)) == [1, 2, 3]
