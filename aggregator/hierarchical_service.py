@@ -70,7 +70,7 @@ class HierarchicalAggregator(AggregatorService):
         group_stored = self.state.get_group_adapter(self.run_id, parsed.group)
         if group_stored is None or group_stored[0] < round_no:
             start = start_adapter(self.state, self.run_id, round_no)
-            merged = merge(self.config, start, self._weighted(messages))
+            merged = merge(self.config, start, self._weighted(round_no, messages))
             self.state.put_group_adapter(self.run_id, parsed.group, round_no, tensors_to_bytes(merged))
         closed = self._record_round_metrics(round_no, stored, messages, started, extra=parsed._asdict())
         virtual = max((m.metrics.device_time_s for m in messages), default=0.0)

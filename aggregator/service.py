@@ -14,7 +14,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -132,7 +132,11 @@ class AggregatorService:
         the run, beside a snapshot of it in the output directory, gets the snapshot back first."""
         restore_at_start(self.state, self.run_id, self.out_dir)
         self._subscription = wait_for_topology(
-            lambda: self.transport.subscribe(topology.UPDATES_QUEUE, prefetch=8),
+            lambda: self.transport.subscribe(
+                topology.UPDATES_QUEUE,
+                prefetch=self.config.limits.aggregator_prefetch,  # bodies held: at most the buffer
+                max_body_bytes=self.config.limits.max_message_bytes,
+            ),
             missing=(QueueNotFound,),
             what=f"the orchestrator to declare {topology.UPDATES_QUEUE}",
             wait_s=wait_s,
@@ -237,9 +241,8 @@ class AggregatorService:
             info = self.state.get_round(self.run_id, round_no)
             if info is None or info.status != "open":
                 continue
-            reported = self.state.get_updates(self.run_id, round_no)
             for task_id, device_id in sorted(info.tasks.items()):
-                if device_id in expired and task_id not in reported:
+                if device_id in expired and self.state.get_update(self.run_id, round_no, task_id) is None:
                     result = self.state.record_update(self.run_id, round_no, task_id, device_id, b"", now_ms)
                     if result.outcome == "counted":
                         self.state.incr_counter(self.run_id, "task_dropped")
@@ -408,7 +411,7 @@ class AggregatorService:
         """A counted task arriving again is a harmless redelivery only if it is the same update: the same
         tensors, sample count and plan. Not the same bytes: every send of one update has its own
         envelope time, and a task retrained after a worker crash has its own measured metrics."""
-        counted = self.state.get_updates(self.run_id, update.round).get(update.task_id)
+        counted = self.state.get_update(self.run_id, update.round, update.task_id)
         if not counted:
             return  # reported empty (a vanished device, or TaskFailed): nothing to compare
         if fingerprint(counted) != fingerprint_of(update):
@@ -474,7 +477,7 @@ class AggregatorService:
         if version >= round_no:
             merged = current  # aggregated before a crash; the stored result stands
         else:
-            merged = merge(self.config, current, self._weighted(messages))
+            merged = merge(self.config, current, self._weighted(round_no, messages))
             self.state.put_global_adapter(self.run_id, round_no, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, round_no))
@@ -492,30 +495,48 @@ class AggregatorService:
             closed.tasks_issued,
         )
 
-    def _compact(self, round_no: int, stored: dict[str, bytes], messages: list[LoraUpdate]) -> None:
+    def _compact(self, round_no: int, stored: dict[str, int], messages: list[LoraUpdate]) -> None:
         """An aggregated round keeps receipts, not tensors: the merge is in the global (or group)
         adapter and its checkpoint, so the state store does not grow with every round's updates."""
         by_task = {m.task_id: m for m in messages}
-        receipts = {t: receipt(by_task[t], len(body)) for t, body in stored.items() if body and t in by_task}
+        receipts = {t: receipt(by_task[t], size) for t, size in stored.items() if size and t in by_task}
         self.state.compact_updates(self.run_id, round_no, receipts)
 
-    def _round_updates(self, round_no: int) -> tuple[dict[str, bytes], list[LoraUpdate]]:
-        """A closed round's stored reports (task id -> bytes; empty for dropped or failed tasks) and
-        the updates among them."""
-        stored = self.state.get_updates(self.run_id, round_no)
-        return stored, [self._stored_update(body) for body in stored.values() if body]
+    def _round_updates(self, round_no: int) -> tuple[dict[str, int], list[LoraUpdate]]:
+        """A closed round's reports (task id -> bytes stored; 0 for dropped or failed tasks) and the
+        updates among them without their tensors, read one at a time (see :meth:`_weighted`)."""
+        info = self.state.get_round(self.run_id, round_no)
+        stored: dict[str, int] = {}
+        messages: list[LoraUpdate] = []
+        for task_id in sorted(info.tasks) if info is not None else []:
+            body = self.state.get_update(self.run_id, round_no, task_id)
+            if body is None:
+                continue  # never reported
+            stored[task_id] = len(body)
+            if body:
+                message = self._stored_update(body)
+                payload = message.adapter.model_copy(update={"data": b""})  # sha256 and size stay
+                messages.append(message.model_copy(update={"adapter": payload}))
+        return stored, messages
 
-    @staticmethod
-    def _weighted(messages: list[LoraUpdate]) -> list[WeightedUpdate]:
-        return [
-            WeightedUpdate(decode_tensors(m.adapter, check_finite=False), float(m.num_samples))
-            for m in messages
-        ]
+    def _weighted(self, round_no: int, messages: list[LoraUpdate]) -> Iterator[WeightedUpdate]:
+        """The updates' tensors, each read from the state store when the merge asks for it, so the
+        merge holds one update at a time (aggregator.merge.registry.merge)."""
+        for m in messages:
+            yield WeightedUpdate(self._stored_tensors(round_no, m.task_id), float(m.num_samples))
+
+    def _stored_tensors(self, round_no: int, task_id: str) -> Tensors:
+        """A counted update's tensors (its stored bytes and payload are dropped on return)."""
+        body = self.state.get_update(self.run_id, round_no, task_id)
+        assert body, f"{task_id}: its stored update vanished before the merge"
+        update = self._stored_update(body)
+        del body  # before the tensors are loaded: the payload and the tensors are enough at once
+        return decode_tensors(update.adapter, check_finite=False)
 
     def _record_round_metrics(
         self,
         round_no: int,
-        stored: dict[str, bytes],
+        stored: dict[str, int],
         messages: list[LoraUpdate],
         started: float,
         extra: dict[str, object] | None = None,
@@ -524,7 +545,7 @@ class AggregatorService:
         that announces it (``global_version`` 0: the caller sets it)."""
         info = self.state.get_round(self.run_id, round_no)
         assert info is not None
-        bytes_up = sum(len(body) for body in stored.values())
+        bytes_up = sum(stored.values())
         reason = info.close_reason or "deadline"
         self.state.put_round_metrics(
             self.run_id,

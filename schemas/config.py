@@ -338,12 +338,38 @@ class RobustConfig(_Section):
     clip_norm: Annotated[float, Field(gt=0.0)] | None = None  # L2 bound on each update's change
 
 
+#: AMQP's basic.qos prefetch-count is a 16-bit field.
+MAX_PREFETCH = 65_535
+
+
 class LimitsConfig(_Section):
-    """Bounds on untrusted input."""
+    """Bounds on untrusted input.
+
+    ``aggregator_buffer_bytes`` is the memory the aggregator may give to updates it has taken from
+    the broker but not handled yet: its prefetch is ``aggregator_buffer_bytes // max_message_bytes``
+    messages (:attr:`aggregator_prefetch`), each at most ``max_message_bytes`` (a larger one is
+    dropped unread and dead-lettered ``too_large``). The default, 128 MiB, is 8 messages of the
+    default 16 MiB.
+    """
 
     max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     max_payload_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     max_update_norm: Annotated[float, Field(gt=0.0)] | None = None  # L2 bound on an update's change
+    aggregator_buffer_bytes: Annotated[int, Field(ge=1024)] = 128 * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_message(self) -> LimitsConfig:
+        if self.aggregator_buffer_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"aggregator_buffer_bytes ({self.aggregator_buffer_bytes}) must hold at least one message "
+                f"of max_message_bytes ({self.max_message_bytes})"
+            )
+        return self
+
+    @property
+    def aggregator_prefetch(self) -> int:
+        """How many updates the aggregator takes from the broker before it has handled them."""
+        return min(MAX_PREFETCH, self.aggregator_buffer_bytes // self.max_message_bytes)
 
 
 class SecurityConfig(_Section):

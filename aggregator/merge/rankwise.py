@@ -15,7 +15,7 @@ With identical ranks and every block trained by every device this is plain FedAv
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +31,33 @@ class WeightedUpdate:
     weight: float
 
 
-def aggregate(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> Tensors:
+def aggregate(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
     """The new global adapter; keys and shapes are those of ``global_tensors``.
+
+    ``updates`` is read once, one update at a time: what is kept between them is a float64 running
+    sum per key and the sum of weights per rank index, so a generator that loads each update when
+    asked holds one update in memory, not all of them. The sums run in the order of ``updates``, so
+    the result does not depend on how they are supplied.
 
     Raises:
         ValueError: an update carries a key the global adapter lacks, a shape that does not fit
             it (a shared tensor of another shape, or a rank above the global rank), or a
             non-positive or non-finite weight.
     """
-    check_updates(global_tensors, updates)
-    return {key: _aggregate_key(key, g, updates) for key, g in global_tensors.items()}
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for update in updates:
+        check_updates(global_tensors, [update])
+        for key, tensor in update.tensors.items():
+            _accumulate(sums, key, global_tensors[key].shape, tensor, update.weight)
+    merged = {}
+    for key, current in global_tensors.items():
+        if key not in sums:
+            merged[key] = current.clone()
+            continue
+        acc, weight = sums.pop(key)  # freed key by key as the merged adapter grows
+        averaged = acc / weight.clamp_min(1e-300)
+        merged[key] = torch.where(weight > 0, averaged, current.to(torch.float64)).to(current.dtype)
+    return merged
 
 
 def check_updates(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> None:
@@ -57,28 +74,40 @@ def check_updates(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) ->
             raise ValueError(f"update carries keys the global adapter lacks: {unknown[:3]}")
 
 
-def _aggregate_key(key: str, current: torch.Tensor, updates: Sequence[WeightedUpdate]) -> torch.Tensor:
+def _accumulate(
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    key: str,
+    shape: torch.Size,
+    tensor: torch.Tensor,
+    w: float,
+) -> None:
+    """Add ``w`` times the update's tensor (zero-padded along the rank axis) to the key's running sum,
+    and ``w`` to the weight of every rank index it covers. The weight is kept per rank index,
+    broadcastable to ``shape`` (a tensor of ones for a shared tensor): the same numbers as a full mask
+    of weights, without a second adapter-sized float64 tensor."""
     axis = parse_key(key).rank_axis
-    contributions = [(u.tensors[key], u.weight) for u in updates if key in u.tensors]
-    if not contributions:
-        return current.clone()
-    acc = torch.zeros(current.shape, dtype=torch.float64)
-    weight = torch.zeros(current.shape, dtype=torch.float64)
-    for tensor, w in contributions:
-        padded, mask = _pad_to(key, tensor, current.shape, axis)
-        acc += w * padded
-        weight += w * mask
-    averaged = acc / weight.clamp_min(1e-300)
-    return torch.where(weight > 0, averaged, current.to(torch.float64)).to(current.dtype)
+    padded, mask = _pad_to(key, tensor, shape, axis)
+    if key not in sums:
+        weight_shape = [1] * len(shape)
+        if axis is not None:
+            weight_shape[axis] = shape[axis]
+        sums[key] = (torch.zeros(shape, dtype=torch.float64), torch.zeros(weight_shape, dtype=torch.float64))
+    acc, weight = sums[key]
+    acc += w * padded
+    weight += w * mask
 
 
 def _pad_to(
     key: str, tensor: torch.Tensor, shape: torch.Size, axis: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad ``tensor`` along the rank axis to ``shape``; the mask marks what it covered."""
+    """Zero-pad ``tensor`` along the rank axis to ``shape``; the mask (1 where it covers, 0 where
+    padded) varies along the rank axis only and is returned broadcastable to ``shape``."""
     t = tensor.to(torch.float64)
+    ones = [1] * len(shape)
+    if axis is not None:
+        ones[axis] = shape[axis]
     if t.shape == shape:
-        return t, torch.ones(shape, dtype=torch.float64)
+        return t, torch.ones(ones, dtype=torch.float64)
     ok = (
         axis is not None
         and t.dim() == len(shape)
@@ -89,7 +118,7 @@ def _pad_to(
         raise ValueError(f"{key}: update shape {tuple(t.shape)} does not fit global shape {tuple(shape)}")
     assert axis is not None
     padded = torch.zeros(shape, dtype=torch.float64)
-    mask = torch.zeros(shape, dtype=torch.float64)
+    mask = torch.zeros(ones, dtype=torch.float64)
     padded.narrow(axis, 0, t.shape[axis]).copy_(t)
     mask.narrow(axis, 0, t.shape[axis]).fill_(1.0)
     return padded, mask

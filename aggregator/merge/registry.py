@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from aggregator.merge.hetlora import aggregate_hetlora
 from aggregator.merge.rankwise import WeightedUpdate, aggregate
-from aggregator.merge.robust import aggregate_robust, clip_updates
+from aggregator.merge.robust import aggregate_robust, check_clip_norm, clip_update
 from aggregator.merge.svd import aggregate_svd
 from lorafleet.ml.lora import Tensors
 from schemas.config import RunConfig
@@ -22,11 +22,21 @@ MERGES: dict[AggregationName, Merge] = {
 }
 
 
-def merge(config: RunConfig, current: Tensors, updates: list[WeightedUpdate]) -> Tensors:
-    """The configured merge: optional norm clipping, then a robust statistic or the strategy's rule."""
+def merge(config: RunConfig, current: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
+    """The configured merge: optional norm clipping, then a robust statistic or the strategy's rule.
+
+    ``updates`` is read once. The rank-wise rule (and clipping) take one update at a time, so a
+    generator that loads each update when asked keeps one in memory; the robust statistics, HetLoRA
+    and the SVD merge need all of them at once and hold them in a list.
+    """
     robust = config.robust
-    if robust.clip_norm is not None:
-        updates = clip_updates(current, updates, robust.clip_norm)
+    clip_norm = robust.clip_norm
+    if clip_norm is not None:
+        check_clip_norm(clip_norm)
+        updates = (clip_update(current, update, clip_norm) for update in updates)
     if robust.method != "none":
-        return aggregate_robust(current, updates, method=robust.method, trim=robust.trim)
-    return MERGES[config.merge_rule](current, updates)
+        return aggregate_robust(current, list(updates), method=robust.method, trim=robust.trim)
+    rule = config.merge_rule
+    if rule is AggregationName.RANK_WISE:
+        return aggregate(current, updates)
+    return MERGES[rule](current, list(updates))

@@ -26,19 +26,27 @@ def clip_updates(
     global_tensors: Tensors, updates: Sequence[WeightedUpdate], clip_norm: float
 ) -> list[WeightedUpdate]:
     """Scale each update's difference from the global adapter to an L2 norm of at most ``clip_norm``."""
+    check_clip_norm(clip_norm)
+    return [clip_update(global_tensors, update, clip_norm) for update in updates]
+
+
+def check_clip_norm(clip_norm: float) -> None:
+    """Raises ValueError unless ``clip_norm`` is positive and finite."""
     if clip_norm <= 0 or not math.isfinite(clip_norm):
         raise ValueError(f"clip_norm must be positive and finite, got {clip_norm}")
-    clipped = []
-    for update in updates:
-        deltas = {k: t.double() - _aligned(global_tensors[k], t, k) for k, t in update.tensors.items()}
-        norm = math.sqrt(sum(float((d * d).sum()) for d in deltas.values()))
-        scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-        tensors = {
-            k: (_aligned(global_tensors[k], update.tensors[k], k) + scale * d).to(update.tensors[k].dtype)
-            for k, d in deltas.items()
-        }
-        clipped.append(WeightedUpdate(tensors, update.weight))
-    return clipped
+
+
+def clip_update(global_tensors: Tensors, update: WeightedUpdate, clip_norm: float) -> WeightedUpdate:
+    """One update with its difference from the global adapter scaled to an L2 norm of at most
+    ``clip_norm`` (positive and finite: :func:`check_clip_norm`)."""
+    deltas = {k: t.double() - _aligned(global_tensors[k], t, k) for k, t in update.tensors.items()}
+    norm = math.sqrt(sum(float((d * d).sum()) for d in deltas.values()))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    tensors = {
+        k: (_aligned(global_tensors[k], update.tensors[k], k) + scale * d).to(update.tensors[k].dtype)
+        for k, d in deltas.items()
+    }
+    return WeightedUpdate(tensors, update.weight)
 
 
 def _aligned(global_tensor: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from aggregator.evaluation import Evaluation, evaluate
 from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
+from lorafleet.app.malloc import pin_mmap_threshold
 from lorafleet.data.datasets import (
     EncodedDataset,
     TextDataset,
@@ -196,6 +197,7 @@ def build_aggregator(
     fleet_key: bytes | None = None,
 ) -> AggregatorService:
     config = with_model_defaults(config, runtime)
+    pin_mmap_threshold()  # update bodies of many MB are returned to the OS when freed (malloc.py)
     encoded_eval = encode_dataset(runtime.tokenizer, eval_set(config), config.model.max_seq_len)
 
     def write_checkpoint(spec: LoraSpec, tensors: Tensors, directory: Path) -> None:

@@ -148,6 +148,10 @@ class StateStore(Protocol):
         """The counted updates of a round: task_id -> stored bytes."""
         ...
 
+    def get_update(self, run_id: str, round_no: int, task_id: str) -> bytes | None:
+        """One counted update of a round (its stored bytes), None if the task has not reported."""
+        ...
+
     def compact_updates(self, run_id: str, round_no: int, receipts: dict[str, bytes]) -> bool:
         """Replace an *aggregated* round's stored updates by small receipts (task_id -> bytes, each
         non-empty and for a task stored non-empty), so the state store does not grow with every

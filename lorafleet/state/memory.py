@@ -219,6 +219,11 @@ class InMemoryStateStore:
             rnd = self._run(run_id).rounds.get(round_no)
             return {} if rnd is None else dict(rnd.updates)
 
+    def get_update(self, run_id: str, round_no: int, task_id: str) -> bytes | None:
+        with self._lock:
+            rnd = self._run(run_id).rounds.get(round_no)
+            return None if rnd is None else rnd.updates.get(task_id)
+
     def compact_updates(self, run_id: str, round_no: int, receipts: dict[str, bytes]) -> bool:
         with self._lock:
             rnd = self._run(run_id).rounds.get(round_no)

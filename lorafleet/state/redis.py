@@ -583,6 +583,10 @@ class RedisStateStore:
         return {_s(k): v for k, v in raw.items()}
 
     @_translated
+    def get_update(self, run_id: str, round_no: int, task_id: str) -> bytes | None:
+        return cast(bytes | None, self._r.hget(keys.round_updates(run_id, round_no), task_id))
+
+    @_translated
     def compact_updates(self, run_id: str, round_no: int, receipts: dict[str, bytes]) -> bool:
         pairs: list[str | bytes] = [v for task, receipt in sorted(receipts.items()) for v in (task, receipt)]
         done = self._compact_updates(

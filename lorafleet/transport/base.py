@@ -15,6 +15,10 @@ Semantics both honour:
   dead-lettered with reason ``delivery_limit``.
 * ``dead_letter(reason)`` moves the message to the dead-letter queue with the reason in the
   ``x-lorafleet-reason`` header, then acks it.
+* ``subscribe(..., max_body_bytes=n)``: a message whose body is larger than ``n`` bytes is handed out
+  with an empty ``body`` and its real size in ``body_size``; its body is never held by the consumer
+  (RabbitMQ: its frames are counted and dropped as they arrive), and dead-lettering it moves an empty
+  body with the reason. So a consumer holds at most ``prefetch x max_body_bytes`` bytes of bodies.
 """
 
 from __future__ import annotations
@@ -87,6 +91,12 @@ class Delivery(Protocol):
     @property
     def body(self) -> bytes: ...
     @property
+    def body_size(self) -> int:
+        """Bytes of the body as published: ``len(body)``, unless it was over the subscription's
+        ``max_body_bytes`` and dropped unread (``body`` is then empty)."""
+        ...
+
+    @property
     def message_id(self) -> str: ...
     @property
     def headers(self) -> dict[str, Any]: ...
@@ -134,7 +144,9 @@ class Transport(Protocol):
         message_id: str,
         headers: dict[str, Any] | None = None,
     ) -> None: ...
-    def subscribe(self, queue: str, *, prefetch: int = 1) -> Subscription: ...
+    def subscribe(
+        self, queue: str, *, prefetch: int = 1, max_body_bytes: int | None = None
+    ) -> Subscription: ...
     def queue_depth(self, queue: str) -> int:
         """Messages ready in ``queue`` (not counting unacknowledged ones)."""
         ...

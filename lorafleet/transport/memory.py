@@ -279,8 +279,12 @@ class _MemoryDelivery:
         self._subscription = subscription
         self._message = message
         self._settled = False
+        limit = subscription._max_body_bytes
+        #: over the subscription's limit: handed out (and dead-lettered) with an empty body, as RabbitMQ's
+        self._dropped = limit is not None and len(message.body) > limit
 
-    body = property(lambda self: self._message.body)
+    body = property(lambda self: b"" if self._dropped else self._message.body)
+    body_size = property(lambda self: len(self._message.body))
     message_id = property(lambda self: self._message.message_id)
     headers = property(lambda self: self._delivered_headers())
     exchange = property(lambda self: self._message.exchange)
@@ -310,18 +314,24 @@ class _MemoryDelivery:
     def dead_letter(self, reason: str, detail: str = "") -> None:
         if self._settle():
             headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:500]}
-            self._subscription._broker.dead_letter(self._subscription.queue, self._message, headers)
+            message = replace(self._message, body=b"") if self._dropped else self._message
+            self._subscription._broker.dead_letter(self._subscription.queue, message, headers)
 
 
 class _MemorySubscription:
-    def __init__(self, broker: InMemoryBroker, queue: str, prefetch: int) -> None:
+    def __init__(
+        self, broker: InMemoryBroker, queue: str, prefetch: int, max_body_bytes: int | None = None
+    ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if max_body_bytes is not None and max_body_bytes < 0:
+            raise ValueError("max_body_bytes must not be negative")
         if not broker.has_queue(queue):
             raise QueueNotFound(f"no queue {queue!r}")
         self._broker = broker
         self.queue = queue
         self._prefetch = prefetch
+        self._max_body_bytes = max_body_bytes
         self._open: set[_MemoryDelivery] = set()
         self._closed = False
         self._mutex = threading.Lock()
@@ -399,9 +409,11 @@ class InMemoryTransport:
             raise TransportError(f"headers cannot travel over AMQP: {problem}")
         self.broker.publish(_Message(bytes(body), message_id, dict(headers or {}), exchange, routing_key))
 
-    def subscribe(self, queue: str, *, prefetch: int = 1) -> _MemorySubscription:
+    def subscribe(
+        self, queue: str, *, prefetch: int = 1, max_body_bytes: int | None = None
+    ) -> _MemorySubscription:
         self._check_open()
-        subscription = _MemorySubscription(self.broker, queue, prefetch)
+        subscription = _MemorySubscription(self.broker, queue, prefetch, max_body_bytes)
         self._subscriptions.append(subscription)
         return subscription
 

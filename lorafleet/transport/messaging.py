@@ -14,7 +14,7 @@ from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, Transport
 from lorafleet.transport.topology import ALLOWED_KINDS
 from schemas.envelope import decode, encode, kind_of
-from schemas.errors import MessageRefused, Rejected
+from schemas.errors import DecodeError, MessageRefused, Rejected
 from schemas.messages import Message
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,17 @@ log = logging.getLogger(__name__)
 def receive(delivery: Delivery, *, run_id: str, max_bytes: int) -> Message:
     """Decode a delivery and check that its kind may come through its exchange and its run is ours.
 
+    A body over ``max_bytes`` is refused by its size before anything reads it (the transport may have
+    dropped it unread: see ``Transport.subscribe``'s ``max_body_bytes``).
+
     Raises:
-        DecodeError: any envelope or schema failure.
+        DecodeError: ``too_large``, or any other envelope or schema failure.
         Rejected: ``wrong_sender`` (also: a routing key naming another device than the body) or
             ``wrong_run``.
     """
+    if delivery.body_size > max_bytes:
+        unread = "" if len(delivery.body) == delivery.body_size else " (its body was dropped unread)"
+        raise DecodeError("too_large", f"message of {delivery.body_size} bytes exceeds {max_bytes}{unread}")
     message = decode(delivery.body, max_bytes=max_bytes)
     kind = kind_of(message)
     if kind not in ALLOWED_KINDS.get(delivery.exchange, frozenset()):

@@ -43,6 +43,15 @@ A publish the broker nacked is retried on a fresh channel: on RabbitMQ 3.10 a co
 quorum queue lost its leader went on nacking for over a minute after a new leader was elected, where
 a new channel was confirmed at once. One URL connects and reconnects as before.
 
+**Bounded bodies.** pika hands a consumer whole messages: it keeps every body frame of a message
+until the last one arrives and joins them, so a consumer holds up to ``prefetch`` whole bodies,
+whatever their size, before the service sees any of them. A subscription given ``max_body_bytes``
+replaces its channel's content assembler (:class:`_BodyLimit`): a message whose header announces a
+larger body is handed out at once with an empty body and its announced size, and its body frames
+(at most ``frame_max``, 128 KiB, each) are counted and dropped as they arrive. The service then
+dead-letters it as too large without ever holding it, and the subscription's bodies take at most
+``prefetch x max_body_bytes`` bytes (tests/integration/test_update_burst.py measures the aggregator's).
+
 **Permissions.** Roles whose ``configure`` permission is ``^$`` (see broker_config/) cannot redeclare
 the topology. ``declare_exchange`` / ``declare_queue`` then fall back to a passive declare, which
 needs no permission, and accept what the broker administrator declared.
@@ -66,6 +75,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pika
 import pika.exceptions as pex
+import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from lorafleet.transport.base import (
@@ -512,12 +522,18 @@ class PikaTransport:
 
         self._run(f"publish to {exchange!r}/{routing_key!r}", op, nack_retries=True)
 
-    def subscribe(self, queue: str, *, prefetch: int = 1) -> _PikaSubscription:
+    def subscribe(
+        self, queue: str, *, prefetch: int = 1, max_body_bytes: int | None = None
+    ) -> _PikaSubscription:
+        """Consume ``queue``, holding at most ``prefetch`` unsettled deliveries; bodies over
+        ``max_body_bytes`` are dropped unread (see the module docstring, "Bounded bodies")."""
         self._check_open()
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if max_body_bytes is not None and max_body_bytes < 0:
+            raise ValueError("max_body_bytes must not be negative")
         dlx = self._queue_dlx.get(queue, self._default_dlx)
-        subscription = _PikaSubscription(self, queue, prefetch, dlx)
+        subscription = _PikaSubscription(self, queue, prefetch, dlx, max_body_bytes)
         with self._lock:
             self._subscriptions = [s for s in self._subscriptions if not s.closed]
             self._subscriptions.append(subscription)
@@ -568,6 +584,7 @@ class _PikaDelivery:
         method: Any,
         properties: pika.BasicProperties,
         body: bytes,
+        body_size: int,
     ) -> None:
         self._subscription = subscription
         self._generation = generation
@@ -577,6 +594,7 @@ class _PikaDelivery:
         self._routing_key: str = method.routing_key or ""
         self._redelivered = bool(method.redelivered)
         self._body = bytes(body)
+        self._body_size = body_size
         self._message_id: str = properties.message_id or ""
         self._headers: dict[str, Any] = _plain(dict(properties.headers or {}))
         try:
@@ -589,6 +607,10 @@ class _PikaDelivery:
     @property
     def body(self) -> bytes:
         return self._body
+
+    @property
+    def body_size(self) -> int:
+        return self._body_size
 
     @property
     def message_id(self) -> str:
@@ -667,6 +689,61 @@ class _PikaDelivery:
         subscription._on_io_thread(self, lambda channel: channel.basic_ack(tag))
 
 
+class _BodyLimit:
+    """Stands in for pika's content assembler on a consuming channel (``Channel._content_assembler``,
+    which turns a method frame, a header frame and body frames into one message): a message whose
+    header announces a body over ``limit`` bytes is returned at once with an empty body, and its body
+    frames are dropped as they arrive; every other frame goes to pika's own assembler.
+
+    ``sizes`` maps the delivery tag of each message returned empty to its announced body size.
+    """
+
+    def __init__(self, inner: Any, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._method: Any = None  # the last content-bearing method frame (Basic.Deliver)
+        self._skipping = 0  # body bytes of a dropped message still to come
+        self.sizes: dict[int, int] = {}
+
+    def process(self, frame_value: Any) -> Any:
+        if self._skipping:
+            if not isinstance(frame_value, pika.frame.Body):
+                raise pex.UnexpectedFrameError(frame_value)
+            self._skipping -= len(frame_value.fragment)
+            if self._skipping < 0:
+                raise pex.BodyTooLongError(-self._skipping, 0)
+            return None
+        if isinstance(frame_value, pika.frame.Method):
+            self._method = frame_value
+        elif (
+            isinstance(frame_value, pika.frame.Header)
+            and frame_value.body_size > self._limit
+            and self._method is not None
+        ):
+            method, self._method = self._method, None
+            self._skipping = frame_value.body_size
+            tag = getattr(method.method, "delivery_tag", None)
+            if tag is not None:
+                self.sizes[int(tag)] = frame_value.body_size
+            return method, frame_value, b""
+        return self._inner.process(frame_value)
+
+    @classmethod
+    def install(cls, channel: BlockingChannel, limit: int) -> _BodyLimit:
+        """Put a body limit in front of the channel's assembler (before it consumes anything).
+
+        Raises:
+            TransportError: this pika keeps its assembler elsewhere (the limit cannot be enforced).
+        """
+        impl = getattr(channel, "_impl", None)
+        inner = getattr(impl, "_content_assembler", None)
+        if inner is None or not callable(getattr(inner, "process", None)):
+            raise TransportError(f"pika {pika.__version__}: no content assembler to bound message bodies")
+        bounded = cls(inner, limit)
+        impl._content_assembler = bounded  # type: ignore[union-attr]
+        return bounded
+
+
 class _Wake:
     """Put into a subscription's inbox to wake a waiting ``get`` (closing, or the connection gave up)."""
 
@@ -677,10 +754,18 @@ _WAKE = _Wake()
 class _PikaSubscription:
     """A consumer whose connection lives on its own I/O thread; see the module docstring."""
 
-    def __init__(self, transport: PikaTransport, queue: str, prefetch: int, dlx: str | None) -> None:
+    def __init__(
+        self,
+        transport: PikaTransport,
+        queue: str,
+        prefetch: int,
+        dlx: str | None,
+        max_body_bytes: int | None = None,
+    ) -> None:
         self._transport = transport
         self.queue = queue
         self._prefetch = prefetch
+        self._max_body_bytes = max_body_bytes
         self._dead_letter_exchange = dlx
         self._inbox: queue_mod.Queue[_PikaDelivery | _Wake] = queue_mod.Queue()
         self._lock = threading.Lock()
@@ -834,6 +919,9 @@ class _PikaSubscription:
         try:
             channel = connection.channel()
             channel.queue_declare(self.queue, passive=True)  # QueueNotFound rather than an idle consumer
+            limit = None
+            if self._max_body_bytes is not None:
+                limit = _BodyLimit.install(channel, self._max_body_bytes)
             channel.basic_qos(prefetch_count=self._prefetch)
             self._cancelled = False
             channel.add_on_cancel_callback(self._on_cancel)
@@ -842,7 +930,8 @@ class _PikaSubscription:
                 generation = self._generation
                 self._connection = connection
                 self._live_generation = generation
-            channel.basic_consume(self.queue, functools.partial(self._on_message, generation), auto_ack=False)
+            on_message = functools.partial(self._on_message, generation, limit)
+            channel.basic_consume(self.queue, on_message, auto_ack=False)
             self._consuming = True
             self._started.set()
             while not self._stop.is_set() and not self._cancelled and channel.is_open:
@@ -860,9 +949,16 @@ class _PikaSubscription:
                 log.debug("closing the consumer connection failed", exc_info=True)
 
     def _on_message(
-        self, generation: int, channel: BlockingChannel, method: Any, properties: Any, body: bytes
+        self,
+        generation: int,
+        limit: _BodyLimit | None,
+        channel: BlockingChannel,
+        method: Any,
+        properties: Any,
+        body: bytes,
     ) -> None:
-        self._inbox.put(_PikaDelivery(self, generation, channel, method, properties, body))
+        size = len(body) if limit is None else limit.sizes.pop(int(method.delivery_tag), len(body))
+        self._inbox.put(_PikaDelivery(self, generation, channel, method, properties, body, size))
 
     def _on_cancel(self, _frame: Any) -> None:
         # The queue was deleted (or its leader moved): reconnecting re-checks that it exists.

@@ -284,6 +284,19 @@ def test_get_updates_returns_exactly_the_counted_bytes(store: StateStore, run_id
     assert store.get_updates(run_id, 1) == {"t0": blob, "t1": b"", "t2": b"\x00"}
 
 
+def test_get_update_returns_one_counted_update(store: StateStore, run_id: str) -> None:
+    assert store.get_update(run_id, 1, "t0") is None
+    _open(store, run_id, 1, n=3, quorum=3)
+    blob = bytes(range(256)) * 1_000
+    store.record_update(run_id, 1, "t0", "d0", blob, 1)
+    store.record_update(run_id, 1, "t1", "d1", b"", 2)
+    store.record_update(run_id, 1, "t0", "d0", b"a later copy", 3)  # duplicate: not stored
+    assert store.get_update(run_id, 1, "t0") == blob
+    assert store.get_update(run_id, 1, "t1") == b""  # reported empty
+    assert store.get_update(run_id, 1, "t2") is None  # not reported
+    assert store.get_update(run_id, 2, "t0") is None  # no such round
+
+
 def test_global_adapter_versioning(store: StateStore, run_id: str) -> None:
     assert store.get_global_adapter(run_id) is None
     store.put_global_adapter(run_id, 2, b"v2")

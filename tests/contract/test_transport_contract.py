@@ -207,6 +207,33 @@ def test_dead_letter_moves_message_with_reason_and_origin(transport: Transport) 
     dead_sub.close()
 
 
+def test_a_body_over_the_subscriptions_limit_is_handed_out_empty_with_its_size(transport: Transport) -> None:
+    # Given messages at the limit, one byte over it, far over it (3 MB: many body frames) and a small
+    # one after them, for a subscription that takes bodies of at most 1,000 bytes
+    limit = 1_000
+    far = bytes(range(256)) * 12_000
+    bodies = {"at": b"a" * limit, "over": b"o" * (limit + 1), "far": far, "after": b"x"}
+    for message_id, body in bodies.items():
+        _publish(transport, message_id, body=body)
+    sub = transport.subscribe(QUEUE.name, prefetch=4, max_body_bytes=limit)
+    got = {d.message_id: d for d in (_get(sub) for _ in bodies)}
+    # Then those within it arrive whole, the others empty with their size, and nothing after them is lost
+    assert (got["at"].body, got["at"].body_size) == (bodies["at"], limit)
+    assert (got["over"].body, got["over"].body_size) == (b"", limit + 1)
+    assert (got["far"].body, got["far"].body_size) == (b"", 3_072_000)
+    assert (got["after"].body, got["after"].body_size) == (b"x", 1)
+    # and dead-lettering an emptied one moves an empty body with the reason
+    got["far"].dead_letter("too_large", "3072000 bytes")
+    for message_id in ("at", "over", "after"):
+        got[message_id].ack()
+    sub.close()
+    dead_sub = transport.subscribe(DEAD_LETTER_QUEUE)
+    dead = _get(dead_sub)
+    assert (dead.message_id, dead.body, dead_letter_reason(dead.headers)) == ("far", b"", "too_large")
+    dead.ack()
+    dead_sub.close()
+
+
 def test_unroutable_publish_raises(transport: Transport) -> None:
     with pytest.raises(Unroutable):
         transport.publish(TASKS_EXCHANGE, "no-such-device", b"x", message_id="u")
