@@ -75,12 +75,16 @@ def run_embedded(
     *,
     quiet: bool = False,
     wrap_trainer: Callable[[int, Trainer], Trainer] | None = None,
+    state: InMemoryStateStore | None = None,
 ) -> dict[str, Any]:
-    """Run a whole experiment in this process; returns the report (also written to ``out_dir``)."""
+    """Run a whole experiment in this process; returns the report (also written to ``out_dir``).
+
+    ``state``: the run's state store (default: a new one), for a caller that watches it (metrics).
+    """
     configure_torch_threads(config.model.torch_threads)
     reporter = RunReporter(config, quiet=quiet)
     broker = InMemoryBroker()
-    state = InMemoryStateStore()
+    state = InMemoryStateStore() if state is None else state
     runtime = build_runtime(config)
     config = with_model_defaults(config, runtime)  # the LoRA targets the model resolved, in the report too
     shards = Shards.load(config)
