@@ -318,7 +318,7 @@ def orchestrator(
         from lorafleet.app.wiring import build_orchestrator
         from lorafleet.run.progress import RunReporter
 
-        reporter = RunReporter(cfg, quiet=log_format != "text")
+        reporter = RunReporter(cfg, quiet=log_format != "text", state=store)
         return build_orchestrator(cfg, transport, store, runtime, out_dir=out, reporter=reporter)
 
     _serve(config, broker, state, threads, _Ops(verbose, log_format, log_level, metrics_port), build)
