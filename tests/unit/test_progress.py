@@ -72,7 +72,8 @@ def test_a_round_stays_live_until_evaluated_and_the_last_accuracy_stays_below() 
     reporter.round_evaluated(1, 0.61, 0.9)
     printed = console.export_text(clear=False)
     # round 1, closed and evaluated, was printed for good: bar, updates, accuracy and close on one line
-    assert re.search(r"^round 1/2 [━╸╺ ]+ 1/2 updates .* accuracy 0\.6100 loss 0\.9000  deadline", printed, re.M)
+    line = r"^round 1/2 [━╸╺ ]+ 1/2 updates .* accuracy 0\.6100 loss 0\.9000  deadline"
+    assert re.search(line, printed, re.M)
     shown = _bars(reporter, console)
     assert re.search(r"^round 2/2 [━╸╺ ]+ 0/2 updates", shown, re.M)  # still open: live until the end
     assert "last evaluated: round 1 accuracy 0.6100 loss 0.9000" in shown
