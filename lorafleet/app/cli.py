@@ -1,8 +1,8 @@
-"""The ``lorafleet`` command line.
+"""The ``lorafleet`` command line (:data:`HELP` is what ``lorafleet --help`` says).
 
-``lorafleet run CONFIG --out DIR`` runs a whole experiment (embedded by default; over RabbitMQ and
-Redis with ``--broker``/``--state``). ``lorafleet orchestrator|aggregator|worker`` run one
-service against RabbitMQ and Redis (what compose and the README's by-hand instructions start).
+Every command that reads a run configuration takes ``--set section.field=value`` overrides, merged
+into the file and validated with it; the service commands take ``--log-format``, ``--log-level``
+and ``--metrics-port``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lorafleet import __version__
 from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
 from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
-from schemas.config import RunConfig, load_run_config
+from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
 from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
 
 if TYPE_CHECKING:  # the services' modules import torch: only the commands that need them load them
@@ -42,7 +43,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger(__name__)
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = (
+    "Federated LoRA fine-tuning across edge devices. 'lorafleet run CONFIG --out DIR' runs a whole "
+    "experiment (in one process, or over RabbitMQ and Redis with --broker and --state); 'lorafleet "
+    "orchestrator', 'aggregator' and 'worker' run one service against RabbitMQ and Redis."
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 err = Console(stderr=True)
 
 
@@ -64,6 +70,15 @@ StateOpt = Annotated[
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="SECTION.FIELD=VALUE",
+        help="Override one field of the configuration, validated as the file is (the value is YAML); "
+        "repeatable, e.g. --set rounds.max_rounds=5 --set lora.target_modules=[query,value]",
+    ),
+]
 MetricsPortOpt = Annotated[
     int | None,
     typer.Option(
@@ -115,15 +130,22 @@ class _Ops:
         return ["--log-format", self.log_format, "--log-level", level]
 
 
-def _load(path: Path, *, distributed: bool | None = True) -> RunConfig:
-    """The run configuration as this command deploys it (RunConfig.deployed; None: as the file has it);
-    exit 2 if invalid."""
+def _load(path: Path, *, distributed: bool | None = True, overrides: list[str] | None = None) -> RunConfig:
+    """The run configuration with the ``--set`` ``overrides`` laid over the file, as this command
+    deploys it (RunConfig.deployed; None: as the file has it); exit 2 if invalid."""
     try:
-        config = load_run_config(path)
+        extra: dict[str, Any] = {}
+        for assignment in overrides or ():
+            extra = merge_overrides(extra, parse_override(assignment))
+        config = load_run_config(path, overrides=extra or None)
         return config if distributed is None else config.deployed(distributed=distributed)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
+
+
+def _set_args(overrides: list[str] | None) -> list[str]:
+    """``--set`` options again, for the services a launcher starts."""
+    return [arg for assignment in overrides or () for arg in ("--set", assignment)]
 
 
 def _key(env: str, *, required: bool) -> bytes | None:
@@ -131,13 +153,9 @@ def _key(env: str, *, required: bool) -> bytes | None:
     try:
         key = read_key(env)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     if key is None and required:
-        err.print(
-            f"[red]error:[/red] security.require_signatures is set: set {env} or {env}_FILE", highlight=False
-        )
-        raise typer.Exit(2)
+        _fail(f"security.require_signatures is set: set {env} or {env}_FILE")
     return key
 
 
@@ -184,16 +202,17 @@ def run(
     log_format: LogFormatOpt = "text",
     log_level: LogLevelOpt = None,
     metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
-    """Run a whole experiment and write OUT/report.json and OUT/adapter/."""
+    """Run a whole experiment and write OUT/report.json, OUT/report.png and OUT/adapter/."""
     ops = _Ops(verbose, log_format, log_level, metrics_port)
     ops.setup_logging()
-    cfg = _load(config, distributed=broker is not None)
+    cfg = _load(config, distributed=broker is not None, overrides=overrides)
     set_log_context(run_id=cfg.run_id)
     if (broker is None) != (state is None):
         _fail("--broker and --state go together (distributed mode), or neither (embedded)")
     if broker is not None and state is not None:
-        report = _run_distributed(cfg, config, out, broker, state, ops)
+        report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides))
     else:
         report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
     log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
@@ -220,7 +239,7 @@ def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[
 
 
 def _run_distributed(
-    cfg: RunConfig, config: Path, out: Path, broker: str, state: str, ops: _Ops
+    cfg: RunConfig, config: Path, out: Path, broker: str, state: str, ops: _Ops, set_args: list[str]
 ) -> dict[str, Any]:
     """``run --broker --state``: the launcher (lorafleet/app/launcher.py), with the run's metrics
     served from this process when ``ops.metrics_port`` is set."""
@@ -233,7 +252,8 @@ def _run_distributed(
             cleanup.callback(store.close)
             cleanup.callback(transport.close)
             cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, transport))
-        return run_distributed(cfg, config, out, broker=broker, state=state, service_args=ops.child_args())
+        args = [*ops.child_args(), *set_args]
+        return run_distributed(cfg, config, out, broker=broker, state=state, service_args=args)
 
 
 class _Service(Protocol):
@@ -248,11 +268,12 @@ def _serve(
     state: str,
     threads: int,
     ops: _Ops,
+    overrides: list[str] | None,
     build: Callable[[RunConfig, Transport, StateStore, AdapterRuntime], _Service],
 ) -> None:
     """Run one service over RabbitMQ and Redis until its run ends or a signal stops it."""
     ops.setup_logging()
-    cfg = _load(config)
+    cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id)
     from lorafleet.app.wiring import build_runtime, open_state, open_transport
     from lorafleet.ml.model import configure_torch_threads
@@ -311,6 +332,7 @@ def orchestrator(
     log_format: LogFormatOpt = "text",
     log_level: LogLevelOpt = None,
     metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run the orchestrator service against RabbitMQ and Redis."""
 
@@ -321,7 +343,8 @@ def orchestrator(
         reporter = RunReporter(cfg, quiet=log_format != "text", state=store)
         return build_orchestrator(cfg, transport, store, runtime, out_dir=out, reporter=reporter)
 
-    _serve(config, broker, state, threads, _Ops(verbose, log_format, log_level, metrics_port), build)
+    ops = _Ops(verbose, log_format, log_level, metrics_port)
+    _serve(config, broker, state, threads, ops, overrides, build)
 
 
 @app.command()
@@ -335,6 +358,7 @@ def aggregator(
     log_format: LogFormatOpt = "text",
     log_level: LogLevelOpt = None,
     metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run the aggregator service against RabbitMQ and Redis."""
 
@@ -344,7 +368,8 @@ def aggregator(
         fleet_key = _key(FLEET_KEY_ENV, required=bool(cfg.security.require_signatures))
         return build_aggregator(cfg, transport, store, runtime, out_dir=out, fleet_key=fleet_key)
 
-    _serve(config, broker, state, threads, _Ops(verbose, log_format, log_level, metrics_port), build)
+    ops = _Ops(verbose, log_format, log_level, metrics_port)
+    _serve(config, broker, state, threads, ops, overrides, build)
 
 
 @app.command()
@@ -376,10 +401,11 @@ def worker(
     log_format: LogFormatOpt = "text",
     log_level: LogLevelOpt = None,
     metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run one device (worker) against RabbitMQ. It needs no state-store access."""
     _Ops(verbose, log_format, log_level).setup_logging()
-    cfg = _load(config)
+    cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id, device_id=device_id)
     from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
     from lorafleet.ml.model import configure_torch_threads
@@ -515,13 +541,11 @@ def status(
     try:
         store = open_state(state)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     try:
         snapshot = run_status(store, run_id)
     except (LookupError, StateStoreError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc), code=1)
     finally:
         store.close()
     if as_json:
@@ -569,10 +593,61 @@ def device_key(
 
 
 @app.command()
-def validate(config: ConfigArg) -> None:
-    """Check a run configuration and print it with every default filled in."""
-    cfg = _load(config, distributed=None)
+def validate(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    model: Annotated[
+        bool,
+        typer.Option(
+            "--model/--no-model",
+            help="Also check what depends on the model: LoRA layers and target modules, max_seq_len "
+            "(--no-model: the file alone, e.g. where the model's folder is not at hand)",
+        ),
+    ] = True,
+) -> None:
+    """Check a run configuration (also against the model, without its weights) and print it in full.
+
+    The configuration is printed with every default filled in; then what depends on the model is
+    checked against its blocks, projections and positions.
+    """
+    cfg = _load(config, distributed=None, overrides=overrides)
     Console().print_json(cfg.model_dump_json())
+    if not model:
+        return
+    from lorafleet.app.model_checks import check_model
+
+    shape, findings = check_model(cfg)
+    if shape is not None:
+        a = shape.architecture
+        err.print(
+            f"model: {a.model_type}, {a.num_blocks} blocks ({a.blocks_path}), projections "
+            f"{', '.join(a.projections)}; LoRA targets by default: {', '.join(a.default_targets)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    for finding in findings:
+        kind = "error" if finding.error else "note"
+        line = f"{kind}: {finding.field}: {finding.message}"
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    if any(f.error for f in findings):
+        raise typer.Exit(2)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorafleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _lorafleet(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
+    ] = False,
+) -> None:
+    """Options before any command."""
 
 
 def main() -> None:
@@ -580,7 +655,7 @@ def main() -> None:
     try:
         app()
     except LorafleetError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
 
 

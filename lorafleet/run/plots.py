@@ -123,6 +123,9 @@ def _per_group(ax: Axes, rounds: Sequence[dict[str, Any]], name: str, title: str
         ax.plot(xs, ys, "o-", label=f"group {group}")
     ax.set_xlabel("global round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if name in ("rounds_done", "depth"):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title(f"per group: {title}")
     if groups:
         ax.legend(loc="best")

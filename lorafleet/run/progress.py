@@ -29,6 +29,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 from lorafleet.run.round_numbers import intra_round
@@ -211,15 +212,16 @@ class RunReporter:
 
     def _started(self) -> _RoundsProgress:
         if self._progress is None:
+            fixed = Column(no_wrap=True)  # on a narrow console the result wraps, the bar's parts stay whole
             self._progress = _RoundsProgress(
-                TextColumn("[cyan]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("updates"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[result]}"),
+                TextColumn("[cyan]{task.description}", table_column=fixed),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(table_column=fixed),
+                TextColumn("updates", table_column=fixed),
+                TimeElapsedColumn(table_column=fixed),
+                TextColumn("eta", table_column=fixed),
+                TimeRemainingColumn(table_column=fixed),
+                TextColumn("{task.fields[result]}", table_column=Column(ratio=1, overflow="fold")),
                 console=self.console,
             )
             self._progress.start()
