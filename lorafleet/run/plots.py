@@ -117,15 +117,18 @@ def _devices(ax: Axes, rounds: Sequence[dict[str, Any]]) -> None:
 def _per_group(ax: Axes, rounds: Sequence[dict[str, Any]], name: str, title: str) -> None:
     """One line per group: its ``name`` in each global round's plan and outcome."""
     groups = sorted({g for r in rounds for g in r.get("groups") or {}}, key=int)
+    highest = 0.0
     for group in groups:
         xs = [int(r["round"]) for r in rounds if (r.get("groups") or {}).get(group, {}).get(name) is not None]
         ys = [float(r["groups"][group][name]) for r in rounds if int(r["round"]) in xs]
         ax.plot(xs, ys, "o-", label=f"group {group}")
+        highest = max([highest, *ys])
     ax.set_xlabel("global round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if name in ("rounds_done", "depth"):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.ticklabel_format(axis="y", useOffset=False)
+    if name == "divergence":  # from 0, so that near-IID groups (KL ~ 0) read as such
+        ax.set_ylim(0.0, max(0.1, highest * 1.2))
     ax.set_title(f"per group: {title}")
     if groups:
         ax.legend(loc="best")
