@@ -4,4 +4,9 @@ The shared runtime: the Transport and StateStore ports with their adapters, topo
 model and data helpers, the embedded runner and the ``lorafleet`` CLI.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lorafleet")  # the installed package's metadata: pyproject.toml's version
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"

@@ -523,3 +523,44 @@ def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, An
         else:
             out[key] = value
     return out
+
+
+def parse_override(assignment: str) -> dict[str, Any]:
+    """``section.field=value`` (``lorafleet --set``) as a nested mapping for :func:`merge_overrides`;
+    the value is read as YAML, as the file's values are (``[query, value]`` is a list, ``null`` None).
+
+    Raises:
+        ConfigError: not ``path=value``, or the path names no field of the configuration; one line,
+            naming it and the fields there are.
+    """
+    path, sep, text = assignment.partition("=")
+    names = path.strip().split(".")
+    if not sep or not all(names):
+        raise ConfigError(f"--set {assignment!r}: expected section.field=value, e.g. rounds.max_rounds=5")
+    _check_field_path(names, assignment)
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({problem})") from None
+    for name in reversed(names):
+        value = {name: value}
+    assert isinstance(value, dict)
+    return value
+
+
+def _check_field_path(names: list[str], assignment: str) -> None:
+    model: type[BaseModel] = RunConfig
+    for depth, name in enumerate(names):
+        fields = {f.alias or n: f for n, f in model.model_fields.items()} | dict(model.model_fields)
+        where = ".".join(names[:depth]) or "the configuration"
+        if name not in fields:
+            known = ", ".join(f.alias or n for n, f in model.model_fields.items())
+            raise ConfigError(f"--set {assignment!r}: {where} has no field {name!r} (its fields: {known})")
+        annotation = fields[name].annotation
+        if depth + 1 < len(names):
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(
+                    f"--set {assignment!r}: {'.'.join(names[: depth + 1])} is a value, not a section"
+                )
+            model = annotation

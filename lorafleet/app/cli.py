@@ -1,39 +1,61 @@
-"""The ``lorafleet`` command line.
+"""The ``lorafleet`` command line (:data:`HELP` is what ``lorafleet --help`` says).
 
-``lorafleet run CONFIG --out DIR`` runs a whole experiment (embedded by default; over RabbitMQ and
-Redis with ``--broker``/``--state``). ``lorafleet orchestrator|aggregator|worker`` run one
-service against RabbitMQ and Redis (what compose and the README's by-hand instructions start).
+Every command that reads a run configuration takes ``--set section.field=value`` overrides, merged
+into the file and validated with it; the service commands take ``--log-format``, ``--log-level``
+and ``--metrics-port``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Protocol
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from lorafleet import __version__
+from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
 from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
-from schemas.config import RunConfig, load_run_config
+from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
 from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
 
 if TYPE_CHECKING:  # the services' modules import torch: only the commands that need them load them
+    from prometheus_client.registry import CollectorRegistry
+
+    from lorafleet.app.metrics_server import MetricsServer
+    from lorafleet.app.worker_metrics import WorkerObserver
     from lorafleet.ml.model import AdapterRuntime
     from lorafleet.state.base import StateStore
     from lorafleet.transport.base import Transport
+    from worker.slots import SlotLease
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+log = logging.getLogger(__name__)
+HELP = (
+    "Federated LoRA fine-tuning across edge devices. 'lorafleet run CONFIG --out DIR' runs a whole "
+    "experiment (in one process, or over RabbitMQ and Redis with --broker and --state); 'lorafleet "
+    "orchestrator', 'aggregator' and 'worker' run one service against RabbitMQ and Redis."
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """End the command with ``error: MESSAGE`` on stderr (the message printed as is, never as markup)."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML), e.g. examples/quickstart.yaml")]
 BrokerOpt = Annotated[
@@ -48,25 +70,82 @@ StateOpt = Annotated[
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="SECTION.FIELD=VALUE",
+        help="Override one field of the configuration, validated as the file is (the value is YAML); "
+        "repeatable, e.g. --set rounds.max_rounds=5 --set lora.target_modules=[query,value]",
+    ),
+]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="LORAFLEET_METRICS_PORT",
+        min=1,
+        max=65535,
+        help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (off by default)",
+    ),
+]
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pika").setLevel(logging.ERROR)  # its 404 channel closes are expected (passive checks)
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format", envvar="LORAFLEET_LOG_FORMAT", help="text, or json: one JSON object per line"
+    ),
+]
+LogLevelOpt = Annotated[
+    LogLevel | None,
+    typer.Option(
+        "--log-level",
+        envvar="LORAFLEET_LOG_LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default WARNING; INFO with --verbose)",
+    ),
+]
 
 
-def _load(path: Path, *, distributed: bool | None = True) -> RunConfig:
-    """The run configuration as this command deploys it (RunConfig.deployed; None: as the file has it);
-    exit 2 if invalid."""
+@dataclass(frozen=True)
+class _Ops:
+    """What every service command takes besides its own options: logging and metrics."""
+
+    verbose: bool = False
+    log_format: LogFormat = "text"
+    log_level: LogLevel | None = None
+    metrics_port: int | None = None
+
+    def setup_logging(self) -> None:
+        configure_logging(self.log_format, self.log_level or ("INFO" if self.verbose else "WARNING"))
+
+    @property
+    def progress(self) -> bool:
+        """Whether the run's progress goes to the terminal (JSON logs carry it as log lines instead)."""
+        return self.log_format == "text"
+
+    def child_args(self) -> list[str]:
+        """The logging options of the services a launcher starts (their logs as its own)."""
+        level = self.log_level or ("INFO" if self.verbose else "WARNING")
+        return ["--log-format", self.log_format, "--log-level", level]
+
+
+def _load(path: Path, *, distributed: bool | None = True, overrides: list[str] | None = None) -> RunConfig:
+    """The run configuration with the ``--set`` ``overrides`` laid over the file, as this command
+    deploys it (RunConfig.deployed; None: as the file has it); exit 2 if invalid."""
     try:
-        config = load_run_config(path)
+        extra: dict[str, Any] = {}
+        for assignment in overrides or ():
+            extra = merge_overrides(extra, parse_override(assignment))
+        config = load_run_config(path, overrides=extra or None)
         return config if distributed is None else config.deployed(distributed=distributed)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
+
+
+def _set_args(overrides: list[str] | None) -> list[str]:
+    """``--set`` options again, for the services a launcher starts."""
+    return [arg for assignment in overrides or () for arg in ("--set", assignment)]
 
 
 def _key(env: str, *, required: bool) -> bytes | None:
@@ -74,13 +153,9 @@ def _key(env: str, *, required: bool) -> bytes | None:
     try:
         key = read_key(env)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     if key is None and required:
-        err.print(
-            f"[red]error:[/red] security.require_signatures is set: set {env} or {env}_FILE", highlight=False
-        )
-        raise typer.Exit(2)
+        _fail(f"security.require_signatures is set: set {env} or {env}_FILE")
     return key
 
 
@@ -124,28 +199,61 @@ def run(
     state: Annotated[str | None, typer.Option("--state", help="Redis URL (with --broker)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-round progress")] = False,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
+    log_level: LogLevelOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
-    """Run a whole experiment and write OUT/report.json and OUT/adapter/."""
-    _setup_logging(verbose)
-    cfg = _load(config, distributed=broker is not None)
+    """Run a whole experiment and write OUT/report.json, OUT/report.png and OUT/adapter/."""
+    ops = _Ops(verbose, log_format, log_level, metrics_port)
+    ops.setup_logging()
+    cfg = _load(config, distributed=broker is not None, overrides=overrides)
+    set_log_context(run_id=cfg.run_id)
     if (broker is None) != (state is None):
-        err.print(
-            "[red]error:[/red] --broker and --state go together (distributed mode), or neither (embedded)"
-        )
-        raise typer.Exit(2)
+        _fail("--broker and --state go together (distributed mode), or neither (embedded)")
     if broker is not None and state is not None:
-        from lorafleet.app.launcher import run_distributed
-
-        report = run_distributed(cfg, config, out, broker=broker, state=state)
+        report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides))
     else:
-        from lorafleet.app.embedded import run_embedded
+        report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
+    log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
+    if ops.progress:
+        err.print(
+            f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
+            f"report: {out / 'report.json'}; adapter: {out / 'adapter'}",
+            highlight=False,
+            markup=False,
+        )
 
-        report = run_embedded(cfg, out, quiet=quiet)
-    err.print(
-        f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
-        f"report: {out / 'report.json'}; adapter: {out / 'adapter'}",
-        highlight=False,
-    )
+
+def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[str, Any]:
+    """``run`` in this process (lorafleet/app/embedded.py), its metrics and log rounds from its state."""
+    from lorafleet.app.embedded import run_embedded
+    from lorafleet.state.memory import InMemoryStateStore
+
+    store = InMemoryStateStore()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(RoundFollower(store, cfg.run_id).start().stop)
+        if ops.metrics_port is not None:
+            cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, None))
+        return run_embedded(cfg, out, quiet=quiet, state=store)
+
+
+def _run_distributed(
+    cfg: RunConfig, config: Path, out: Path, broker: str, state: str, ops: _Ops, set_args: list[str]
+) -> dict[str, Any]:
+    """``run --broker --state``: the launcher (lorafleet/app/launcher.py), with the run's metrics
+    served from this process when ``ops.metrics_port`` is set."""
+    from lorafleet.app.launcher import run_distributed
+    from lorafleet.app.wiring import open_state, open_transport
+
+    with contextlib.ExitStack() as cleanup:
+        if ops.metrics_port is not None:
+            store, transport = open_state(state), open_transport(broker)
+            cleanup.callback(store.close)
+            cleanup.callback(transport.close)
+            cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, transport))
+        args = [*ops.child_args(), *set_args]
+        return run_distributed(cfg, config, out, broker=broker, state=state, service_args=args)
 
 
 class _Service(Protocol):
@@ -159,26 +267,58 @@ def _serve(
     broker: str,
     state: str,
     threads: int,
-    verbose: bool,
+    ops: _Ops,
+    overrides: list[str] | None,
     build: Callable[[RunConfig, Transport, StateStore, AdapterRuntime], _Service],
 ) -> None:
     """Run one service over RabbitMQ and Redis until its run ends or a signal stops it."""
-    _setup_logging(verbose)
-    cfg = _load(config)
+    ops.setup_logging()
+    cfg = _load(config, overrides=overrides)
+    set_log_context(run_id=cfg.run_id)
     from lorafleet.app.wiring import build_runtime, open_state, open_transport
     from lorafleet.ml.model import configure_torch_threads
 
     configure_torch_threads(threads)
     stop = _stop_on_signals()
     transport, store = open_transport(broker), open_state(state)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(store.close)
+        cleanup.callback(transport.close)
+        cleanup.callback(RoundFollower(store, cfg.run_id).start().stop)
+        if ops.metrics_port is not None:
+            cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, transport))
         service = build(cfg, transport, store, build_runtime(cfg))
         service.start()
         stop.serving = True
         service.run_forever(stop.event)
+
+
+@contextlib.contextmanager
+def _run_metrics(port: int, cfg: RunConfig, store: StateStore, transport: Transport | None) -> Iterator[None]:
+    """The run's metrics from ``store`` (and the dead-letter queue's depth, with ``transport``) on
+    ``port`` while the block runs."""
+    from lorafleet.app.metrics_server import DeadLetterDepth, metrics_registry
+    from lorafleet.run.metrics import RunCollector
+
+    depth = None if transport is None else DeadLetterDepth(transport)
+    collector = RunCollector(store, cfg.run_id, hierarchical=cfg.hierarchical, dead_letters=depth)
+    server = _metrics_server(port, metrics_registry(collector))
+    try:
+        yield
     finally:
-        transport.close()
-        store.close()
+        server.close()
+        if depth is not None:
+            depth.close()
+
+
+def _metrics_server(port: int, registry: CollectorRegistry) -> MetricsServer:
+    """Serve ``registry`` on ``port``; exit 2 naming the port when it cannot be bound."""
+    from lorafleet.app.metrics_server import MetricsServer
+
+    try:
+        return MetricsServer(port, registry)
+    except OSError as exc:
+        _fail(f"--metrics-port {port}: {exc.strerror or exc}")
 
 
 @app.command()
@@ -189,6 +329,10 @@ def orchestrator(
     out: OutOpt = Path("runs/latest"),
     threads: ThreadsOpt = 1,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
+    log_level: LogLevelOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run the orchestrator service against RabbitMQ and Redis."""
 
@@ -196,9 +340,11 @@ def orchestrator(
         from lorafleet.app.wiring import build_orchestrator
         from lorafleet.run.progress import RunReporter
 
-        return build_orchestrator(cfg, transport, store, runtime, out_dir=out, reporter=RunReporter(cfg))
+        reporter = RunReporter(cfg, quiet=log_format != "text", state=store)
+        return build_orchestrator(cfg, transport, store, runtime, out_dir=out, reporter=reporter)
 
-    _serve(config, broker, state, threads, verbose, build)
+    ops = _Ops(verbose, log_format, log_level, metrics_port)
+    _serve(config, broker, state, threads, ops, overrides, build)
 
 
 @app.command()
@@ -209,6 +355,10 @@ def aggregator(
     out: OutOpt = Path("runs/latest"),
     threads: ThreadsOpt = 0,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
+    log_level: LogLevelOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run the aggregator service against RabbitMQ and Redis."""
 
@@ -218,7 +368,8 @@ def aggregator(
         fleet_key = _key(FLEET_KEY_ENV, required=bool(cfg.security.require_signatures))
         return build_aggregator(cfg, transport, store, runtime, out_dir=out, fleet_key=fleet_key)
 
-    _serve(config, broker, state, threads, verbose, build)
+    ops = _Ops(verbose, log_format, log_level, metrics_port)
+    _serve(config, broker, state, threads, ops, overrides, build)
 
 
 @app.command()
@@ -247,37 +398,38 @@ def worker(
     ] = None,
     threads: ThreadsOpt = 0,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
+    log_level: LogLevelOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run one device (worker) against RabbitMQ. It needs no state-store access."""
-    _setup_logging(verbose)
-    cfg = _load(config)
+    _Ops(verbose, log_format, log_level).setup_logging()
+    cfg = _load(config, overrides=overrides)
+    set_log_context(run_id=cfg.run_id, device_id=device_id)
     from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
     from lorafleet.ml.model import configure_torch_threads
-    from worker.slots import claim_slot
 
     try:  # the device's data first: bad data ends the worker before it touches the broker
         shards = Shards.load(cfg, data)
     except LorafleetError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     configure_torch_threads(threads)
     stop = _stop_on_signals()
     transport = open_transport(broker)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(transport.close)
+        observed = None if metrics_port is None else _worker_metrics(metrics_port, cfg, cleanup)
         lease = None
         if device_id is None:
-            try:
-                lease = claim_slot(transport, cfg.run_id, timeout_s=claim_timeout)
-            except NoFreeSlot as exc:
-                err.print(f"[red]error:[/red] {exc}", highlight=False)
-                raise typer.Exit(3) from None
+            lease = _claim(transport, cfg, claim_timeout)
+            cleanup.callback(lease.release)  # no-op after retire; else the slot is free for a replacement
             device_id = lease.device_id
-            lease.keep(transport, cfg.run_id)  # its own slot again after a lost connection
+            set_log_context(device_id=device_id)
         try:
             index = device_index(cfg, device_id)
         except ConfigError as exc:
-            err.print(f"[red]error:[/red] --device-id: {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            _fail(f"--device-id: {exc}")
         service = build_worker(
             cfg,
             index,
@@ -286,18 +438,41 @@ def worker(
             shards,
             on_finished=None if lease is None else lease.retire,
             signing_key=_device_key(device_id, required=bool(cfg.security.require_signatures)),
+            wrap_trainer=None if observed is None else observed.wrap,
         )
+        if observed is not None:
+            observed.collector.service = service
         service.start()
+        log.info("worker %s: serving run %s", device_id, cfg.run_id)
         stop.serving = True
         service.run_forever(stop.event, heartbeat_s=cfg.rounds.heartbeat_s)
-    finally:
-        if lease is not None:
-            lease.release()  # a no-op after retire; otherwise the slot is free for a replacement
-        transport.close()
     if service.training_abandoned:  # its task went back to the queue; torch cannot be shut down mid-step
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _claim(transport: Transport, cfg: RunConfig, timeout_s: float) -> SlotLease:
+    """A free device slot of the run, held for this worker's lifetime; exit 3 when none frees up."""
+    from worker.slots import claim_slot
+
+    try:
+        lease = claim_slot(transport, cfg.run_id, timeout_s=timeout_s)
+    except NoFreeSlot as exc:
+        _fail(str(exc), code=3)
+    lease.keep(transport, cfg.run_id)  # its own slot again after a lost connection
+    return lease
+
+
+def _worker_metrics(port: int, cfg: RunConfig, cleanup: contextlib.ExitStack) -> WorkerObserver:
+    """This worker's process-local metrics on ``port`` until ``cleanup`` closes."""
+    from lorafleet.app.metrics_server import metrics_registry
+    from lorafleet.app.worker_metrics import WorkerObserver
+
+    registry = metrics_registry()
+    observer = WorkerObserver(registry, cfg.run_id)
+    cleanup.callback(_metrics_server(port, registry).close)
+    return observer
 
 
 @app.command()
@@ -366,13 +541,11 @@ def status(
     try:
         store = open_state(state)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     try:
         snapshot = run_status(store, run_id)
     except (LookupError, StateStoreError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc), code=1)
     finally:
         store.close()
     if as_json:
@@ -420,10 +593,61 @@ def device_key(
 
 
 @app.command()
-def validate(config: ConfigArg) -> None:
-    """Check a run configuration and print it with every default filled in."""
-    cfg = _load(config, distributed=None)
+def validate(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    model: Annotated[
+        bool,
+        typer.Option(
+            "--model/--no-model",
+            help="Also check what depends on the model: LoRA layers and target modules, max_seq_len "
+            "(--no-model: the file alone, e.g. where the model's folder is not at hand)",
+        ),
+    ] = True,
+) -> None:
+    """Check a run configuration (also against the model, without its weights) and print it in full.
+
+    The configuration is printed with every default filled in; then what depends on the model is
+    checked against its blocks, projections and positions.
+    """
+    cfg = _load(config, distributed=None, overrides=overrides)
     Console().print_json(cfg.model_dump_json())
+    if not model:
+        return
+    from lorafleet.app.model_checks import check_model
+
+    shape, findings = check_model(cfg)
+    if shape is not None:
+        a = shape.architecture
+        err.print(
+            f"model: {a.model_type}, {a.num_blocks} blocks ({a.blocks_path}), projections "
+            f"{', '.join(a.projections)}; LoRA targets by default: {', '.join(a.default_targets)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    for finding in findings:
+        kind = "error" if finding.error else "note"
+        line = f"{kind}: {finding.field}: {finding.message}"
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    if any(f.error for f in findings):
+        raise typer.Exit(2)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorafleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _lorafleet(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
+    ] = False,
+) -> None:
+    """Options before any command."""
 
 
 def main() -> None:
@@ -431,7 +655,7 @@ def main() -> None:
     try:
         app()
     except LorafleetError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
 
 

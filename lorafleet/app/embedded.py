@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from rich.console import Console
+
 from lorafleet.app.wiring import (
     Shards,
     build_aggregator,
@@ -75,12 +77,31 @@ def run_embedded(
     *,
     quiet: bool = False,
     wrap_trainer: Callable[[int, Trainer], Trainer] | None = None,
+    state: InMemoryStateStore | None = None,
+    console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run a whole experiment in this process; returns the report (also written to ``out_dir``)."""
+    """Run a whole experiment in this process; returns the report (also written to ``out_dir``).
+
+    ``state``: the run's state store (default: a new one), for a caller that watches it (metrics);
+    ``console``: where the progress goes (default: stderr).
+    """
     configure_torch_threads(config.model.torch_threads)
-    reporter = RunReporter(config, quiet=quiet)
+    state = InMemoryStateStore() if state is None else state
+    reporter = RunReporter(config, quiet=quiet, console=console, state=state)
+    try:
+        return _run(config, out_dir, state, reporter, wrap_trainer)
+    finally:
+        reporter.close()
+
+
+def _run(
+    config: RunConfig,
+    out_dir: Path,
+    state: InMemoryStateStore,
+    reporter: RunReporter,
+    wrap_trainer: Callable[[int, Trainer], Trainer] | None,
+) -> dict[str, Any]:
     broker = InMemoryBroker()
-    state = InMemoryStateStore()
     runtime = build_runtime(config)
     config = with_model_defaults(config, runtime)  # the LoRA targets the model resolved, in the report too
     shards = Shards.load(config)

@@ -91,9 +91,11 @@ def run_distributed(
     state: str,
     fresh: bool = True,
     policy: RestartPolicy | None = None,
+    service_args: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run an experiment with every service in its own process, supervised (lorafleet/app/supervisor.py);
-    returns ``report.json``'s content.
+    returns ``report.json``'s content. ``service_args`` go on every service's command line (logging
+    options, ``--set`` overrides).
 
     Raises:
         CrashLoop: a service kept dying.
@@ -108,15 +110,21 @@ def run_distributed(
     cores = os.cpu_count() or 1
     worker_threads = max(1, cores // config.devices.count)
     supervisor = Supervisor(logs, policy=policy, spawn=popen(_service_env(config)))
+    extra = list(service_args or [])
     try:
         for role, threads in (("orchestrator", 1), ("aggregator", cores)):
             command = service_command(role, config_path, broker=broker, state=state, out_dir=out_dir)
-            supervisor.start(role, [*command, "--threads", str(threads)])
+            supervisor.start(role, [*command, "--threads", str(threads), *extra])
         for d in config.device_ids():
             supervisor.start(
                 f"worker-{d}",
-                service_command("worker", config_path, broker=broker, state=None, out_dir=None, device=d,
-                                threads=worker_threads),
+                [
+                    *service_command(
+                        "worker", config_path, broker=broker, state=None, out_dir=None, device=d,
+                        threads=worker_threads,
+                    ),
+                    *extra,
+                ],
             )
         _supervise(supervisor)
     finally:

@@ -141,9 +141,7 @@ def load_base_model(
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path(cfg), local_files_only=True, dtype=dtype)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and cfg.max_seq_len > positions:
-        raise ValueError(f"model.max_seq_len {cfg.max_seq_len} exceeds the model's {positions} positions")
+    check_max_seq_len(cfg.max_seq_len, getattr(model.config, "max_position_embeddings", None))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad
     if hasattr(model.config, "use_cache"):
@@ -154,6 +152,13 @@ def load_base_model(
         _checkpoint_blocks(model)
     model.train(False)
     return model
+
+
+def check_max_seq_len(max_seq_len: int, positions: object) -> None:
+    """Raises ValueError when ``model.max_seq_len`` exceeds the model's ``positions`` (an int: a limit
+    the model states)."""
+    if isinstance(positions, int) and max_seq_len > positions:
+        raise ValueError(f"model.max_seq_len {max_seq_len} exceeds the model's {positions} positions")
 
 
 def _checkpoint_blocks(model: PreTrainedModel) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from lorafleet.state.base import StateStore
 from schemas.config import RoundsConfig, RunConfig
 
 REPORT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
@@ -158,9 +160,17 @@ def time_to_target(rounds: list[dict[str, Any]], goal: RoundsConfig) -> dict[str
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/report.json`` and its figures, ``out_dir/report.png`` (lorafleet/run/plots.py);
+    returns the JSON file's path. A figure that cannot be drawn is logged, never fails the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+    from lorafleet.run.plots import plot_report  # matplotlib: loaded by the processes that write reports
+
+    try:
+        plot_report(report, out_dir / "report.png")
+    except Exception:  # noqa: BLE001 - the report is written; its figure is a convenience
+        log.exception("report: %s could not be drawn", out_dir / "report.png")
     return path
