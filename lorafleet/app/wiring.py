@@ -14,6 +14,7 @@ from aggregator.evaluation import Evaluation, evaluate
 from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
 from lorafleet.app.malloc import pin_mmap_threshold
+from lorafleet.app.urls import mask_url
 from lorafleet.data.datasets import (
     EncodedDataset,
     TextDataset,
@@ -52,16 +53,19 @@ def open_transport(url: str) -> Transport:
         from lorafleet.transport.rabbitmq import PikaTransport
 
         return PikaTransport(url)
-    raise ConfigError(f"--broker must be an amqp:// or amqps:// URL, got {url!r}")
+    raise ConfigError(f"--broker must be an amqp:// or amqps:// URL, got {mask_url(url)!r}")
 
 
 def open_state(url: str) -> StateStore:
-    """A state store for ``redis://``/``rediss://`` URLs."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    """A state store for ``redis://``/``rediss://``/``unix://`` and ``redis+sentinel://`` URLs
+    (lorafleet/state/redis_url.py)."""
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         from lorafleet.state.redis import RedisStateStore
 
         return RedisStateStore(url)
-    raise ConfigError(f"--state must be a redis:// or rediss:// URL, got {url!r}")
+    raise ConfigError(
+        f"--state must be a redis://, rediss:// or redis+sentinel:// URL, got {mask_url(url)!r}"
+    )
 
 
 def device_index(config: RunConfig, device: str) -> int:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from lorafleet.state import keys
 from lorafleet.state.base import (
@@ -46,6 +47,7 @@ from lorafleet.state.base import (
     StateStore,
     StateStoreError,
 )
+from lorafleet.state.redis_url import parse_redis_url
 
 __all__ = ["RedisStateStore"]
 
@@ -379,6 +381,37 @@ class _OutageRetry(Retry):
                 time.sleep(min(self._backoff.compute(failures), max(0.0, self.outage_s - waited)))
 
 
+class _Script:
+    """A registered Lua script; with ``replicas`` > 0 each call is followed, on the same connection (one
+    pipeline), by ``WAIT replicas timeout_ms``: the call returns once that many replicas have its
+    writes, or the timeout passed (then it goes on, and says so: availability over durability)."""
+
+    _warned_at = 0.0
+
+    def __init__(self, client: redis.Redis, source: str, *, replicas: int, timeout_ms: int) -> None:
+        self._client = client
+        self._script = client.register_script(source)
+        self._replicas = replicas
+        self._timeout_ms = timeout_ms
+
+    def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        if not self._replicas:
+            return self._script(keys=keys, args=args)
+        pipe = self._client.pipeline(transaction=False)
+        self._script(keys=keys, args=args, client=pipe)
+        pipe.wait(self._replicas, self._timeout_ms)
+        result, acked = pipe.execute()
+        if int(acked) < self._replicas and time.monotonic() - _Script._warned_at > 60.0:
+            _Script._warned_at = time.monotonic()
+            log.warning(
+                "redis: a write reached %d of the %d replicas asked for within %d ms (going on)",
+                int(acked),
+                self._replicas,
+                self._timeout_ms,
+            )
+        return result
+
+
 class RedisStateStore:
     """:class:`lorafleet.state.base.StateStore` on Redis (one instance per process; thread-safe).
 
@@ -396,18 +429,40 @@ class RedisStateStore:
         max_connections: int = 32,
         outage_s: float = OUTAGE_S,
     ) -> None:
+        target = parse_redis_url(url)
         # Retry lives ON THE POOL: a retry= given to Redis(connection_pool=...) is ignored.
-        pool = redis.ConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            health_check_interval=health_check_interval,
-            retry=_OutageRetry(outage_s),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            decode_responses=False,
-        )
-        self._init(redis.Redis(connection_pool=pool), owns_client=True)
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            "health_check_interval": health_check_interval,
+            "retry": _OutageRetry(outage_s),
+            "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+            "decode_responses": False,
+        }
+        if target.sentinels:
+            # the pool asks the Sentinels for the primary on every new connection, and a connection to
+            # a primary demoted in a failover fails (ReadOnlyError -> ConnectionError): both retried
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                target.sentinels,
+                sentinel_kwargs={
+                    "socket_timeout": socket_connect_timeout,
+                    "socket_connect_timeout": socket_connect_timeout,
+                    "password": target.sentinel_password,
+                },
+            )
+            assert target.service is not None
+            client = sentinel.master_for(  # type: ignore[no-untyped-call]
+                target.service,
+                redis_class=redis.Redis,
+                db=target.db,
+                username=target.username,
+                password=target.password,
+                **options,
+            )
+        else:
+            client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(target.url, **options))
+        self._init(client, owns_client=True, wait=(target.wait_replicas, target.wait_timeout_ms))
 
     @classmethod
     def from_client(cls, client: redis.Redis) -> RedisStateStore:
@@ -418,20 +473,24 @@ class RedisStateStore:
         store._init(client, owns_client=False)
         return store
 
-    def _init(self, client: redis.Redis, *, owns_client: bool) -> None:
+    def _init(self, client: redis.Redis, *, owns_client: bool, wait: tuple[int, int] = (0, 0)) -> None:
         self._r = client
         self._owns_client = owns_client
-        self._open_round = client.register_script(_OPEN_ROUND)
-        self._record_update = client.register_script(_RECORD_UPDATE)
-        self._compact_updates = client.register_script(_COMPACT_UPDATES)
-        self._close_expired = client.register_script(_CLOSE_EXPIRED)
-        self._mark_aggregated = client.register_script(_MARK_AGGREGATED)
-        self._put_global = client.register_script(_PUT_GLOBAL)
-        self._cas_field = client.register_script(_CAS_FIELD)
-        self._open_global = client.register_script(_OPEN_GLOBAL)
-        self._record_group = client.register_script(_RECORD_GROUP)
-        self._set_target = client.register_script(_SET_TARGET)
-        self._mark_global = client.register_script(_MARK_GLOBAL)
+
+        def script(source: str) -> _Script:
+            return _Script(client, source, replicas=wait[0], timeout_ms=wait[1])
+
+        self._open_round = script(_OPEN_ROUND)
+        self._record_update = script(_RECORD_UPDATE)
+        self._compact_updates = script(_COMPACT_UPDATES)
+        self._close_expired = script(_CLOSE_EXPIRED)
+        self._mark_aggregated = script(_MARK_AGGREGATED)
+        self._put_global = script(_PUT_GLOBAL)
+        self._cas_field = script(_CAS_FIELD)
+        self._open_global = script(_OPEN_GLOBAL)
+        self._record_group = script(_RECORD_GROUP)
+        self._set_target = script(_SET_TARGET)
+        self._mark_global = script(_MARK_GLOBAL)
 
     # -- run ----------------------------------------------------------------------------------------
     @_translated

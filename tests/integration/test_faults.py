@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import redis
 import yaml
 
 from lorafleet.state import keys
@@ -165,7 +164,7 @@ class Fleet:
         self.broker = broker
         self.state_url = state
         self.store = RedisStateStore(state)
-        self.redis = redis.Redis.from_url(state)
+        self.redis = self.store._r  # the store's client: it follows a Sentinel URL too
         self.services: dict[str, Service] = {}
         self.all: list[Service] = []
         self.started_at = time.monotonic()
