@@ -4,7 +4,9 @@ Every update is validated (envelope, sender, run, task, device, checksum, finite
 before it is recorded; what fails is dead-lettered with its reason and never touches the global
 adapter. Recording, deduplication and quorum closing are one atomic state-store step. Closed
 rounds wait in the state store's outbox until aggregated, so a restarted aggregator resumes.
-Evaluation runs after ``RoundClosed`` is published: the next round does not wait for it.
+Evaluation runs after ``RoundClosed`` is published: the next round does not wait for it; where the
+devices evaluate too (``eval.device_fraction``), the global adapter goes out to them first
+(aggregator/federated_eval.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from aggregator.federated_eval import FederatedEvaluation
 from aggregator.merge.rankwise import WeightedUpdate
 from aggregator.merge.registry import merge
 from aggregator.receipts import fingerprint, fingerprint_of, receipt
@@ -93,6 +96,7 @@ class AggregatorService:
         self.write_checkpoint = write_checkpoint
         self.out_dir = out_dir
         self.clock = clock or SystemClock()
+        self.federated = FederatedEvaluation(transport, state, config, clock=self.clock, fleet_key=fleet_key)
         self.finished = False
         self.rejections = Rejections(
             "aggregator", sink=lambda name: self.state.incr_counter(self.run_id, name)
@@ -143,6 +147,8 @@ class AggregatorService:
             self._handle(delivery)
             did = True
         if status == "finished":
+            if not self.federated.settled():  # the final round's device evaluations may still come
+                return did
             self._finalise()
             return True
         now_ms = to_ms(self.clock.now())
@@ -237,6 +243,9 @@ class AggregatorService:
     def _handle(self, delivery: Delivery) -> None:
         try:
             message = receive(delivery, run_id=self.run_id, max_bytes=self.config.limits.max_message_bytes)
+            if self.federated.took(message):  # a device's evaluation result, checked and kept
+                delivery.ack()
+                return
             if isinstance(message, LoraUpdate | TaskFailed):
                 self._check_signature(message)
             if isinstance(message, LoraUpdate):
@@ -441,6 +450,7 @@ class AggregatorService:
         version, tensors = self._global()
         if version != round_no:
             return  # a newer aggregate exists already; only the latest is evaluated
+        self.federated.publish_task(round_no, self._global_spec(), tensors)  # the devices evaluate it too
         started = time.perf_counter()
         accuracy, loss = self.evaluator.evaluate(self._global_spec(), tensors)
         eval_s = time.perf_counter() - started

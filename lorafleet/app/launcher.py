@@ -63,6 +63,8 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
         topology.declare_static_topology(transport)
         queues = [topology.UPDATES_QUEUE, topology.ORCHESTRATOR_QUEUE, topology.SLOTS_QUEUE]
         queues += [topology.task_queue_name(d) for d in config.device_ids()]
+        if config.eval.federated:
+            queues += [topology.eval_queue_name(d) for d in config.device_ids()]
         for queue in queues:
             with contextlib.suppress(QueueNotFound):
                 transport.purge(queue)
