@@ -63,6 +63,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
                 "num_samples": info.get("num_samples"),
                 "label_histogram": info.get("label_histogram"),
                 "tier": (info.get("profile") or {}).get("tier"),
+                "eval_samples": info.get("eval_samples", 0),
                 "privacy": privacy,
             }
             for d, info in sorted(state.get_devices(run_id).items())

@@ -162,7 +162,8 @@ EVAL_QUEUE_LENGTH = 1
 def device_eval_queue(device_id: str) -> QueueSpec:
     """A device's evaluation queue, bound to the ``lf.eval`` fanout. Classic, not quorum, and without
     a dead-letter exchange: an evaluation task is best effort, one that is superseded is dropped, not a
-    dead letter (a worker still dead-letters a bad one itself, republishing it to ``lf.dlx``)."""
+    dead letter. (A worker refuses a bad one with its reason; over RabbitMQ its ``dead_letter``
+    republishes it to ``lf.dlx``, the default of a queue it did not declare.)"""
     return QueueSpec(
         eval_queue_name(device_id),
         ((EVAL_EXCHANGE, EVAL_KEY),),
