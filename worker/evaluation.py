@@ -34,6 +34,9 @@ from schemas.tensors import decode_tensors
 
 log = logging.getLogger(__name__)
 
+#: how long a worker waits before it looks for its evaluation queue again
+RESUBSCRIBE_S = 2.0
+
 
 class HeldOutScorer(Protocol):
     """A device's held-out rows and the means to score an adapter on them, a batch at a time."""
@@ -113,6 +116,7 @@ class DeviceEvaluator:
         self.rejections = Rejections(f"worker {device_id} (evaluation)")
         self.evaluated: list[int] = []  # the rounds this device reported, in order
         self._subscription: Subscription | None = None
+        self._retry_at = 0.0  # no subscription is tried before this (time.monotonic)
         self._current: _InProgress | None = None
 
     @property
@@ -151,10 +155,13 @@ class DeviceEvaluator:
     # -- internals ------------------------------------------------------------------------------
     def _subscribed(self) -> Subscription | None:
         if self._subscription is None:
+            if time.monotonic() < self._retry_at:
+                return None
             try:
                 self._subscription = self.transport.subscribe(topology.eval_queue_name(self.device_id))
-            except QueueNotFound:
-                return None  # the orchestrator declares it when it registers us
+            except QueueNotFound:  # the orchestrator declares it when it registers us
+                self._retry_at = time.monotonic() + RESUBSCRIBE_S  # (a broker connection per try)
+                return None
         return self._subscription
 
     def _drop_subscription(self) -> None:
