@@ -24,7 +24,7 @@ from lorafleet.run.federated import EVAL_SCORES, EVAL_SENT, pooled
 from lorafleet.security.signing import verify
 from lorafleet.state.base import StateStore
 from lorafleet.transport import topology
-from lorafleet.transport.base import ExchangeNotFound, Transport, Unroutable
+from lorafleet.transport.base import Transport, TransportError
 from lorafleet.transport.messaging import publish_message
 from schemas.config import RunConfig
 from schemas.errors import Rejected
@@ -77,7 +77,7 @@ class FederatedEvaluation:
         )
         try:
             size = publish_message(self.transport, topology.EVAL_EXCHANGE, topology.EVAL_KEY, task)
-        except (Unroutable, ExchangeNotFound) as exc:
+        except TransportError as exc:  # no queue bound, no exchange, a nack: the round goes on unevaluated
             log.warning("aggregator: round %d not sent for federated evaluation: %s", round_no, exc)
             return
         self.state.put_round_metrics(self.run_id, round_no, {EVAL_SENT: {"devices": devices, "bytes": size}})

@@ -268,3 +268,15 @@ def test_signatures_when_required() -> None:
     signed = unsigned.model_copy(update={"signature": sign(derive_device_key(FLEET, "dev-0001"), unsigned)})
     federated.record(signed)
     assert pooled(federated.state.get_round_metrics("r")[1]) == unsigned.score
+
+
+def test_an_evaluation_task_the_broker_refuses_is_skipped_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    federated, broker = _federated()
+    federated.transport = InMemoryTransport(InMemoryBroker())  # no lf.eval exchange there
+    federated.publish_task(1, SPEC, {"w": torch.ones(2)})
+    assert EVAL_SENT not in federated.state.get_round_metrics("r").get(1, {})
+    assert "round 1 not sent for federated evaluation" in caplog.text
+    with pytest.raises(Rejected, match="unknown_round"):  # and no result for it is taken
+        federated.record(_result())
