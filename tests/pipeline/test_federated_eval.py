@@ -5,7 +5,8 @@ always goes first on a device; hierarchical runs evaluate each global round."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from lorafleet.run.clock import SystemClock
 from lorafleet.run.federated import EVAL_SCORES, EVAL_SENT
 from lorafleet.run.report import build_report
 from lorafleet.security.signing import derive_device_key, sign
+from lorafleet.state.base import StateStore
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport import topology
-from lorafleet.transport.base import dead_letter_reason
+from lorafleet.transport.base import Transport, dead_letter_reason
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from schemas.config import RunConfig, parse_run_config
 from schemas.envelope import decode, encode
@@ -37,7 +39,15 @@ from schemas.messages import (
     TrainTask,
 )
 from schemas.tensors import encode_tensors
-from tests.pipeline.helpers import Pipeline, build_pipeline, initial_adapter, make_config, make_worker
+from tests.pipeline.helpers import (
+    HELD,
+    RIGHT,
+    FixedScorer,
+    Pipeline,
+    evaluating_fleet,
+    initial_adapter,
+    make_config,
+)
 from worker.evaluation import DeviceEvaluator
 from worker.service import WorkerService
 from worker.trainer import FakeTrainer, TrainOutcome
@@ -146,102 +156,106 @@ def test_held_out_rows_are_never_trained_on_and_a_misshapen_task_is_refused(tmp_
 # --------------------------------------------------------------------------- fake devices
 
 
-class FixedScorer:
-    """A device's held-out rows scored without a model: ``batches`` batches of ``rows`` rows each,
-    ``right`` of them right; records when it scores."""
-
-    def __init__(self, rows: int, right: int, batches: int = 1, log: list[str] | None = None) -> None:
-        self.rows, self.right, self.n, self.log = rows, right, batches, log if log is not None else []
-
-    @property
-    def num_samples(self) -> int:
-        return self.rows * self.n
-
-    def batches(self) -> int:
-        return self.n
-
-    def check(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def scores(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> Iterator[EvalScore]:
-        for _ in range(self.n):
-            self.log.append("score")
-            yield EvalScore(
-                num_samples=self.rows, correct=self.right, loss_sum=0.5 * self.rows, loss_count=self.rows
-            )
-
-
-HELD = [10, 20, 30]  # each device's held-out rows
-RIGHT = [9, 10, 6]
-
-
 def _fake_fleet(
     config: RunConfig, fleet_key: bytes | None = None
 ) -> tuple[Pipeline, InMemoryBroker, InMemoryStateStore]:
-    """Fake-trainer devices that hold ``HELD`` rows out, ``RIGHT`` of them right, for every adapter."""
+    """:func:`evaluating_fleet` in this process."""
     broker, state = InMemoryBroker(), InMemoryStateStore()
     transports = [InMemoryTransport(broker) for _ in range(2 + config.devices.count)]
-    options: dict[str, Any] = {"deltas": [0.1] * config.devices.count, "samples": [40] * config.devices.count}
-    pipeline = build_pipeline(config, transports, state, fleet_key=fleet_key, workers=0, **options)
-    for i in range(config.devices.count):
-        worker = make_worker(config, i, transports[2 + i], fleet_key=fleet_key, **options)
-        worker.evaluator = DeviceEvaluator(
-            transports[2 + i],
-            FixedScorer(HELD[i], RIGHT[i]),
-            run_id=config.run_id,
-            device_id=worker.device_id,
-            signing_key=None if fleet_key is None else derive_device_key(fleet_key, worker.device_id),
-        )
-        worker.start()
-        pipeline.workers.append(worker)
-    return pipeline, broker, state
+    return evaluating_fleet(config, list(transports), state, fleet_key), broker, state
 
 
-def _hostile(round_no: int, device: str, key_of: str | None, **score: Any) -> EvalResult:
+def _hostile(run_id: str, round_no: int, device: str, key_of: str, **score: Any) -> EvalResult:
     counts = {"num_samples": 10, "correct": 10, "loss_sum": 0.0, "loss_count": 10, **score}
-    result = EvalResult(run_id="hostile-eval", round=round_no, device_id=device, score=EvalScore(**counts))
-    if key_of is None:
-        return result
+    result = EvalResult(run_id=run_id, round=round_no, device_id=device, score=EvalScore(**counts))
     return result.model_copy(update={"signature": sign(derive_device_key(FLEET, key_of), result)})
 
 
-def test_hostile_results_are_dead_lettered_with_their_reason_and_never_counted() -> None:
-    # Given three signed devices holding 10, 20 and 30 rows out, run until round 1's task is out
+def _dead_letter_reasons(transport: Transport) -> list[str]:
+    subscription = transport.subscribe(topology.DEAD_LETTER_QUEUE, prefetch=100)
+    reasons = []
+    while (delivery := subscription.get(0.5)) is not None:
+        reasons.append(dead_letter_reason(delivery.headers))
+        delivery.ack()
+    subscription.close()
+    return sorted(reasons)
+
+
+def _until(condition: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "backend", ["memory", pytest.param("servers", marks=[pytest.mark.rabbitmq, pytest.mark.redis])]
+)
+@pytest.mark.timeout(180)
+def test_hostile_results_are_dead_lettered_with_their_reason_and_never_counted(
+    backend: str, request: pytest.FixtureRequest, run_id: str
+) -> None:
+    # Given three signed devices holding 10, 20 and 30 rows out (each service in its own thread; on the
+    # real RabbitMQ and Redis, or on the twins), running until round 1's adapter is out for evaluation
     config = make_config(
-        "hostile-eval",
+        run_id,
         devices=3,
         rounds=2,
         extra={"eval": {"device_fraction": 0.2}, "security": {"require_signatures": True}},
     )
-    pipeline, broker, state = _fake_fleet(config, FLEET)
-    while EVAL_SENT not in state.get_round_metrics(config.run_id).get(1, {}):
-        for service in pipeline.services:
-            service.step()
-    # When results no honest device sent arrive (each under its device's own routing key)
-    hostile = {
-        "unknown_device": _hostile(1, "dev-0042", "dev-0042"),
-        "samples_exceeded": _hostile(
-            1, "dev-0000", "dev-0000", num_samples=1000, correct=1000, loss_count=1000
-        ),
-        "unknown_round": _hostile(7, "dev-0001", "dev-0001"),
-        "bad_signature": _hostile(1, "dev-0002", "dev-0001"),  # signed with another device's key
-    }
-    attacker = InMemoryTransport(broker)
-    for result in hostile.values():
-        key = topology.update_key(result.device_id)
-        attacker.publish(topology.UPDATES_EXCHANGE, key, encode(result), message_id=result.message_id)
-    pipeline.drive()
-    # Then each is dead-lettered with its reason and counted as rejected ...
-    reasons = sorted(dead_letter_reason(h) for _, h in broker.peek(topology.DEAD_LETTER_QUEUE))
-    assert reasons == sorted(hostile)
-    report = build_report(config, state)
-    assert report["rejected"] == {reason: 1 for reason in hostile}
-    # ... and every round's figure is the honest devices' own, weighted by their rows
-    honest = sum(RIGHT) / sum(HELD)
-    for entry in report["rounds"]:
-        assert entry["federated_devices"] == {"dev-0000": 10, "dev-0001": 20, "dev-0002": 30}
-        assert entry["federated_accuracy"] == pytest.approx(honest)
-    assert report["final_federated_accuracy"] == pytest.approx(25 / 60)
+    transports: list[Transport]
+    state: StateStore
+    if backend == "memory":
+        broker = InMemoryBroker()
+        transports, state = [InMemoryTransport(broker) for _ in range(6)], InMemoryStateStore()
+    else:
+        from lorafleet.state.redis import RedisStateStore
+        from lorafleet.transport.rabbitmq import PikaTransport
+
+        url = request.getfixturevalue("rabbitmq_url")
+        transports, state = (
+            [PikaTransport(url) for _ in range(6)],
+            RedisStateStore(request.getfixturevalue("redis_url")),
+        )
+    stop = threading.Event()
+    pipeline = evaluating_fleet(config, transports[:5], state, FLEET)
+    try:
+        pipeline.start_threads(stop)
+        _until(lambda: EVAL_SENT in state.get_round_metrics(run_id).get(1, {}), "round 1's evaluation task")
+        # When results no honest device sent arrive (each under its device's own routing key)
+        hostile = {
+            "unknown_device": _hostile(run_id, 1, "dev-0042", "dev-0042"),
+            "samples_exceeded": _hostile(
+                run_id, 1, "dev-0000", "dev-0000", num_samples=1000, correct=1000, loss_count=1000
+            ),
+            "unknown_round": _hostile(run_id, 7, "dev-0001", "dev-0001"),
+            "bad_signature": _hostile(run_id, 1, "dev-0002", "dev-0001"),  # signed with another device's key
+        }
+        for result in hostile.values():
+            key = topology.update_key(result.device_id)
+            transports[5].publish(
+                topology.UPDATES_EXCHANGE, key, encode(result), message_id=result.message_id
+            )
+        _until(lambda: pipeline.orchestrator.finished and pipeline.aggregator.finished, "the end of the run")
+        stop.set()
+        for thread in pipeline.threads:
+            thread.join(timeout=10)
+        # Then each is dead-lettered with its reason and counted as rejected ...
+        assert _dead_letter_reasons(transports[5]) == sorted(hostile)
+        report = build_report(config, state)
+        assert report["rejected"] == {reason: 1 for reason in hostile}
+        # ... and every round's figure is the honest devices' own, weighted by their rows
+        for entry in report["rounds"]:
+            assert entry["federated_devices"] == {"dev-0000": 10, "dev-0001": 20, "dev-0002": 30}
+            assert entry["federated_accuracy"] == pytest.approx(sum(RIGHT) / sum(HELD))
+        assert report["final_federated_accuracy"] == pytest.approx(25 / 60)
+    finally:
+        stop.set()
+        for transport in transports:
+            transport.close()
+        if backend != "memory":
+            state.delete_run(run_id)
+        state.close()
 
 
 class Recording:
