@@ -1,27 +1,23 @@
-"""Evaluation of a global adapter on the held-out split.
+"""Evaluation of a global adapter on the held-out split (the aggregator's central evaluation set).
 
 Sequence classification: accuracy and the mean per-example cross-entropy. Causal LM: the mean
-cross-entropy per response token (perplexity is its exp) and exact-match accuracy, the share of rows
-whose every response token is the model's most likely next token given the prompt and the response
-so far (what greedy decoding would reproduce, end-of-sequence marker included; meaningful where the
-responses are short answers).
+cross-entropy per response token (perplexity is its exp) and exact-match accuracy (see
+:mod:`lorafleet.ml.scoring`, which devices use for federated evaluation too).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
-from torch.nn.functional import cross_entropy
 
-from lorafleet.data.datasets import IGNORE_INDEX, EncodedDataset, iter_batches
-from lorafleet.ml.model import AdapterRuntime, forward_inputs
+from lorafleet.data.datasets import EncodedDataset
+from lorafleet.ml.model import AdapterRuntime
+from lorafleet.ml.scoring import CAUSAL_BATCH, score_batches
 from schemas.config import perplexity
-from schemas.messages import LoraSpec
+from schemas.messages import EvalScore, LoraSpec
 
-#: Rows per evaluation batch of a causal LM (its logits are rows x tokens x vocabulary).
-CAUSAL_BATCH = 8
+__all__ = ["CAUSAL_BATCH", "Evaluation", "evaluate"]
 
 
 class Evaluation(NamedTuple):
@@ -36,7 +32,6 @@ class Evaluation(NamedTuple):
         return perplexity(self.loss)
 
 
-@torch.no_grad()
 def evaluate(
     runtime: AdapterRuntime,
     spec: LoraSpec,
@@ -51,29 +46,5 @@ def evaluate(
     """
     if len(encoded_eval) == 0:
         raise ValueError("the evaluation set is empty")
-    model = runtime.load(spec, tensors)
-    model.eval()
-    if encoded_eval.causal:
-        return _evaluate_causal(model, encoded_eval, min(batch_size, CAUSAL_BATCH))
-    correct, loss_sum = 0, 0.0
-    for batch in iter_batches(encoded_eval, batch_size, seed=None):
-        labels = batch.pop("labels")
-        logits = model(**forward_inputs(batch)).logits.float()
-        loss_sum += float(cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-    n = len(encoded_eval)
-    return Evaluation(correct / n, loss_sum / n)
-
-
-def _evaluate_causal(model: torch.nn.Module, encoded: EncodedDataset, batch_size: int) -> Evaluation:
-    exact, loss_sum, tokens = 0, 0.0, 0
-    for batch in iter_batches(encoded, batch_size, seed=None):
-        labels = batch.pop("labels")[:, 1:]  # token t is predicted at position t - 1
-        logits = model(**batch).logits[:, :-1].float()
-        scored = labels != IGNORE_INDEX
-        losses = cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        loss_sum += float(losses[scored].sum())
-        tokens += int(scored.sum())
-        right = (logits.argmax(dim=-1) == labels) | ~scored
-        exact += int(right.all(dim=1).sum())
-    return Evaluation(exact / len(encoded), loss_sum / max(tokens, 1))
+    score = EvalScore.total(score_batches(runtime, spec, tensors, encoded_eval, batch_size))
+    return Evaluation(score.accuracy, score.loss)

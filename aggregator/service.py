@@ -4,7 +4,9 @@ Every update is validated (envelope, sender, run, task, device, checksum, finite
 before it is recorded; what fails is dead-lettered with its reason and never touches the global
 adapter. Recording, deduplication and quorum closing are one atomic state-store step. Closed
 rounds wait in the state store's outbox until aggregated, so a restarted aggregator resumes.
-Evaluation runs after ``RoundClosed`` is published: the next round does not wait for it.
+Evaluation runs after ``RoundClosed`` is published: the next round does not wait for it; where the
+devices evaluate too (``eval.device_fraction``), the global adapter goes out to them first
+(aggregator/federated_eval.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from aggregator.federated_eval import FederatedEvaluation
 from aggregator.merge.rankwise import WeightedUpdate
 from aggregator.merge.registry import merge
 from aggregator.receipts import fingerprint, fingerprint_of, receipt
@@ -110,6 +113,7 @@ class AggregatorService:
         self.write_checkpoint = write_checkpoint
         self.out_dir = out_dir
         self.clock = clock or SystemClock()
+        self.federated = FederatedEvaluation(transport, state, config, clock=self.clock, fleet_key=fleet_key)
         self.finished = False
         self.rejections = Rejections(
             "aggregator", sink=lambda name: self.state.incr_counter(self.run_id, name)
@@ -187,6 +191,8 @@ class AggregatorService:
                     delivery.requeue()  # not settled: handled again (once the run is back)
             raise
         if status == "finished":
+            if not self.federated.settled():  # the final round's device evaluations may still come
+                return did
             self._finalise()
             return True
         now_ms = to_ms(self.clock.now())
@@ -337,6 +343,9 @@ class AggregatorService:
     def _handle(self, delivery: Delivery) -> None:
         try:
             message = receive(delivery, run_id=self.run_id, max_bytes=self.config.limits.max_message_bytes)
+            if self.federated.took(message):  # a device's evaluation result, checked and kept
+                delivery.ack()
+                return
             if isinstance(message, LoraUpdate | TaskFailed):
                 self._check_signature(message)
             if isinstance(message, LoraUpdate):
@@ -348,29 +357,7 @@ class AggregatorService:
                 raise Rejected(
                     "unexpected_kind", f"the aggregator does not consume {type(message).__name__}"
                 )
-            result = self.state.record_update(
-                self.run_id,
-                message.round,
-                message.task_id,
-                message.device_id,
-                stored,
-                to_ms(self.clock.now()),
-            )
-            if result.outcome in ("counted", "recovered"):
-                self._since_snapshot.add((message.round, message.task_id))
-            if result.outcome == "recovered":
-                log.warning(
-                    "aggregator: %s from %s arrived after its device was dropped; round %d is open: counted",
-                    message.task_id,
-                    message.device_id,
-                    message.round,
-                )
-            if result.outcome in ("unknown_task", "wrong_device"):
-                raise Rejected(result.outcome, f"{message.task_id} from {message.device_id}")
-            if result.outcome == "duplicate" and isinstance(message, LoraUpdate):
-                self._check_not_replayed(message)
-            if isinstance(message, TaskFailed):
-                self.state.incr_counter(self.run_id, "task_failed")
+            self._record(message, stored)
             delivery.ack()
         except MessageRefused as exc:
             lost = lost_state(self.state, self._epoch)
@@ -379,6 +366,31 @@ class AggregatorService:
             if self._round_lost_with_state(exc, delivery):
                 return
             self.rejections.reject(delivery, exc)
+
+    def _record(self, message: LoraUpdate | TaskFailed, stored: bytes) -> None:
+        """Count a checked report in its round (once per task).
+
+        Raises:
+            Rejected: no such task, or another device's; a replay with other content.
+        """
+        result = self.state.record_update(
+            self.run_id, message.round, message.task_id, message.device_id, stored, to_ms(self.clock.now())
+        )
+        if result.outcome in ("counted", "recovered"):
+            self._since_snapshot.add((message.round, message.task_id))
+        if result.outcome == "recovered":
+            log.warning(
+                "aggregator: %s from %s arrived after its device was dropped; round %d is open: counted",
+                message.task_id,
+                message.device_id,
+                message.round,
+            )
+        if result.outcome in ("unknown_task", "wrong_device"):
+            raise Rejected(result.outcome, f"{message.task_id} from {message.device_id}")
+        if result.outcome == "duplicate" and isinstance(message, LoraUpdate):
+            self._check_not_replayed(message)
+        if isinstance(message, TaskFailed):
+            self.state.incr_counter(self.run_id, "task_failed")
 
     def _round_lost_with_state(self, exc: MessageRefused, delivery: Delivery) -> bool:
         """An update for a round the restored state does not have (opened after its snapshot, not yet
@@ -587,6 +599,7 @@ class AggregatorService:
         version, tensors = self._global()
         if version != round_no:
             return  # a newer aggregate exists already; only the latest is evaluated
+        self.federated.publish_task(round_no, self._global_spec(), tensors)  # the devices evaluate it too
         started = time.perf_counter()
         accuracy, loss = self.evaluator.evaluate(self._global_spec(), tensors)
         eval_s = time.perf_counter() - started

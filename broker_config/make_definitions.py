@@ -93,14 +93,15 @@ class Role:
 
 
 def _worker_topics(device: str, *dead_letter_keys: str) -> tuple[TopicPermission, ...]:
-    """A worker's routing keys for ``device`` (a regex): its updates, registration and heartbeats, and
-    the dead letters of its own tasks (a task's routing key is its device id) and of ``dead_letter_keys``."""
+    """A worker's routing keys for ``device`` (a regex): its updates (and evaluation results),
+    registration and heartbeats, and the dead letters of its own tasks (a task's routing key is its
+    device id), of evaluation tasks (``eval``) and of ``dead_letter_keys``."""
     return (
         TopicPermission(t.UPDATES_EXCHANGE, _one_of(rf"{_name(t.UPDATE_KEY)}\.{device}")),
         TopicPermission(
             t.CONTROL_EXCHANGE, _one_of(rf"({_name(t.REGISTER_KEY)}|{_name(t.HEARTBEAT_KEY)})\.{device}")
         ),
-        TopicPermission(t.DEAD_LETTER_EXCHANGE, _one_of(device, *dead_letter_keys)),
+        TopicPermission(t.DEAD_LETTER_EXCHANGE, _one_of(device, _name(t.EVAL_KEY), *dead_letter_keys)),
     )
 
 
@@ -111,14 +112,15 @@ WORKER_WRITE = _one_of(_name(t.UPDATES_EXCHANGE), _name(t.CONTROL_EXCHANGE), _na
 
 
 def device_role(device: str) -> Role:
-    """The user of one provisioned device: its own task queue and routing keys, nothing else."""
+    """The user of one provisioned device: its own task and evaluation queues and routing keys, nothing
+    else."""
     own = _name(device)
     return Role(
         f"lf-{device}",
         None,
         configure=NOTHING,
         write=WORKER_WRITE,
-        read=_one_of(_name(t.task_queue_name(device))),
+        read=_one_of(_name(t.task_queue_name(device)), _name(t.eval_queue_name(device))),
         topics=_worker_topics(own),
     )
 
@@ -133,18 +135,26 @@ def device_role(device: str) -> Role:
 ORCHESTRATOR = Role(
     "lf-orchestrator",
     "LF_AMQP_ORCHESTRATOR_PASSWORD",
-    # declares the task queue of each device slot that registers (lf.tasks.dev-NNNN), nothing else ...
-    configure=_one_of(_name(t.TASK_QUEUE_PREFIX) + DEVICE),
-    # ... binds it (write on the queue), publishes tasks and slot tokens, dead-letters bad messages
+    # declares the task queue of each device slot that registers (lf.tasks.dev-NNNN) and, where the
+    # devices evaluate, its evaluation queue (lf.eval.dev-NNNN), nothing else ...
+    configure=_one_of(_name(t.TASK_QUEUE_PREFIX) + DEVICE, _name(t.EVAL_QUEUE_PREFIX) + DEVICE),
+    # ... binds them (write on the queue), publishes tasks and slot tokens, dead-letters bad messages
     write=_one_of(
         _name(t.TASKS_EXCHANGE),
         _name(t.TASK_QUEUE_PREFIX) + DEVICE,
+        _name(t.EVAL_QUEUE_PREFIX) + DEVICE,
         _name(t.SLOTS_EXCHANGE),
         _name(t.DEAD_LETTER_EXCHANGE),
     ),
-    # consumes its queue; binding a task queue needs read on the lf.tasks exchange, and declaring a
-    # queue with a dead-letter exchange needs read on that queue (which also lets it purge stale tasks)
-    read=_one_of(_name(t.ORCHESTRATOR_QUEUE), _name(t.TASKS_EXCHANGE), _name(t.TASK_QUEUE_PREFIX) + DEVICE),
+    # consumes its queue; binding a queue needs read on its exchange (lf.tasks, lf.eval), and declaring
+    # a queue with a dead-letter exchange needs read on that queue (which also lets it purge stale
+    # tasks); an evaluation queue has none, so the orchestrator cannot read or purge it
+    read=_one_of(
+        _name(t.ORCHESTRATOR_QUEUE),
+        _name(t.TASKS_EXCHANGE),
+        _name(t.TASK_QUEUE_PREFIX) + DEVICE,
+        _name(t.EVAL_EXCHANGE),
+    ),
     topics=(
         TopicPermission(
             t.DEAD_LETTER_EXCHANGE,
@@ -156,7 +166,8 @@ AGGREGATOR = Role(
     "lf-aggregator",
     "LF_AMQP_AGGREGATOR_PASSWORD",
     configure=NOTHING,
-    write=_one_of(_name(t.ROUNDS_EXCHANGE), _name(t.DEAD_LETTER_EXCHANGE)),
+    # announces rounds, fans evaluation tasks out to the devices, dead-letters bad updates
+    write=_one_of(_name(t.ROUNDS_EXCHANGE), _name(t.EVAL_EXCHANGE), _name(t.DEAD_LETTER_EXCHANGE)),
     read=_one_of(_name(t.UPDATES_QUEUE)),
     topics=(TopicPermission(t.DEAD_LETTER_EXCHANGE, _one_of(rf"{_name(t.UPDATE_KEY)}(\..+)?")),),
 )
@@ -167,7 +178,9 @@ ELASTIC_WORKER = Role(
     "LF_AMQP_WORKER_PASSWORD",
     configure=NOTHING,
     write=WORKER_WRITE,
-    read=_one_of(_name(t.SLOTS_QUEUE), _name(t.TASK_QUEUE_PREFIX) + DEVICE),
+    read=_one_of(
+        _name(t.SLOTS_QUEUE), _name(t.TASK_QUEUE_PREFIX) + DEVICE, _name(t.EVAL_QUEUE_PREFIX) + DEVICE
+    ),
     # any device's keys, and it dead-letters a bad slot token (routing key "slot")
     topics=_worker_topics(DEVICE, _name(t.SLOT_KEY)),
 )

@@ -346,6 +346,8 @@ class OrchestratorService:
 
     def _declare_device_queue(self, device_id: str) -> None:
         self.transport.declare_queue(topology.device_task_queue(device_id))
+        if self.config.eval.federated:  # where the aggregator's evaluation tasks reach it
+            self.transport.declare_queue(topology.device_eval_queue(device_id))
 
     def _on_round_closed(self, message: RoundClosed) -> None:
         if message.round != self.round or self.phase not in ("running", "finishing"):

@@ -75,7 +75,8 @@ class DataConfig(_Section):
     (simulation) splits one central set among the device slots: the named set's train split, or the
     file ``path`` (``eval_path``: the evaluation rows instead of the named set's). ``source: local``
     (deployment): each worker reads only its own file (``lorafleet worker --data``) and shares its row
-    count and, as ``privacy`` allows, its label histogram.
+    count and, as ``privacy`` allows, its label histogram; with ``dataset: jsonl`` that file holds
+    instruction rows (``prompt_field``/``response_field``) and ``eval_path`` is the aggregator's.
     """
 
     dataset: DatasetName = "sst2"
@@ -101,7 +102,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
-        if self.dataset == "jsonl" and self.path is None:
+        if self.dataset == "jsonl" and self.source == "partition" and self.path is None:
             raise ValueError("data.dataset jsonl needs data.path, the JSON-lines file of training rows")
         files = self.path is not None or self.eval_path is not None
         if self.dataset != "jsonl" and files and self.labels is None:
@@ -112,9 +113,12 @@ class DataConfig(_Section):
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"data.labels names a class twice: {self.labels}")
         if self.source == "local":
-            if self.dataset == "jsonl":
-                raise ValueError("data.source local reads labelled rows; data.dataset jsonl is not one")
-            if self.labels is None:
+            if self.dataset == "jsonl" and self.eval_path is None:
+                raise ValueError(
+                    "data.source local with data.dataset jsonl needs data.eval_path, the aggregator's "
+                    "evaluation rows (each worker reads only its own file)"
+                )
+            if self.dataset != "jsonl" and self.labels is None:
                 raise ValueError(
                     "data.source local needs data.labels, the class names in order, so that every device "
                     "maps its labels alike"
@@ -381,6 +385,26 @@ class SecurityConfig(_Section):
     require_signatures: bool | None = None
 
 
+class EvalConfig(_Section):
+    """Federated evaluation on the devices' own held-out rows, next to the aggregator's central set.
+
+    ``device_fraction`` (0: off) of each device's rows (its shard under ``data.source: partition``,
+    its own file under ``local``) is held out by a seeded draw per device and never trained on; after
+    every aggregated round (every global round of a hierarchical run) each device evaluates the
+    global adapter on them when it has no task, and reports its counts (``EvalResult``); the
+    aggregator pools them, weighted by the devices' rows. At the end of the run the aggregator waits
+    up to ``wait_s`` for the last round's results before it writes the report.
+    """
+
+    device_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    wait_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 30.0
+
+    @property
+    def federated(self) -> bool:
+        """Devices hold rows out and evaluate on them."""
+        return self.device_fraction > 0.0
+
+
 class PrivacyConfig(_Section):
     """What a device shares beyond its row count. ``label_histogram``: ``exact`` counts; ``noisy``
     adds Laplace noise of scale 1/``epsilon`` to each count (seeded per device and run, rounded,
@@ -414,6 +438,7 @@ class RunConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

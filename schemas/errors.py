@@ -11,7 +11,7 @@
     ├── NoFreeSlot           no device slot could be claimed in time
     └── MessageRefused       a message or payload a service will not accept (dead-lettered)
         ├── DecodeError      it cannot be decoded: bytes, envelope, schema, tensors
-        └── Rejected         it decodes, but policy refuses it: sender, run, task, signature, norm
+        └── Rejected         it decodes, but policy refuses it: sender, run, task, round, signature, norm
 
 Services catch what they mean: ``MessageRefused`` where they dead-letter, ``TransportError`` and
 ``StateStoreError`` where they can wait and retry, ``LorafleetError`` at the command line.
@@ -46,6 +46,7 @@ REJECTION_REASONS = (
     "norm_exceeded",  # an update whose change from the global adapter exceeds limits.max_update_norm
     "unknown_device",  # a device id that is not one of the run's slots (devices.count)
     "samples_exceeded",  # an update claiming more samples than its device registered
+    "unknown_round",  # an evaluation result for a round no evaluation task went out for
 )
 
 #: Every reason a message can be refused. They are the dead-letter reasons and the keys of the

@@ -8,9 +8,10 @@ deterministic ``message_id`` used for deduplication.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -137,6 +138,7 @@ class DeviceRegistered(StrictModel):
     label_histogram: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
     incarnation: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "0"
+    eval_samples: Annotated[int, Field(ge=0)] = 0  # rows held out for federated evaluation (eval: section)
 
     @property
     def message_id(self) -> str:
@@ -230,6 +232,82 @@ class TaskFailed(StrictModel):
         return f"failed:{self.task_id}"
 
 
+class EvalScore(StrictModel):
+    """What an evaluation counted: rows, rows right (the class; a causal LM's every response token),
+    and the cross-entropy summed over ``loss_count`` terms (rows of a classifier, response tokens of a
+    causal LM). Scores of disjoint row sets add up to the score of their union (:meth:`total`)."""
+
+    num_samples: Annotated[int, Field(ge=0)]
+    correct: Annotated[int, Field(ge=0)]
+    loss_sum: Annotated[float, Field(ge=0.0)]
+    loss_count: Annotated[int, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _counts(self) -> EvalScore:
+        if self.correct > self.num_samples:
+            raise ValueError(f"correct ({self.correct}) exceeds num_samples ({self.num_samples})")
+        return self
+
+    @property
+    def accuracy(self) -> float:
+        """The share of rows right (0 for no rows)."""
+        return self.correct / self.num_samples if self.num_samples else 0.0
+
+    @property
+    def loss(self) -> float:
+        """The mean cross-entropy per loss term."""
+        return self.loss_sum / max(self.loss_count, 1)
+
+    @classmethod
+    def total(cls, scores: Iterable[EvalScore]) -> EvalScore:
+        """The score of the union of the scored rows (sums in the order given)."""
+        rows, correct, loss_sum, count = 0, 0, 0.0, 0
+        for s in scores:
+            rows, correct, loss_sum, count = (
+                rows + s.num_samples,
+                correct + s.correct,
+                loss_sum + s.loss_sum,
+                count + s.loss_count,
+            )
+        return cls(num_samples=rows, correct=correct, loss_sum=loss_sum, loss_count=count)
+
+
+class EvalTask(StrictModel):
+    """The global adapter after a round, for every device to evaluate on its held-out rows (fan-out)."""
+
+    KIND: ClassVar[str] = "eval_task"
+    run_id: RunId
+    round: Round
+    lora: LoraSpec  # the global adapter's spec
+    adapter: TensorPayload
+    issued_at: Seconds
+
+    @property
+    def message_id(self) -> str:
+        return f"eval:{self.run_id}:{self.round}"
+
+
+class EvalResult(StrictModel):
+    """A device's evaluation of a round's global adapter on its held-out rows (nothing of the rows)."""
+
+    KIND: ClassVar[str] = "eval_result"
+    run_id: RunId
+    round: Round
+    device_id: DeviceId
+    score: EvalScore
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    @model_validator(mode="after")
+    def _rows(self) -> EvalResult:
+        if self.score.num_samples < 1:
+            raise ValueError("an evaluation result scores at least one row")
+        return self
+
+    @property
+    def message_id(self) -> str:
+        return f"eval_result:{self.run_id}:{self.round}:{self.device_id}"
+
+
 class RoundClosed(StrictModel):
     KIND: ClassVar[str] = "round_closed"
     run_id: RunId
@@ -289,6 +367,8 @@ Message = (
     | TrainTask
     | LoraUpdate
     | TaskFailed
+    | EvalTask
+    | EvalResult
     | RoundClosed
     | RoundEvaluated
     | ReplanRequest
@@ -303,6 +383,8 @@ MESSAGE_TYPES: tuple[type[StrictModel], ...] = (
     TrainTask,
     LoraUpdate,
     TaskFailed,
+    EvalTask,
+    EvalResult,
     RoundClosed,
     RoundEvaluated,
     ReplanRequest,

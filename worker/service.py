@@ -42,6 +42,7 @@ from schemas.messages import (
     TrainTask,
 )
 from schemas.tensors import decode_tensors, encode_tensors
+from worker.evaluation import DeviceEvaluator
 from worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class WorkerService:
         sleep_device_time: bool = False,
         on_finished: Callable[[], None] | None = None,
         signing_key: bytes | None = None,
+        evaluator: DeviceEvaluator | None = None,
     ) -> None:
         self.transport = transport
+        self.evaluator = evaluator  # federated evaluation on held-out rows (worker/evaluation.py); None: off
         self.trainer = trainer
         self.run_id = run_id
         self.device_id = device_id
@@ -122,6 +125,7 @@ class WorkerService:
             label_histogram=self.label_histogram,
             profile=self.profile,
             incarnation=self.incarnation,
+            eval_samples=0 if self.evaluator is None else self.evaluator.num_samples,
         )
         exchange, key = topology.CONTROL_EXCHANGE, topology.register_key(self.device_id)
         publish_message(self.transport, exchange, key, registered)
@@ -150,9 +154,24 @@ class WorkerService:
         return True
 
     def step(self, timeout: float = 0.0) -> bool:
-        """Handle at most one delivery; True if there was one."""
+        """Handle at most one delivery (none waiting: score a batch of a federated evaluation); True if
+        there was work."""
         if self.finished or not self._subscribed():
             return False
+        assert self._subscription is not None
+        delivery = self._subscription.get(timeout if self.evaluator is None else 0.0)
+        if delivery is None:
+            return self._when_idle(timeout)
+        self._handle(delivery)
+        return True
+
+    def _when_idle(self, timeout: float) -> bool:
+        """No task waits: score one batch of a federated evaluation (a task that comes meanwhile goes
+        first at the next step), or else wait up to ``timeout`` for a task."""
+        if self.evaluator is None:
+            return False
+        if self.evaluator.step():
+            return True
         assert self._subscription is not None
         delivery = self._subscription.get(timeout)
         if delivery is None:
@@ -204,6 +223,8 @@ class WorkerService:
         try:
             message = receive(delivery, run_id=self.run_id, max_bytes=self.limits.max_message_bytes)
             if isinstance(message, RunFinished):
+                if self.evaluator is not None:  # the last round's evaluation goes out before we leave
+                    self.evaluator.drain(message.rounds_completed)
                 delivery.ack()
                 self.finished = True
                 if self.on_finished is not None:

@@ -129,5 +129,6 @@ def _run(
     for worker in workers:
         worker.start()
     drive([orchestrator, aggregator, *workers], until=orchestrator)
-    drive([aggregator], until=aggregator, max_idle_s=60.0)  # writes the final adapter and report
+    # writes the final adapter and report (after the devices' evaluations of the last round, or eval.wait_s)
+    drive([aggregator], until=aggregator, max_idle_s=60.0 + config.eval.wait_s)
     return build_report(config, state)

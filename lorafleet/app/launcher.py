@@ -63,6 +63,8 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
         topology.declare_static_topology(transport)
         queues = [topology.UPDATES_QUEUE, topology.ORCHESTRATOR_QUEUE, topology.SLOTS_QUEUE]
         queues += [topology.task_queue_name(d) for d in config.device_ids()]
+        if config.eval.federated:
+            queues += [topology.eval_queue_name(d) for d in config.device_ids()]
         for queue in queues:
             with contextlib.suppress(QueueNotFound):
                 transport.purge(queue)
@@ -126,7 +128,7 @@ def run_distributed(
                     *extra,
                 ],
             )
-        _supervise(supervisor)
+        _supervise(supervisor, grace_s=AGGREGATOR_GRACE_S + config.eval.wait_s)
     finally:
         supervisor.stop_all()
     report_path = out_dir / "report.json"
@@ -141,9 +143,10 @@ AGGREGATOR_GRACE_S = 120.0
 WORKER_GRACE_S = 60.0
 
 
-def _supervise(supervisor: Supervisor, poll_s: float = 0.2) -> None:
+def _supervise(supervisor: Supervisor, poll_s: float = 0.2, grace_s: float = AGGREGATOR_GRACE_S) -> None:
     """Until the orchestrator and the aggregator are done (workers exit on RunFinished); a dead service
-    is restarted, except a worker once the run is over."""
+    is restarted, except a worker once the run is over. The aggregator may take ``grace_s`` longer than
+    the orchestrator (it waits for the devices' evaluations of the last round)."""
     orchestrator_done_at: float | None = None
 
     def restart(child: Child) -> bool:
@@ -158,7 +161,7 @@ def _supervise(supervisor: Supervisor, poll_s: float = 0.2) -> None:
             while time.monotonic() < deadline and any(supervisor.alive(n) for n in supervisor.children):
                 time.sleep(poll_s)
             return
-        grace = AGGREGATOR_GRACE_S
+        grace = grace_s
         if orchestrator_done_at is not None and time.monotonic() > orchestrator_done_at + grace:
             raise RuntimeError(f"the aggregator did not finish {grace:.0f} s after the orchestrator")
         time.sleep(poll_s)

@@ -25,6 +25,7 @@ from lorafleet.data.datasets import (
     num_labels,
     partition_rows,
 )
+from lorafleet.data.held_out import held_out_seed, split_held_out
 from lorafleet.data.partition import label_histogram as histogram
 from lorafleet.data.privacy import noise_seed, shared_histogram
 from lorafleet.devices.costmodel import CostModel, cost_model_for
@@ -40,6 +41,7 @@ from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec
+from worker.evaluation import DeviceEvaluator, HeldOutRows
 from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
 
@@ -234,7 +236,20 @@ def build_worker(
     signing_key: bytes | None = None,
     wrap_trainer: Callable[[Trainer], Trainer] | None = None,
 ) -> WorkerService:
-    shard = shards.shard(index)
+    # eval.device_fraction of the device's rows are held out of training, for federated evaluation
+    shard, held_out = split_held_out(
+        shards.shard(index), config.eval.device_fraction, held_out_seed(config.seed, device_id(index))
+    )
+    evaluator = None
+    if len(held_out):
+        evaluator = DeviceEvaluator(
+            transport,
+            HeldOutRows(runtime, encode_dataset(runtime.tokenizer, held_out, config.model.max_seq_len)),
+            run_id=config.run_id,
+            device_id=device_id(index),
+            limits=config.limits,
+            signing_key=signing_key,
+        )
     if trainer is None:
         trainer = LoraTrainer(
             runtime,
@@ -267,4 +282,5 @@ def build_worker(
         sleep_device_time=config.devices.sleep,
         on_finished=on_finished,
         signing_key=signing_key,
+        evaluator=evaluator,
     )

@@ -319,15 +319,18 @@ def load_train(cfg: RunConfig) -> TextDataset:
 
 def load_device_train(cfg: RunConfig, path: str | Path) -> TextDataset:
     """A device's own training rows (``data.source: local``): the labelled rows of its file ``path``
-    (lorafleet/data/device_rows.py), as instructions under ``causal_lm``.
+    (lorafleet/data/device_rows.py), as instructions under ``causal_lm``; with ``data.dataset: jsonl``
+    the instruction rows of its JSON-lines file.
 
     Raises:
-        DataError: the file is missing, empty or unreadable, lacks a column, or has a label outside
-            ``data.labels``; the message starts with the path.
+        DataError: the file is missing, empty or unreadable, lacks a column (a field), or has a label
+            outside ``data.labels``; the message starts with the path.
     """
     from lorafleet.data.device_rows import read_configured  # it builds on this module
-    from lorafleet.data.instructions import as_instructions  # it builds on this module
+    from lorafleet.data.instructions import as_instructions, read_jsonl  # it builds on this module
 
+    if cfg.data.dataset == "jsonl":
+        return read_jsonl(path, cfg.data.prompt_field, cfg.data.response_field)
     train = read_configured(path, cfg.data)
     return as_instructions(train) if cfg.model.task == "causal_lm" else train
 
@@ -335,9 +338,12 @@ def load_device_train(cfg: RunConfig, path: str | Path) -> TextDataset:
 def eval_set(cfg: RunConfig) -> TextDataset:
     """The evaluation split, or a seeded random subset of ``cfg.data.eval_samples`` rows (order kept);
     for ``jsonl`` without ``eval_path``, the rows held out of ``path``."""
-    from lorafleet.data.instructions import as_instructions, jsonl_splits  # it builds on this module
+    from lorafleet.data.instructions import as_instructions, jsonl_splits, read_jsonl  # builds on this
 
-    if cfg.data.dataset == "jsonl":
+    if cfg.data.dataset == "jsonl" and cfg.data.source == "local":  # no central training file
+        assert cfg.data.eval_path is not None  # the config requires it
+        full = read_jsonl(cfg.data.eval_path, cfg.data.prompt_field, cfg.data.response_field)
+    elif cfg.data.dataset == "jsonl":
         full = jsonl_splits(cfg)[1]
         if cfg.data.eval_path is None:
             return full

@@ -56,11 +56,11 @@ def read_jsonl(path: str | Path, prompt_field: str, response_field: str) -> Text
 
     Raises:
         DataError: the file is missing or empty, a line is not a JSON object, or a row lacks a field or
-            holds a non-string there (naming the file and line).
+            holds a non-string there; the message starts with the file (and line).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"{path}: no such file (it does not exist)")
     prompts: list[str] = []
     responses: list[str] = []
     with path.open(encoding="utf-8") as f:
@@ -71,7 +71,7 @@ def read_jsonl(path: str | Path, prompt_field: str, response_field: str) -> Text
             prompts.append(_field(row, prompt_field, f"{path}:{number}"))
             responses.append(_field(row, response_field, f"{path}:{number}"))
     if not prompts:
-        raise DataError(f"data file {path} has no rows")
+        raise DataError(f"{path}: no rows (the file is empty)")
     return TextDataset(prompts, [0] * len(prompts), 1, "jsonl", responses)
 
 

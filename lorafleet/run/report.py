@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet import __version__
+from lorafleet.run.federated import federated_entry
 from lorafleet.run.round_numbers import parse_round
 from lorafleet.state.base import StateStore
 from schemas.config import RoundsConfig, RunConfig
@@ -43,6 +44,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "rounds": rounds,
         "final_round": final_round,
         "final_accuracy": fields.get("final_accuracy"),
+        "final_federated_accuracy": federated_entry(metrics.get(final_round, {}))["federated_accuracy"],
         "finish_reason": fields.get("finish_reason"),
         "wall_time_s": fields.get("wall_time_s"),
         "virtual_time_s": rounds[-1]["virtual_time_s"] if rounds else 0.0,
@@ -64,6 +66,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
                 "num_samples": info.get("num_samples"),
                 "label_histogram": info.get("label_histogram"),
                 "tier": (info.get("profile") or {}).get("tier"),
+                "eval_samples": info.get("eval_samples", 0),
                 "privacy": privacy,
             }
             for d, info in sorted(state.get_devices(run_id).items())
@@ -136,6 +139,7 @@ def _round_entry(round_no: int, m: dict[str, Any]) -> dict[str, Any]:
         "close_reason": m.get("close_reason"),
         "round_time_s": m.get("round_time_s"),
         "eval_s": m.get("eval_s"),
+        **federated_entry(m),
     }
 
 

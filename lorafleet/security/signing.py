@@ -5,7 +5,8 @@ The aggregator holds the fleet key and can check any device's signature; a provi
 device holds only its own derived key (``lorafleet device-key``), so it cannot sign as another
 device. Elastic replicas that may claim any slot are given the fleet key (they are one trust
 domain). The signature covers every field the aggregator acts on, including the adapter's sha256,
-so a changed payload, another device's identity or another task's id all fail verification.
+so a changed payload, another device's identity or another task's id all fail verification. Updates,
+failure reports and federated evaluation results (``EvalResult``) are signed alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import os
 from pathlib import Path
 
 from schemas.errors import ConfigError
-from schemas.messages import LoraUpdate, TaskFailed
+from schemas.messages import EvalResult, LoraUpdate, TaskFailed
+
+#: The reports a device signs.
+Report = LoraUpdate | TaskFailed | EvalResult
 
 _DOMAIN = b"lorafleet-device:"
 
@@ -31,9 +35,12 @@ def derive_device_key(fleet_key: bytes, device_id: str) -> bytes:
     return hmac.new(fleet_key, _DOMAIN + device_id.encode(), hashlib.sha256).digest()
 
 
-def canonical(report: LoraUpdate | TaskFailed) -> bytes:
+def canonical(report: Report) -> bytes:
     """The bytes a signature covers (every field but the signature, in a fixed order)."""
-    if isinstance(report, LoraUpdate):
+    if isinstance(report, EvalResult):
+        head = ["eval", report.run_id, str(report.round), report.device_id]
+        fields = [*head, json.dumps(report.score.model_dump(mode="json"), sort_keys=True)]
+    elif isinstance(report, LoraUpdate):
         head = ["update", report.task_id, report.run_id, str(report.round), report.device_id]
         body = [
             str(report.plan_version),
@@ -47,12 +54,12 @@ def canonical(report: LoraUpdate | TaskFailed) -> bytes:
     return "\x1f".join(fields).encode()
 
 
-def sign(key: bytes, report: LoraUpdate | TaskFailed) -> str:
+def sign(key: bytes, report: Report) -> str:
     """Hex HMAC-SHA256 of the report under ``key``."""
     return hmac.new(key, canonical(report), hashlib.sha256).hexdigest()
 
 
-def verify(fleet_key: bytes, report: LoraUpdate | TaskFailed) -> bool:
+def verify(fleet_key: bytes, report: Report) -> bool:
     """True if the report carries a valid signature of the device it names."""
     if report.signature is None:
         return False

@@ -112,13 +112,15 @@ def _settings(spec: QueueSpec) -> tuple[Any, ...]:
     return (spec.quorum, spec.dead_letter_exchange, spec.delivery_limit, spec.max_length, spec.arguments)
 
 
-def _broker_death_headers(queue_name: str, message: _Message) -> dict[str, Any]:
-    """Headers of a copy the broker itself dead-letters past the delivery limit, as RabbitMQ writes them.
+def _broker_death_headers(
+    queue_name: str, message: _Message, reason: str = "delivery_limit"
+) -> dict[str, Any]:
+    """Headers of a copy the broker itself dead-letters (past the delivery limit; ``maxlen``: dropped
+    from the head of a full queue), as RabbitMQ writes them.
 
     RabbitMQ keeps the original headers, prepends an ``x-death`` entry and sets the
     ``x-first-death-*`` headers once; it adds no ``x-lorafleet-*`` header.
     """
-    reason = "delivery_limit"
     death = {
         "count": 1,
         "reason": reason,
@@ -196,7 +198,15 @@ class InMemoryBroker:
     def _enqueue(self, queue_name: str, message: _Message, *, front: bool = False) -> None:
         queue = self._queues[queue_name]
         if queue.spec.max_length is not None and len(queue.ready) >= queue.spec.max_length:
-            raise TransportError(f"queue {queue_name!r} is full (max_length {queue.spec.max_length})")
+            if queue.spec.arguments.get("x-overflow") != "drop-head":
+                raise TransportError(f"queue {queue_name!r} is full (max_length {queue.spec.max_length})")
+            # RabbitMQ's drop-head: the oldest ready message makes room (a message going back to the
+            # head is itself the oldest); it is dead-lettered where the queue has a dead-letter exchange
+            dropped = message if front else queue.ready.popleft()
+            headers = _broker_death_headers(queue_name, dropped, "maxlen")
+            self._dead_letter_locked(queue_name, dropped, headers)
+            if front:
+                return
         if front:
             queue.ready.appendleft(message)
         else:

@@ -2,7 +2,8 @@
 
 ``broker_config/definitions.json`` declares the same static topology for the RabbitMQ server;
 tests/unit/test_topology_definitions.py checks the two agree. Per-device task queues are declared by the
-orchestrator when a device registers (``device_task_queue``).
+orchestrator when a device registers (``device_task_queue``), and so are per-device evaluation queues
+where the run evaluates on the devices (``device_eval_queue``, bound to the ``lf.eval`` fanout).
 
 **Routing keys name the sending device.** Workers publish updates, registrations and heartbeats under
 ``update.<device>``, ``register.<device>`` and ``heartbeat.<device>`` (:func:`update_key`,
@@ -35,12 +36,16 @@ SLOTS_EXCHANGE = "lf.slots"
 #: dead letters from every queue (topic, bound with "#": every routing key reaches lf.dead; topic so
 #: that the broker can authorise which routing keys each user may dead-letter under)
 DEAD_LETTER_EXCHANGE = "lf.dlx"
+#: aggregator -> every device: the global adapter to evaluate on the devices' held-out rows (fanout:
+#: one publish per round, the broker copies it into each device's eval queue)
+EVAL_EXCHANGE = "lf.eval"
 
 UPDATES_QUEUE = "lf.updates"
 ORCHESTRATOR_QUEUE = "lf.orchestrator"
 DEAD_LETTER_QUEUE = "lf.dead"
 SLOTS_QUEUE = "lf.slots"
 TASK_QUEUE_PREFIX = "lf.tasks."
+EVAL_QUEUE_PREFIX = "lf.eval."
 
 #: first words of the workers' routing keys (``update.<device>`` ...); alone, the keys of an unnamed sender
 UPDATE_KEY = "update"
@@ -48,6 +53,8 @@ REGISTER_KEY = "register"
 HEARTBEAT_KEY = "heartbeat"
 ROUNDS_KEY = "round"
 SLOT_KEY = "slot"
+#: the routing key of evaluation tasks (a fanout ignores it; a dead-lettered one keeps it)
+EVAL_KEY = "eval"
 #: the device-keyed exchanges and the first word of the routing keys a worker publishes there
 DEVICE_KEYED: dict[str, frozenset[str]] = {
     UPDATES_EXCHANGE: frozenset({UPDATE_KEY}),
@@ -86,10 +93,11 @@ DELIVERY_LIMIT = 5
 #: Which message kinds may arrive through which exchange; anything else is a forged sender.
 ALLOWED_KINDS: dict[str, frozenset[str]] = {
     TASKS_EXCHANGE: frozenset({"train_task", "run_finished", "register_again"}),
-    UPDATES_EXCHANGE: frozenset({"lora_update", "task_failed"}),
+    UPDATES_EXCHANGE: frozenset({"lora_update", "task_failed", "eval_result"}),
     CONTROL_EXCHANGE: frozenset({"device_registered", "heartbeat"}),
     ROUNDS_EXCHANGE: frozenset({"round_closed", "round_evaluated", "replan_request"}),
     SLOTS_EXCHANGE: frozenset({"device_slot"}),
+    EVAL_EXCHANGE: frozenset({"eval_task"}),
 }
 
 EXCHANGES = (
@@ -99,6 +107,7 @@ EXCHANGES = (
     ExchangeSpec(ROUNDS_EXCHANGE, "direct"),
     ExchangeSpec(SLOTS_EXCHANGE, "direct"),
     ExchangeSpec(DEAD_LETTER_EXCHANGE, "topic"),
+    ExchangeSpec(EVAL_EXCHANGE, "fanout"),
 )
 
 
@@ -137,6 +146,31 @@ def task_queue_name(device_id: str) -> str:
 
 def device_task_queue(device_id: str) -> QueueSpec:
     return _work_queue(task_queue_name(device_id), ((TASKS_EXCHANGE, device_id),))
+
+
+def eval_queue_name(device_id: str) -> str:
+    """The queue a device's evaluation tasks wait in."""
+    return f"{EVAL_QUEUE_PREFIX}{device_id}"
+
+
+#: At most this many evaluation tasks wait per device: a newer one drops the oldest (drop-head), so
+#: a device busy training evaluates only the latest global adapter, and the broker holds at most one
+#: adapter per device whatever the fleet's lag.
+EVAL_QUEUE_LENGTH = 1
+
+
+def device_eval_queue(device_id: str) -> QueueSpec:
+    """A device's evaluation queue, bound to the ``lf.eval`` fanout. Classic, not quorum, and without
+    a dead-letter exchange: an evaluation task is best effort, one that is superseded is dropped, not a
+    dead letter. (A worker refuses a bad one with its reason; over RabbitMQ its ``dead_letter``
+    republishes it to ``lf.dlx``, the default of a queue it did not declare.)"""
+    return QueueSpec(
+        eval_queue_name(device_id),
+        ((EVAL_EXCHANGE, EVAL_KEY),),
+        quorum=False,
+        max_length=EVAL_QUEUE_LENGTH,
+        arguments={"x-overflow": "drop-head"},
+    )
 
 
 def declare_static_topology(transport: Transport) -> None:

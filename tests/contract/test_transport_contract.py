@@ -39,11 +39,15 @@ from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from lorafleet.transport.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    EVAL_EXCHANGE,
+    EVAL_KEY,
     TASKS_EXCHANGE,
     UPDATE_KEY,
     UPDATES_EXCHANGE,
     UPDATES_QUEUE,
     declare_static_topology,
+    device_eval_queue,
+    eval_queue_name,
 )
 
 KEY = "contract"
@@ -343,3 +347,35 @@ def test_closed_transport_refuses_work(transport: Transport) -> None:
         _publish(transport, "late")
     with pytest.raises(TransportClosed):
         transport.subscribe(QUEUE.name)
+
+
+def test_an_evaluation_queue_keeps_only_the_newest_task(transport: Transport) -> None:
+    # Given two devices' evaluation queues on the lf.eval fanout (one waiting task each, drop-head)
+    devices = ("dev-0001", "dev-0002")
+    for device in devices:
+        transport.declare_queue(device_eval_queue(device))
+
+    def publish(n: int) -> None:
+        transport.publish(EVAL_EXCHANGE, EVAL_KEY, f"eval {n}".encode(), message_id=f"eval:{n}")
+
+    # When three tasks go out before anyone takes one
+    for n in range(3):
+        publish(n)
+    # Then each device has one copy of the newest waiting
+    assert [transport.queue_depth(eval_queue_name(d)) for d in devices] == [1, 1]
+    subs = [transport.subscribe(eval_queue_name(d)) for d in devices]
+    taken = [_get(sub) for sub in subs]
+    assert [d.message_id for d in taken] == ["eval:2", "eval:2"]
+    # and a task being evaluated is not dropped by newer ones, which replace each other behind it
+    publish(3)
+    publish(4)
+    assert [transport.queue_depth(eval_queue_name(d)) for d in devices] == [1, 1]
+    for sub, delivery in zip(subs, taken, strict=True):
+        delivery.ack()
+        newest = _get(sub)
+        assert (newest.message_id, newest.body) == ("eval:4", b"eval 4")
+        newest.ack()
+        assert sub.get(timeout=QUIET) is None
+        sub.close()
+    # superseded tasks are dropped, not dead letters
+    assert transport.queue_depth(DEAD_LETTER_QUEUE) == 0

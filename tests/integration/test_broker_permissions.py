@@ -38,6 +38,7 @@ from lorafleet.transport.topology import (
     CONTROL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    EVAL_EXCHANGE,
     ORCHESTRATOR_QUEUE,
     ROUNDS_EXCHANGE,
     SLOTS_EXCHANGE,
@@ -46,7 +47,9 @@ from lorafleet.transport.topology import (
     UPDATES_EXCHANGE,
     UPDATES_QUEUE,
     declare_static_topology,
+    device_eval_queue,
     device_task_queue,
+    eval_queue_name,
     task_queue_name,
 )
 from tests.conftest import RABBITMQ_HOST, RABBITMQ_PORT, _port_open, _unavailable, throwaway_vhost
@@ -186,6 +189,7 @@ def _setup_device_queues(urls: dict[str, str], *devices: str) -> None:
         declare_static_topology(orchestrator)
         for device in devices:
             orchestrator.declare_queue(device_task_queue(device))
+            orchestrator.declare_queue(device_eval_queue(device))
     finally:
         orchestrator.close()
 
@@ -202,9 +206,11 @@ def test_roles_can_do_their_job(urls: dict[str, str]) -> None:
         for transport in (orchestrator, device, elastic, aggregator):
             declare_static_topology(transport)
 
-        # Orchestrator: declares and binds device task queues, publishes tasks and slot tokens.
+        # Orchestrator: declares and binds device task and evaluation queues, publishes tasks and slot
+        # tokens.
         for d in (DEVICE, OTHER):
             orchestrator.declare_queue(device_task_queue(d))
+            orchestrator.declare_queue(device_eval_queue(d))
             orchestrator.publish(TASKS_EXCHANGE, d, b"task", message_id=f"task:{d}")
         orchestrator.publish(SLOTS_EXCHANGE, "slot", b"slot", message_id="slot:1")
         assert orchestrator.purge(task_queue_name(OTHER)) == 1  # stale tasks before a new one
@@ -220,23 +226,41 @@ def test_roles_can_do_their_job(urls: dict[str, str]) -> None:
         task.dead_letter("bad_input", "device")  # republished to lf.dlx with the task's routing key
         tasks.close()
 
+        # Aggregator: fans an evaluation task out; the device takes its copy, reports, dead-letters one.
+        aggregator.publish(EVAL_EXCHANGE, "eval", b"eval-1", message_id="eval:1")
+        aggregator.publish(EVAL_EXCHANGE, "eval", b"eval-2", message_id="eval:2")
+        evaluations = device.subscribe(eval_queue_name(DEVICE))
+        newest = _get(evaluations)
+        assert newest.message_id == "eval:2"  # the newer dropped the older (one waits)
+        newest.ack()
+        aggregator.publish(EVAL_EXCHANGE, "eval", b"eval-3", message_id="eval:3")
+        device.publish(UPDATES_EXCHANGE, f"update.{DEVICE}", b"result", message_id="res:1")
+        bad = _get(evaluations)
+        assert bad.message_id == "eval:3"
+        bad.dead_letter("bad_input", "device evaluation")  # republished to lf.dlx under "eval"
+        evaluations.close()
+
         # An elastic replica: claims a slot token (held unacked), then serves that device.
         slots = elastic.subscribe(SLOTS_QUEUE)
         assert _get(slots).message_id == "slot:1"
         other_tasks = elastic.subscribe(task_queue_name(OTHER))
         _get(other_tasks).ack()
         other_tasks.close()
+        other_evaluations = elastic.subscribe(eval_queue_name(OTHER))
+        assert _get(other_evaluations).message_id == "eval:3"
+        other_evaluations.close()
         elastic.publish(UPDATES_EXCHANGE, f"update.{OTHER}", b"update", message_id="upd:2")
         elastic.publish(CONTROL_EXCHANGE, f"heartbeat.{OTHER}", b"beat", message_id="beat:2")
         slots.close()  # the token goes back for the next replica
         assert admin.queue_depth(SLOTS_QUEUE) == 1
 
         # Aggregator: consumes updates, dead-letters one, announces rounds.
-        updates = aggregator.subscribe(UPDATES_QUEUE, prefetch=2)
-        first, second = _get(updates), _get(updates)
-        assert {first.message_id, second.message_id} == {"upd:1", "upd:2"}
+        updates = aggregator.subscribe(UPDATES_QUEUE, prefetch=3)
+        first, second, third = _get(updates), _get(updates), _get(updates)
+        assert {first.message_id, second.message_id, third.message_id} == {"upd:1", "res:1", "upd:2"}
         first.ack()
-        second.dead_letter("bad_input", "aggregator")
+        second.ack()
+        third.dead_letter("bad_input", "aggregator")
         updates.close()
         aggregator.publish(ROUNDS_EXCHANGE, "round", b"round", message_id="round:1")
 
@@ -251,14 +275,15 @@ def test_roles_can_do_their_job(urls: dict[str, str]) -> None:
 
         assert admin.queue_depth(task_queue_name(DEVICE)) == 0
         assert admin.queue_depth(UPDATES_QUEUE) == 0
-        dead = admin.subscribe(DEAD_LETTER_QUEUE, prefetch=3)
+        assert admin.queue_depth(eval_queue_name(DEVICE)) == 0
+        dead = admin.subscribe(DEAD_LETTER_QUEUE, prefetch=4)
         details = set()
-        for _ in range(3):
+        for _ in range(4):
             d = _get(dead)
             assert dead_letter_reason(d.headers) == "bad_input"
             details.add(d.headers["x-lorafleet-detail"])
             d.ack()
-        assert details == {"device", "aggregator", "orchestrator"}
+        assert details == {"device", "device evaluation", "aggregator", "orchestrator"}
         dead.close()
     finally:
         for transport in (orchestrator, device, elastic, aggregator, admin):
@@ -270,6 +295,8 @@ def test_a_device_cannot_act_for_another_device(urls: dict[str, str]) -> None:
     attacks = {
         "read another device's tasks": _subscribe(task_queue_name(OTHER)),
         "purge another device's tasks": _purge(task_queue_name(OTHER)),
+        "read another device's evaluation tasks": _subscribe(eval_queue_name(OTHER)),
+        "publish an evaluation task": _publish(EVAL_EXCHANGE, "eval"),
         "take a slot token": _subscribe(SLOTS_QUEUE),
         "purge the slot tokens": _purge(SLOTS_QUEUE),
         "register as another device": _publish(CONTROL_EXCHANGE, f"register.{OTHER}"),
@@ -309,6 +336,7 @@ def test_an_elastic_worker_may_serve_any_slot_and_nothing_else(urls: dict[str, s
         "read the orchestrator's inbox": _subscribe(ORCHESTRATOR_QUEUE),
         "read the dead letters": _subscribe(DEAD_LETTER_QUEUE),
         "declare a queue": _declare(task_queue_name("dev-0003")),
+        "publish an evaluation task": _publish(EVAL_EXCHANGE, "eval"),
     }
     assert _not_refused(urls[ELASTIC_USER], attacks) == []
 
@@ -318,6 +346,10 @@ def test_the_orchestrator_declares_only_device_task_queues(urls: dict[str, str])
     attacks = {
         "declare a queue outside lorafleet's names": _declare("evil"),
         "declare a task queue for no device": _declare("lf.tasks.evil"),
+        "declare an evaluation queue for no device": _declare("lf.eval.evil"),
+        "read a device's evaluation tasks": _subscribe(eval_queue_name(DEVICE)),
+        "purge a device's evaluation tasks": _purge(eval_queue_name(DEVICE)),
+        "publish an evaluation task": _publish(EVAL_EXCHANGE, "eval"),
         "declare a queue under a task queue's name": _declare(f"lf.tasks.{DEVICE}.copy"),
         "declare a static queue": _declare("lf.updates2"),
         "read the updates": _subscribe(UPDATES_QUEUE),
@@ -340,6 +372,8 @@ def test_the_aggregator_reads_only_the_updates(urls: dict[str, str]) -> None:
         "declare a queue": _declare(task_queue_name("dev-0003")),
         "read a device's tasks": _subscribe(task_queue_name(DEVICE)),
         "purge a device's tasks": _purge(task_queue_name(DEVICE)),
+        "read a device's evaluation tasks": _subscribe(eval_queue_name(DEVICE)),
+        "declare an evaluation queue": _declare(eval_queue_name("dev-0003")),
         "read the orchestrator's inbox": _subscribe(ORCHESTRATOR_QUEUE),
         "purge the orchestrator's inbox": _purge(ORCHESTRATOR_QUEUE),
         "take a slot token": _subscribe(SLOTS_QUEUE),

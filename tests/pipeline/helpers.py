@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from lorafleet.transport.base import Transport
 from orchestrator.hierarchical_service import orchestrator_class
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id, parse_run_config
-from schemas.messages import DeviceProfile, LoraSpec
+from schemas.messages import DeviceProfile, EvalScore, LoraSpec
+from worker.evaluation import DeviceEvaluator
 from worker.service import WorkerService
 from worker.trainer import FakeTrainer
 
@@ -225,3 +227,53 @@ def expected_global(spec: LoraSpec, rounds: int, deltas: list[float], samples: l
         np.average(np.array(deltas, dtype=np.float64), weights=np.array(samples, dtype=np.float64))
     )
     return {k: v + rounds * mean_delta for k, v in start.items()}
+
+
+class FixedScorer:
+    """A device's held-out rows scored without a model (worker/evaluation.py's HeldOutScorer):
+    ``batches`` batches of ``rows`` rows each, ``right`` of them right; notes each batch in ``log``."""
+
+    def __init__(self, rows: int, right: int, batches: int = 1, log: list[str] | None = None) -> None:
+        self.rows, self.right, self.n, self.log = rows, right, batches, log if log is not None else []
+
+    @property
+    def num_samples(self) -> int:
+        return self.rows * self.n
+
+    def batches(self) -> int:
+        return self.n
+
+    def check(self, spec: LoraSpec, tensors: Tensors) -> None:
+        pass
+
+    def scores(self, spec: LoraSpec, tensors: Tensors) -> Iterator[EvalScore]:
+        for _ in range(self.n):
+            self.log.append("score")
+            yield EvalScore(
+                num_samples=self.rows, correct=self.right, loss_sum=0.5 * self.rows, loss_count=self.rows
+            )
+
+
+HELD = [10, 20, 30]  # each fake device's held-out rows (evaluating_fleet)
+RIGHT = [9, 10, 6]  # ... and how many of them every adapter gets right
+
+
+def evaluating_fleet(
+    config: RunConfig, transports: list[Transport], state: StateStore, fleet_key: bytes | None = None
+) -> Pipeline:
+    """A fake-trainer pipeline whose devices (at most three) hold ``HELD`` rows out for federated
+    evaluation; ``transports`` as :func:`build_pipeline`'s."""
+    options: dict[str, Any] = {"deltas": [0.1] * config.devices.count, "samples": [40] * config.devices.count}
+    pipeline = build_pipeline(config, transports, state, fleet_key=fleet_key, workers=0, **options)
+    for i in range(config.devices.count):
+        worker = make_worker(config, i, transports[2 + i], fleet_key=fleet_key, **options)
+        worker.evaluator = DeviceEvaluator(
+            transports[2 + i],
+            FixedScorer(HELD[i], RIGHT[i]),
+            run_id=config.run_id,
+            device_id=worker.device_id,
+            signing_key=None if fleet_key is None else derive_device_key(fleet_key, worker.device_id),
+        )
+        worker.start()
+        pipeline.workers.append(worker)
+    return pipeline

@@ -110,27 +110,11 @@ def test_source_and_data_must_agree(tmp_path: Path) -> None:
         Shards.load(partition, tmp_path / "mine.jsonl")
 
 
-@pytest.mark.parametrize(
-    ("rows", "problem"),
-    [
-        (None, "no such file or folder"),
-        ([{"sentence": "meh", "label": "neutral"}], "row 1: label 'neutral' is not in data.labels"),
-        ([{"text": "meh", "label": 1}], "no column 'sentence'"),
-        ([], "the file is empty"),
-    ],
-)
-def test_cli_refuses_bad_device_data_before_the_broker(
-    tmp_path: Path, rows: list[dict[str, Any]] | None, problem: str
-) -> None:
+def _worker_cli_refuses(tmp_path: Path, config_text: str, data: Path) -> str:
+    """Run ``lorafleet worker --data`` (through LORAFLEET_DEVICE_DATA) against a "broker" that would see
+    any connection; the one line it fails with, having connected to nothing, with status 2."""
     config = tmp_path / "run.yaml"
-    config.write_text(
-        "run_id: cli-data\nmodel: {name: tiny}\ndevices: {count: 2}\n"
-        "data: {dataset: synthetic, source: local, labels: [negative, positive], text_field: sentence}\n",
-        encoding="utf-8",
-    )
-    data = tmp_path / "device.jsonl"
-    if rows is not None:
-        _jsonl(data, rows)
+    config.write_text(config_text, encoding="utf-8")
     with socket.socket() as listener:  # a "broker" that would see any connection attempt
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -151,7 +135,80 @@ def test_cli_refuses_bad_device_data_before_the_broker(
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"error: {data}") and problem in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "problem"),
+    [
+        (None, "no such file or folder"),
+        ([{"sentence": "meh", "label": "neutral"}], "row 1: label 'neutral' is not in data.labels"),
+        ([{"text": "meh", "label": 1}], "no column 'sentence'"),
+        ([], "the file is empty"),
+    ],
+)
+def test_cli_refuses_bad_device_data_before_the_broker(
+    tmp_path: Path, rows: list[dict[str, Any]] | None, problem: str
+) -> None:
+    data = tmp_path / "device.jsonl"
+    if rows is not None:
+        _jsonl(data, rows)
+    line = _worker_cli_refuses(
+        tmp_path,
+        "run_id: cli-data\nmodel: {name: tiny}\ndevices: {count: 2}\n"
+        "data: {dataset: synthetic, source: local, labels: [negative, positive], text_field: sentence}\n",
+        data,
+    )
+    assert line.startswith(f"error: {data}") and problem in line, line
+
+
+@pytest.mark.parametrize(
+    ("rows", "problem"),
+    [
+        (None, "no such file"),
+        (
+            [{"instruction": "2+2?", "output": "4"}, {"instruction": "3+3?"}],
+            ":2: field 'output' must be a string",
+        ),
+        ([], "no rows"),
+    ],
+)
+def test_cli_refuses_bad_instruction_rows_before_the_broker(
+    tmp_path: Path, rows: list[dict[str, Any]] | None, problem: str
+) -> None:
+    data = tmp_path / "device.jsonl"
+    if rows is not None:
+        _jsonl(data, rows)
+    line = _worker_cli_refuses(
+        tmp_path,
+        "run_id: cli-instructions\nmodel: {name: tiny, tiny_family: llama, task: causal_lm}\n"
+        "devices: {count: 2}\ndata: {dataset: jsonl, source: local, eval_path: eval.jsonl, "
+        "prompt_field: instruction, response_field: output}\n",
+        data,
+    )
+    assert line.startswith(f"error: {data}") and problem in line, line
+
+
+def test_a_device_reads_only_its_own_instruction_rows(tmp_path: Path) -> None:
+    rows = [{"instruction": f"What is {i} + {i}?", "output": str(2 * i)} for i in range(8)]
+    config = parse_run_config(
+        {
+            "model": {"name": "tiny", "tiny_family": "llama", "task": "causal_lm"},
+            "data": {
+                "dataset": "jsonl",
+                "source": "local",
+                "eval_path": "eval.jsonl",
+                "prompt_field": "instruction",
+                "response_field": "output",
+            },
+            "devices": {"count": 2},
+            "eval": {"device_fraction": 0.25},
+        }
+    )
+    shards = Shards.load(config, _jsonl(tmp_path / "mine.jsonl", rows))
+    mine = shards.shard(1)
+    assert mine.texts == [r["instruction"] for r in rows] and mine.responses == [r["output"] for r in rows]
+    assert mine.labels == [0] * 8 and mine.num_labels == 1
 
 
 def test_hierfedlora_without_histograms_completes(

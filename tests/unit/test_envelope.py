@@ -17,6 +17,9 @@ from schemas.messages import (
     DeviceProfile,
     DeviceRegistered,
     DeviceSlot,
+    EvalResult,
+    EvalScore,
+    EvalTask,
     Heartbeat,
     LoraSpec,
     LoraUpdate,
@@ -73,6 +76,13 @@ def _one_of_each() -> list[StrictModel]:
             metrics=TrainMetrics(train_loss=0.693, steps=16, examples=250, compute_s=3.5),
         ),
         TaskFailed(task_id="run-1:3:dev-0001", run_id="run-1", round=3, device_id="dev-0001", reason="OOM"),
+        EvalTask(run_id="run-1", round=3, lora=SPEC, adapter=PAYLOAD, issued_at=1700000001.5),
+        EvalResult(
+            run_id="run-1",
+            round=3,
+            device_id="dev-0001",
+            score=EvalScore(num_samples=50, correct=41, loss_sum=17.25, loss_count=50),
+        ),
         RoundClosed(
             run_id="run-1",
             round=3,

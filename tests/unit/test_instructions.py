@@ -62,7 +62,7 @@ def test_rows_are_read_from_the_configured_fields(tmp_path: Path) -> None:
         ('["q", "a"]\n', r"rows.jsonl:1: a row must be a JSON object, got list"),
         ('{"q": "x"}\n', r"rows.jsonl:1: field 'a' must be a string, got nothing \(fields: \['q'\]\)"),
         ('{"q": "x", "a": 3}\n', r"rows.jsonl:1: field 'a' must be a string, got int"),
-        ("\n\n", r"rows.jsonl has no rows"),
+        ("\n\n", r"rows.jsonl: no rows"),
     ],
 )
 def test_bad_files_are_refused_naming_the_line(tmp_path: Path, content: str, message: str) -> None:

@@ -106,8 +106,13 @@ def test_queue_arguments_equal_what_the_adapter_declares(definitions: dict[str, 
     got = {q["name"]: q["arguments"] for q in definitions["queues"]}
     for spec in topology.STATIC_QUEUES:
         assert got[spec.name] == queue_arguments(spec)
-    # The per-device queues the orchestrator declares use the same shape.
+    # The per-device queues the orchestrator declares use the same shape ...
     assert queue_arguments(topology.device_task_queue("dev-0001")) == got[topology.UPDATES_QUEUE]
+    # ... but evaluation queues: classic, one waiting task, the oldest dropped, no dead-lettering
+    assert queue_arguments(topology.device_eval_queue("dev-0001")) == {
+        "x-max-length": 1,
+        "x-overflow": "drop-head",
+    }
 
 
 def test_bindings_match_topology(definitions: dict[str, Any]) -> None:
@@ -202,7 +207,8 @@ def test_topic_permissions_are_on_topic_exchanges(definitions: dict[str, Any]) -
 def test_orchestrator_permissions(definitions: dict[str, Any]) -> None:
     p = _permissions(definitions, "lf-orchestrator")
     task_queue = topology.task_queue_name("dev-0001")
-    for name in (task_queue, topology.task_queue_name(device_id(12345))):
+    eval_queue = topology.eval_queue_name("dev-0001")
+    for name in (task_queue, topology.task_queue_name(device_id(12345)), eval_queue):
         assert _allows(p["configure"], name), name
     for name in (
         topology.TASKS_EXCHANGE,
@@ -213,17 +219,31 @@ def test_orchestrator_permissions(definitions: dict[str, Any]) -> None:
         "lf.tasks.dev-0001.copy",
         "lf.tasks.dev-001",
         "lf.tasks.",
+        "lf.eval.evil",
+        topology.EVAL_EXCHANGE,
         "evil",
     ):
         assert not _allows(p["configure"], name), name
     # Publishes tasks and slot tokens, binds task queues (write on the queue), dead-letters.
-    for name in (topology.TASKS_EXCHANGE, task_queue, topology.SLOTS_EXCHANGE, topology.DEAD_LETTER_EXCHANGE):
+    for name in (
+        topology.TASKS_EXCHANGE,
+        task_queue,
+        eval_queue,
+        topology.SLOTS_EXCHANGE,
+        topology.DEAD_LETTER_EXCHANGE,
+    ):
         assert _allows(p["write"], name), name
-    for name in (topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE, topology.ROUNDS_EXCHANGE, "lf.tasksX"):
+    for name in (
+        topology.UPDATES_EXCHANGE,
+        topology.CONTROL_EXCHANGE,
+        topology.ROUNDS_EXCHANGE,
+        topology.EVAL_EXCHANGE,  # the aggregator's evaluation tasks
+        "lf.tasksX",
+    ):
         assert not _allows(p["write"], name), name
     # Consumes its queue; binding needs read on the tasks exchange; declaring a queue with a DLX
     # needs read on that queue.
-    for name in (topology.ORCHESTRATOR_QUEUE, topology.TASKS_EXCHANGE, task_queue):
+    for name in (topology.ORCHESTRATOR_QUEUE, topology.TASKS_EXCHANGE, task_queue, topology.EVAL_EXCHANGE):
         assert _allows(p["read"], name), name
     for name in (
         topology.UPDATES_QUEUE,
@@ -231,6 +251,7 @@ def test_orchestrator_permissions(definitions: dict[str, Any]) -> None:
         topology.SLOTS_QUEUE,
         topology.CONTROL_EXCHANGE,
         "lf.tasks.evil",
+        eval_queue,  # declared without a dead-letter exchange: no read needed, none given
     ):
         assert not _allows(p["read"], name), name
     # It dead-letters what reaches its queue: registrations, heartbeats and round events.
@@ -245,14 +266,20 @@ def test_orchestrator_permissions(definitions: dict[str, Any]) -> None:
 def test_aggregator_permissions(definitions: dict[str, Any]) -> None:
     p = _permissions(definitions, "lf-aggregator")
     assert p["configure"] == "^$"
-    assert _allows(p["write"], topology.ROUNDS_EXCHANGE)
-    assert _allows(p["write"], topology.DEAD_LETTER_EXCHANGE)
-    for name in (topology.TASKS_EXCHANGE, topology.UPDATES_EXCHANGE, topology.CONTROL_EXCHANGE):
+    for name in (topology.ROUNDS_EXCHANGE, topology.DEAD_LETTER_EXCHANGE, topology.EVAL_EXCHANGE):
+        assert _allows(p["write"], name), name
+    for name in (
+        topology.TASKS_EXCHANGE,
+        topology.UPDATES_EXCHANGE,
+        topology.CONTROL_EXCHANGE,
+        topology.eval_queue_name("dev-0001"),
+    ):
         assert not _allows(p["write"], name), name
     assert _allows(p["read"], topology.UPDATES_QUEUE)
     for name in (
         topology.ORCHESTRATOR_QUEUE,
         topology.task_queue_name("dev-0001"),
+        topology.eval_queue_name("dev-0001"),
         topology.DEAD_LETTER_QUEUE,
         topology.SLOTS_QUEUE,
     ):
@@ -279,9 +306,12 @@ def test_device_permissions(definitions: dict[str, Any]) -> None:
         ):
             assert not _allows(p["write"], name), name
         assert _allows(p["read"], topology.task_queue_name(device))
+        assert _allows(p["read"], topology.eval_queue_name(device))
         for name in (
             topology.task_queue_name(other),
             topology.task_queue_name(device) + "0",
+            topology.eval_queue_name(other),
+            topology.EVAL_EXCHANGE,
             topology.SLOTS_QUEUE,
             topology.UPDATES_QUEUE,
             topology.ORCHESTRATOR_QUEUE,
@@ -292,13 +322,20 @@ def test_device_permissions(definitions: dict[str, Any]) -> None:
         own = {
             topology.UPDATES_EXCHANGE: [topology.update_key(device)],
             topology.CONTROL_EXCHANGE: [topology.register_key(device), topology.heartbeat_key(device)],
-            topology.DEAD_LETTER_EXCHANGE: [device],
+            topology.DEAD_LETTER_EXCHANGE: [device, topology.EVAL_KEY],
         }
         assert set(topics) == set(own)
         for exchange, keys in own.items():
             for key in keys:
                 assert _allows(topics[exchange]["write"], key), (user, exchange, key)
-            for key in (*(k.replace(device, other) for k in keys), "update", "register", "heartbeat", "slot"):
+            for key in (
+                *(k.replace(device, other) for k in keys if k != topology.EVAL_KEY),
+                "update",
+                "register",
+                "heartbeat",
+                "slot",
+                "evals",
+            ):
                 assert not _allows(topics[exchange]["write"], key), (user, exchange, key)
 
 
@@ -313,6 +350,7 @@ def test_elastic_worker_permissions(definitions: dict[str, Any]) -> None:
         topology.SLOTS_QUEUE,
         topology.task_queue_name("dev-0001"),
         topology.task_queue_name("dev-12345"),
+        topology.eval_queue_name("dev-0042"),
     ):
         assert _allows(p["read"], name), name
     for name in (
@@ -321,6 +359,8 @@ def test_elastic_worker_permissions(definitions: dict[str, Any]) -> None:
         topology.TASKS_EXCHANGE,
         topology.DEAD_LETTER_QUEUE,
         "lf.tasks.evil",
+        "lf.eval.evil",
+        topology.EVAL_EXCHANGE,
     ):
         assert not _allows(p["read"], name), name
     topics = _topics(definitions, ELASTIC)
