@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from lorafleet.state import keys
 from lorafleet.state.base import (
@@ -381,6 +381,36 @@ class _OutageRetry(Retry):
                 time.sleep(min(self._backoff.compute(failures), max(0.0, self.outage_s - waited)))
 
 
+class _QuorumSentinel(Sentinel):
+    """Asks every Sentinel, not the first that answers: a Sentinel that missed a failover (a loaded
+    host, a partition) still names the old primary, which, back as a replica, answers every write with
+    READONLY; redis-py would keep asking that one Sentinel. The primary is the one reported by the
+    Sentinels with the newest configuration epoch that the instance itself confirms (its reported
+    role is master)."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        best: tuple[int, int, tuple[str, int]] | None = None
+        votes: dict[tuple[str, int], int] = {}
+        for sentinel in self.sentinels:
+            try:
+                masters = sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            state = masters.get(service_name) if isinstance(masters, dict) else None
+            if not state or not self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
+                continue
+            if state.get("role-reported", "master") != "master":
+                continue  # this Sentinel's primary says it is a replica now: its view is stale
+            address = (str(state["ip"]), int(state["port"]))
+            votes[address] = votes.get(address, 0) + 1
+            candidate = (int(state.get("config-epoch", 0)), votes[address], address)
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r}")
+        return best[2]
+
+
 class _Script:
     """A registered Lua script; with ``replicas`` > 0 each call is followed, on the same connection (one
     pipeline), by ``WAIT replicas timeout_ms``: the call returns once that many replicas have its
@@ -443,7 +473,7 @@ class RedisStateStore:
         if target.sentinels:
             # the pool asks the Sentinels for the primary on every new connection, and a connection to
             # a primary demoted in a failover fails (ReadOnlyError -> ConnectionError): both retried
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = _QuorumSentinel(  # type: ignore[no-untyped-call]
                 target.sentinels,
                 sentinel_kwargs={
                     "socket_timeout": socket_connect_timeout,

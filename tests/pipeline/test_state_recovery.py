@@ -185,3 +185,37 @@ def test_a_store_rolled_back_behind_the_orchestrator_is_resumed_from(run_id: str
     step_all_until(lambda: pipeline.aggregator.finished, [pipeline.aggregator])
     _check_final_adapter(pipeline, state, rounds=3)
     assert sorted(state.get_round_metrics(run_id)) == [1, 2, 3]
+
+
+def test_a_round_close_lost_in_a_rollback_is_redone_from_the_snapshot_once(run_id: str, tmp_path: Path) -> None:
+    # Given a run stepped by hand whose aggregator keeps snapshots: round 2 opened, then aggregated
+    config = make_config(run_id, devices=3, rounds=3)
+    state = InMemoryStateStore()
+    broker = InMemoryBroker()
+    pipeline = build_pipeline(
+        config,
+        [InMemoryTransport(broker) for _ in range(5)],
+        state,
+        deltas=DELTAS,
+        samples=SAMPLES,
+        out_dir=tmp_path,
+    )
+
+    def step_until(predicate: Callable[[], bool], services: list[object] | None = None) -> None:
+        deadline = time.monotonic() + 30.0
+        while not predicate():
+            assert time.monotonic() < deadline, "the run did not get there"
+            for service in services or pipeline.services:
+                service.step(0.001)  # type: ignore[attr-defined]
+
+    step_until(lambda: state.get_round(run_id, 2) is not None)
+    before_close = state.export_run(run_id)  # round 2 open, not yet closed and merged
+    step_until(lambda: state.get_run_fields(run_id).get("aggregated") == 2)
+    # When the store rolls back to before round 2's close (the close lost in a failover)
+    state.import_run(run_id, before_close)
+    # Then the aggregator sees its fence behind, restores its snapshot of round 2, and the run goes on:
+    # round 2 is merged exactly once (the final adapter shows three merges, not four)
+    step_until(lambda: pipeline.orchestrator.finished)
+    step_until(lambda: pipeline.aggregator.finished, [pipeline.aggregator])
+    _check_final_adapter(pipeline, state, rounds=3)
+    assert state.get_counters(run_id)["state_restored"] == 1
