@@ -187,7 +187,9 @@ def test_a_store_rolled_back_behind_the_orchestrator_is_resumed_from(run_id: str
     assert sorted(state.get_round_metrics(run_id)) == [1, 2, 3]
 
 
-def test_a_round_close_lost_in_a_rollback_is_redone_from_the_snapshot_once(run_id: str, tmp_path: Path) -> None:
+def test_a_round_close_lost_in_a_rollback_is_redone_from_the_snapshot_once(
+    run_id: str, tmp_path: Path
+) -> None:
     # Given a run stepped by hand whose aggregator keeps snapshots: round 2 opened, then aggregated
     config = make_config(run_id, devices=3, rounds=3)
     state = InMemoryStateStore()
