@@ -26,6 +26,7 @@ from aggregator.merge.registry import merge
 from aggregator.receipts import fingerprint, fingerprint_of, receipt
 from aggregator.validation import check_update_shapes
 from lorafleet.ml.lora import Tensors, select_for_spec, shapes
+from lorafleet.run import task_deadlines
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.epoch import RESTORED_FIELD, EpochGuard
 from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
@@ -127,6 +128,7 @@ class AggregatorService:
         self._last_step_at: float | None = None
         self._seen_connection: int | None = None  # the broker connection the last step saw
         self._expected: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
+        self._short_deadlines: tuple[int, dict[str, int]] | None = None  # no-show devices' tasks
         self._snapshot_round: int | None = None  # the round of the latest snapshot this service wrote
         self._since_snapshot: set[tuple[int, str]] = set()  # (round, task) counted after that snapshot
 
@@ -197,6 +199,7 @@ class AggregatorService:
             return True
         now_ms = to_ms(self.clock.now())
         self._drop_vanished_devices(now_ms)
+        self._expire_no_show_tasks(now_ms)
         self.state.close_expired_rounds(self.run_id, now_ms)
         for round_no in self.state.pending_aggregations(self.run_id):
             self._aggregate(round_no)
@@ -256,6 +259,31 @@ class AggregatorService:
                             "aggregator: device %s vanished; round %d goes on without it", device_id, round_no
                         )
 
+    def _expire_no_show_tasks(self, now_ms: int) -> None:
+        """A no-show device's task whose short deadline passed without a report is counted empty, so
+        that its round closes on quorum without it (orchestrator/no_shows.py)."""
+        if self._short_deadlines is None:
+            return
+        round_no, deadlines = self._short_deadlines
+        due = {t: ms for t, ms in deadlines.items() if ms <= now_ms}
+        if not due:
+            return
+        info = self.state.get_round(self.run_id, round_no)
+        if info is None or info.status != "open":
+            return
+        reported = self.state.get_updates(self.run_id, round_no)
+        for task in sorted(due):
+            if task in reported or task not in info.tasks:
+                continue
+            result = self.state.record_update(self.run_id, round_no, task, info.tasks[task], b"", now_ms)
+            if result.outcome == "counted":
+                self.state.incr_counter(self.run_id, "task_no_show")
+                log.warning(
+                    "aggregator: %s did not report its last task; round %d goes on without it",
+                    info.tasks[task],
+                    round_no,
+                )
+
     def _after_aggregations(self) -> bool:
         """Work that follows round aggregations (a hierarchical run's global ones); True if any."""
         return False
@@ -280,6 +308,7 @@ class AggregatorService:
         fields = self.state.get_run_fields(self.run_id)
         if self._epoch.check(fields):
             self._restored()  # from a snapshot, by another service
+        self._short_deadlines = task_deadlines.current(fields)
         status = fields.get("status")
         if status == "running" and self._snapshot_round is None:
             self._snapshot(int(fields.get(AGGREGATED_FIELD, 0)))  # the first: before any aggregation

@@ -15,6 +15,7 @@ from typing import Literal
 
 from lorafleet.devices.costmodel import CostModel, cost_model_for
 from lorafleet.ml.lora import Tensors, select_for_spec
+from lorafleet.run import task_deadlines
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.epoch import EPOCH_FIELD, RESTORED_FIELD, EpochGuard, new_epoch
 from lorafleet.run.progress import RunReporter
@@ -27,6 +28,7 @@ from lorafleet.transport import topology
 from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
 from lorafleet.transport.messaging import Rejections, publish_message, receive
 from orchestrator.capacity import DeviceEstimate, update_estimate
+from orchestrator.no_shows import next_no_shows, task_deadlines_ms
 from orchestrator.planners.context import PlanningContext, size_model
 from orchestrator.planners.legend import DeviceInput
 from orchestrator.planners.registry import round_planner
@@ -90,6 +92,7 @@ class OrchestratorService:
         # devices send no heartbeats)
         self.plan_live_only = plan_live_only
         self.estimates: dict[str, DeviceEstimate] = {}
+        self._no_shows: set[str] = set()  # devices that held a task without reporting (no_shows.py)
         self.global_spec = global_spec(config, num_blocks)
         self.phase: Phase = "registering"
         self.round = 0
@@ -170,6 +173,7 @@ class OrchestratorService:
         raw = fields.get("estimates") or {}
         assert isinstance(raw, dict)
         self.estimates = {d: DeviceEstimate(**e) for d, e in raw.items()}
+        self._no_shows = set(fields.get("no_shows") or [])  # type: ignore[call-overload]
         for device_id in self.state.get_devices(self.run_id):
             self._declare_device_queue(device_id)
         log.info("orchestrator: resuming run %s at round %d", self.run_id, self.round)
@@ -375,6 +379,7 @@ class OrchestratorService:
         previous = self.state.get_round_metrics(self.run_id).get(round_no - 1, {})
         virtual = float(previous.get("virtual_time_s", 0.0)) + float(metrics.get("virtual_round_s", 0.0))
         self._update_estimates(metrics.get("devices", {}))
+        self._note_no_shows(round_no)
         self.state.put_round_metrics(
             self.run_id,
             round_no,
@@ -386,6 +391,14 @@ class OrchestratorService:
         )
         self.reporter.round_closed(round_no, self.state.get_round_metrics(self.run_id)[round_no])
         return True
+
+    def _note_no_shows(self, round_no: int) -> None:
+        info = self.state.get_round(self.run_id, round_no)
+        if info is None:
+            return
+        updates = self.state.get_updates(self.run_id, round_no)
+        self._no_shows = next_no_shows(self._no_shows, info.tasks, updates, info.close_reason)
+        self.state.put_run_field(self.run_id, "no_shows", sorted(self._no_shows))
 
     def _update_estimates(self, measurements: dict[str, object]) -> None:
         """Fold the round's per-device measurements into the smoothed capacity estimates."""
@@ -483,12 +496,18 @@ class OrchestratorService:
         specs = {task_id(self.run_id, round_no, p.device_id): p.lora.model_dump_json() for p in plans}
         deadline = now + self.config.rounds.round_deadline_s
         quorum = quorum_size(len(tasks), self.config.rounds.quorum_fraction)
+        short = min(self.config.rounds.no_show_deadline_s, self.config.rounds.round_deadline_s)
+        deadlines = task_deadlines_ms(tasks, self._no_shows, to_ms(now), short)
+        # read by the aggregator (it counts such a task empty once its deadline passes) and the tasks
+        record = task_deadlines.record(round_no, deadlines)
+        self.state.put_run_field(self.run_id, task_deadlines.FIELD, record)
         self.state.open_round(self.run_id, round_no, tasks, specs, quorum, to_ms(deadline), to_ms(now))
 
     def _publish_tasks(self, round_no: int) -> None:
         info = self.state.get_round(self.run_id, round_no)
         assert info is not None
         global_tensors = start_adapter(self.state, self.run_id, round_no)
+        short = task_deadlines.of_round(self.state.get_run_fields(self.run_id), round_no)
         payloads: dict[str, object] = {}
         bytes_down = 0
         for tid, device_id in sorted(info.tasks.items()):
@@ -507,7 +526,7 @@ class OrchestratorService:
                 hparams=self._hparams(),
                 adapter=payloads[spec_json],  # type: ignore[arg-type]
                 issued_at=info.opened_ms / 1000.0,
-                deadline_at=info.deadline_ms / 1000.0,
+                deadline_at=short.get(tid, info.deadline_ms) / 1000.0,
             )
             body = encode(task)
             self._purge_stale_tasks(device_id)

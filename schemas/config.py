@@ -288,6 +288,9 @@ class RoundsConfig(_Section):
     virtual_budget_s: Annotated[float, Field(gt=0.0)] | None = None  # seconds on the virtual clock
     quorum_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     round_deadline_s: Annotated[float, Field(gt=0.0)] = 900.0
+    # a device whose task went unreported in a round closed on its deadline gets this long for its next
+    # task (orchestrator/no_shows.py); the round's deadline when that is shorter
+    no_show_deadline_s: Annotated[float, Field(gt=0.0)] = 60.0
     sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     registration_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
     # a device whose heartbeats stop for this long is dropped from open rounds (detection bound:
