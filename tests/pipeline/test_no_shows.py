@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
+import pytest
+
+from lorafleet.state.base import StateStore
 from lorafleet.state.memory import InMemoryStateStore
+from lorafleet.transport.base import Transport
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from orchestrator.no_shows import next_no_shows, task_deadlines_ms
 from tests.pipeline.helpers import build_pipeline, make_config
@@ -22,19 +27,41 @@ def test_a_device_is_a_no_show_only_when_its_round_closed_on_its_deadline_withou
     assert task_deadlines_ms(tasks, {"d2"}, 1_000, 0.25) == {"t2": 1_250}
 
 
-def test_a_no_show_device_gets_a_short_deadline_and_the_rounds_after_close_on_quorum(run_id: str) -> None:
+@pytest.fixture(params=["memory", pytest.param("real", marks=[pytest.mark.rabbitmq, pytest.mark.redis])])
+def servers(request: pytest.FixtureRequest, run_id: str) -> Iterator[tuple[list[Transport], StateStore]]:
+    """The in-process twins, or the real RabbitMQ and Redis (a transport per service)."""
+    if request.param == "memory":
+        broker = InMemoryBroker()
+        yield [InMemoryTransport(broker) for _ in range(5)], InMemoryStateStore()
+        return
+    from lorafleet.state.redis import RedisStateStore
+    from lorafleet.transport.rabbitmq import PikaTransport
+
+    url = request.getfixturevalue("rabbitmq_url")
+    state = RedisStateStore(request.getfixturevalue("redis_url"))
+    transports: list[Transport] = [PikaTransport(url) for _ in range(5)]
+    try:
+        yield transports, state
+    finally:
+        for transport in transports:
+            transport.close()
+        state.delete_run(run_id)
+        state.close()
+
+
+def test_a_no_show_device_gets_a_short_deadline_and_the_rounds_after_close_on_quorum(
+    run_id: str, servers: tuple[list[Transport], StateStore]
+) -> None:
     # Given three devices, of which dev-0002 registers and keeps its lease but never trains its tasks
     config = make_config(
         run_id, devices=3, rounds=3, round_deadline_s=3.0, no_show_deadline_s=0.3, lease_s=120.0
     )
-    state = InMemoryStateStore()
-    broker = InMemoryBroker()
-    transports = [InMemoryTransport(broker) for _ in range(5)]
+    transports, state = servers
     pipeline = build_pipeline(config, transports, state, deltas=[0.1, 0.3, 0.5], samples=[1, 2, 3])
     stop = threading.Event()
     threads = [
         threading.Thread(target=s.run_forever, args=(stop,), kwargs={"poll_s": 0.05}, daemon=True)
-        for s in (pipeline.orchestrator, pipeline.aggregator, *pipeline.workers[:2])
+        for s in pipeline.services[:4]  # the orchestrator, the aggregator, dev-0000 and dev-0001
     ]
     for thread in threads:
         thread.start()
