@@ -443,6 +443,21 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_data(cls, raw: Any) -> Any:
+        """``eval.data``, the aggregator's evaluation file, is another name for ``data.eval_path``."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("eval"), dict) or "data" not in raw["eval"]:
+            return raw
+        evaluation = dict(raw["eval"])
+        path = evaluation.pop("data")
+        data = dict(raw.get("data") or {})
+        if data.get("eval_path") not in (None, path):
+            other = data["eval_path"]
+            raise ValueError(f"eval.data ({path}) and data.eval_path ({other}) name different files")
+        data["eval_path"] = path
+        return {**raw, "eval": evaluation, "data": data}
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         min_devices = self.rounds.min_devices

@@ -297,3 +297,15 @@ def test_repository_examples_validate(path: Path) -> None:
     config = load_run_config(path)
     assert isinstance(config, RunConfig)
     assert config.min_devices <= config.devices.count
+
+
+def test_eval_data_names_the_aggregators_evaluation_file() -> None:
+    from schemas.config import parse_run_config
+
+    base = {"data": {"dataset": "sst2", "labels": ["negative", "positive"]}}
+    config = parse_run_config({**base, "eval": {"data": "/data/dev.jsonl", "device_fraction": 0.1}})
+    assert config.data.eval_path == "/data/dev.jsonl" and config.eval.device_fraction == 0.1
+    same = {"data": {**base["data"], "eval_path": "/data/dev.jsonl"}, "eval": {"data": "/data/dev.jsonl"}}
+    assert parse_run_config(same).data.eval_path == "/data/dev.jsonl"
+    with pytest.raises(ValueError, match="name different files"):
+        parse_run_config({"data": {**base["data"], "eval_path": "/a"}, "eval": {"data": "/b"}})
