@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,20 +55,32 @@ def _counted(state: InMemoryStateStore, run_id: str, round_no: int) -> int:
     return len(state.get_updates(run_id, round_no))
 
 
+def _pipeline(
+    run_id: str, rounds: int, **options: Any
+) -> tuple[Pipeline, InMemoryStateStore, InMemoryBroker]:
+    """Three fake-trainer devices over the in-process twins; ``options`` go to build_pipeline."""
+    state = InMemoryStateStore()
+    broker = InMemoryBroker()
+    config = make_config(run_id, devices=3, rounds=rounds)
+    transports = [InMemoryTransport(broker) for _ in range(5)]
+    pipeline = build_pipeline(config, transports, state, deltas=DELTAS, samples=SAMPLES, **options)
+    return pipeline, state, broker
+
+
+def _step_until(pipeline: Pipeline, predicate: Callable[[], bool], services: list[Any] | None = None) -> None:
+    """Step the services (all, or ``services``) in turn; the orchestrator looks at the store once a
+    second, so this goes by time, not by steps."""
+    deadline = time.monotonic() + 30.0
+    while not predicate():
+        assert time.monotonic() < deadline, "the run did not get there"
+        for service in services or pipeline.services:
+            service.step(0.001)
+
+
 def test_a_store_that_lost_a_running_run_gets_it_back_from_the_snapshot(run_id: str, tmp_path: Path) -> None:
     # Given a running distributed-style run (every service in its own thread) whose aggregator keeps
     # snapshots in its output directory
-    config = make_config(run_id, devices=3, rounds=4)
-    state = InMemoryStateStore()
-    broker = InMemoryBroker()
-    pipeline = build_pipeline(
-        config,
-        [InMemoryTransport(broker) for _ in range(5)],
-        state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        out_dir=tmp_path,
-    )
+    pipeline, state, broker = _pipeline(run_id, 4, out_dir=tmp_path)
     epoch = state.get_run_fields(run_id)[EPOCH_FIELD]
     stop = threading.Event()
     pipeline.start_threads(stop)
@@ -101,18 +114,8 @@ def test_a_store_that_lost_a_running_run_gets_it_back_from_the_snapshot(run_id: 
 
 def test_a_run_lost_while_registering_is_written_again_and_its_devices_register_again(run_id: str) -> None:
     # Given a run waiting for its third device, two registered
-    config = make_config(run_id, devices=3, rounds=2)
-    state = InMemoryStateStore()
-    broker = InMemoryBroker()
-    pipeline = build_pipeline(
-        config,
-        [InMemoryTransport(broker) for _ in range(5)],
-        state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        workers=2,
-        restore_wait_s=2.0,
-    )
+    pipeline, state, broker = _pipeline(run_id, 2, workers=2, restore_wait_s=2.0)
+    config = pipeline.config
     epoch = state.get_run_fields(run_id)[EPOCH_FIELD]
     stop = threading.Event()
     threads = [
@@ -152,25 +155,10 @@ def test_a_run_lost_while_registering_is_written_again_and_its_devices_register_
 
 def test_a_store_rolled_back_behind_the_orchestrator_is_resumed_from(run_id: str) -> None:
     # Given a run stepped by hand: round 1 aggregated (the aggregator alone stepped until then)
-    config = make_config(run_id, devices=3, rounds=3)
-    state = InMemoryStateStore()
-    broker = InMemoryBroker()
-    pipeline = build_pipeline(
-        config, [InMemoryTransport(broker) for _ in range(5)], state, deltas=DELTAS, samples=SAMPLES
-    )
+    pipeline, state, _ = _pipeline(run_id, 3)
 
-    def step_all_until(predicate: Callable[[], bool], services: list[object] | None = None) -> None:
-        deadline = time.monotonic() + 30.0  # the orchestrator looks at the store once a second
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            for service in services or pipeline.services:
-                service.step(0.001)  # type: ignore[attr-defined]
-        raise AssertionError(
-            f"the run did not get there: {state.get_run_fields(run_id).get('round')} "
-            f"{[state.get_round(run_id, r) for r in state.list_rounds(run_id)]} {state.get_counters(run_id)} "
-            f"{pipeline.orchestrator.round} {pipeline.orchestrator.phase}"
-        )
+    def step_all_until(predicate: Callable[[], bool], services: list[Any] | None = None) -> None:
+        _step_until(pipeline, predicate, services)
 
     step_all_until(lambda: _counted(state, run_id, 1) == 3)
     step_all_until(lambda: state.get_run_fields(run_id).get("aggregated") == 1, [pipeline.aggregator])
@@ -191,24 +179,10 @@ def test_a_round_close_lost_in_a_rollback_is_redone_from_the_snapshot_once(
     run_id: str, tmp_path: Path
 ) -> None:
     # Given a run stepped by hand whose aggregator keeps snapshots: round 2 opened, then aggregated
-    config = make_config(run_id, devices=3, rounds=3)
-    state = InMemoryStateStore()
-    broker = InMemoryBroker()
-    pipeline = build_pipeline(
-        config,
-        [InMemoryTransport(broker) for _ in range(5)],
-        state,
-        deltas=DELTAS,
-        samples=SAMPLES,
-        out_dir=tmp_path,
-    )
+    pipeline, state, _ = _pipeline(run_id, 3, out_dir=tmp_path)
 
-    def step_until(predicate: Callable[[], bool], services: list[object] | None = None) -> None:
-        deadline = time.monotonic() + 30.0
-        while not predicate():
-            assert time.monotonic() < deadline, "the run did not get there"
-            for service in services or pipeline.services:
-                service.step(0.001)  # type: ignore[attr-defined]
+    def step_until(predicate: Callable[[], bool], services: list[Any] | None = None) -> None:
+        _step_until(pipeline, predicate, services)
 
     step_until(lambda: state.get_round(run_id, 2) is not None)
     before_close = state.export_run(run_id)  # round 2 open, not yet closed and merged
