@@ -58,7 +58,7 @@ class HierarchicalAggregator(AggregatorService):
 
     @property
     def open_window(self) -> int:  # type: ignore[override]
-        return 3 * self.config.hier.groups + 3  # every group's round may be open at once
+        return 3 * self.config.hier.most_groups + 3  # every group's round may be open at once
 
     # -- intra-group rounds -----------------------------------------------------------------------
     def _aggregate(self, round_no: int) -> None:

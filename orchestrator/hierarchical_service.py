@@ -87,7 +87,7 @@ class HierarchicalOrchestrator(OrchestratorService):
             log.warning(
                 "orchestrator: %d of %d groups are far from IID (label KL from the fleet's: %s, above "
                 "hier.warn_divergence %.3g); such groups train worse than one flat fleet, fewer "
-                "groups (hier.groups is %d) or more devices per group bring them nearer",
+                "groups (hier.groups is %s) or more devices per group bring them nearer",
                 len(far),
                 len(groups),
                 ", ".join(f"group {g} {divergence[g]:.3f}" for g in far),

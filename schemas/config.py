@@ -185,8 +185,11 @@ class HierConfig(_Section):
     """HierFedLoRA-style hierarchical runs (strategies ``hierfedlora`` and ``hier_*``).
 
     Devices are split into ``groups`` near-IID groups (``speed_weight`` trades label balance for
-    similar speeds within a group); each global round, every group runs its own number of
-    intra-group rounds (``min_frequency``..``max_frequency``) at its own depth, planned jointly;
+    similar speeds within a group); ``groups: auto`` takes the most groups, up to ``max_groups``
+    and with at least ``min_group_size`` devices each, whose labels all stay within
+    ``warn_divergence`` of the fleet's (one group, a flat fleet, when no split does); each global
+    round, every group runs its own number of intra-group rounds (``min_frequency``..
+    ``max_frequency``) at its own depth, planned jointly;
     ``within_group: uniform`` (the default) keeps every member at its group's depth; ``legend`` lets
     each device of a group go deeper when it has the time (LEGEND-style). Measured over 20 Newsgroups
     and SST-2 at Dirichlet alpha 0.1 and 0.5 (``benchmarks/results/hierfedlora.md``), ``legend`` was
@@ -195,7 +198,9 @@ class HierConfig(_Section):
     the default.
     """
 
-    groups: Annotated[int, Field(ge=1, le=99)] = 4
+    groups: Annotated[int, Field(ge=1, le=99)] | Literal["auto"] = 4
+    max_groups: Annotated[int, Field(ge=1, le=99)] = 8  # the most groups `auto` tries
+    min_group_size: Annotated[int, Field(ge=1)] = 2  # `auto`: no group smaller than this
     speed_weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.1
     min_frequency: Annotated[int, Field(ge=1, le=99)] = 1
     max_frequency: Annotated[int, Field(ge=1, le=99)] = 4
@@ -207,6 +212,11 @@ class HierConfig(_Section):
     depths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] | None = None
     fixed_depth: Annotated[int, Field(ge=1)] = 3  # the hier_fixed_depth ablation
     fixed_frequency: Annotated[int, Field(ge=1, le=99)] = 2  # the hier_fixed_frequency ablation
+
+    @property
+    def most_groups(self) -> int:
+        """The most groups a run can have (``groups``, or ``max_groups`` under ``auto``)."""
+        return self.max_groups if self.groups == "auto" else self.groups
 
     @model_validator(mode="after")
     def _frequencies(self) -> HierConfig:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from orchestrator.planners.context import PlanningContext
-from orchestrator.planners.grouping import GroupingDevice, divergence, group_devices
+from orchestrator.planners.grouping import GroupingDevice, auto_group_devices, divergence, group_devices
 from orchestrator.planners.hierfedlora import GroupInput, HierOptions, plan_hierarchy
 from orchestrator.planners.specs import DevicePlan, lora_spec
 from schemas.strategies import StrategyName
@@ -82,7 +82,17 @@ def form_groups(
         members = sorted(d.device_id for d in devices)
         total = [sum(col) for col in zip(*(d.histogram for d in devices), strict=True)]
         return [members], [divergence(total, total)]
-    grouping = group_devices(devices, ctx.config.hier.groups, speed_weight=ctx.config.hier.speed_weight)
+    h = ctx.config.hier
+    if h.groups == "auto":
+        grouping = auto_group_devices(
+            devices,
+            h.max_groups,
+            threshold=h.warn_divergence,
+            min_group_size=h.min_group_size,
+            speed_weight=h.speed_weight,
+        )
+    else:
+        grouping = group_devices(devices, h.groups, speed_weight=h.speed_weight)
     return grouping.groups, grouping.divergence
 
 

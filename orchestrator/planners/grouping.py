@@ -197,6 +197,30 @@ def _swap_search(state: _State, objective: _Objective, max_passes: int, max_part
             return
 
 
+def auto_group_devices(
+    devices: Sequence[GroupingDevice],
+    max_groups: int,
+    *,
+    threshold: float,
+    min_group_size: int = 2,
+    speed_weight: float = 1.0,
+) -> Grouping:
+    """The grouping with the most groups (at most ``max_groups``, none smaller than
+    ``min_group_size`` devices) whose every group's labels diverge from the fleet's by at most
+    ``threshold`` (KL): as many groups as the labels allow near-IID. One group (the fleet itself, KL
+    0) when no split does: groups far from IID trained worse than a flat fleet (``far_from_iid``).
+
+    Raises:
+        ValueError: as :func:`group_devices`.
+    """
+    most = max(1, min(max_groups, len(devices) // max(1, min_group_size)))
+    for count in range(most, 1, -1):
+        grouping = group_devices(devices, count, speed_weight=speed_weight)
+        if max(grouping.divergence) <= threshold:
+            return grouping
+    return group_devices(devices, 1, speed_weight=speed_weight)
+
+
 def group_objective(
     groups: Sequence[Sequence[str]], devices: Sequence[GroupingDevice], *, speed_weight: float = 1.0
 ) -> float:

@@ -118,3 +118,27 @@ def test_far_from_iid_names_the_groups_above_the_threshold_most_divergent_first(
     assert far_from_iid([0.01, 0.2, 0.05, 0.12], 0.05) == [1, 3]  # 0.05 itself is not above
     assert far_from_iid([0.3, 0.3], 0.05) == [0, 1]  # ties: the lower group first
     assert far_from_iid([0.0, 0.01], 0.05) == []
+
+
+def test_auto_takes_the_most_groups_that_stay_near_iid() -> None:
+    from orchestrator.planners.grouping import auto_group_devices
+
+    # Given eight devices, four of each of two classes: split in two or four, every group can hold
+    # both classes equally; in eight, each group is one skewed device
+    devices = [_dev(f"a{i}", [10, 0]) for i in range(4)] + [_dev(f"b{i}", [0, 10]) for i in range(4)]
+    grouping = auto_group_devices(devices, 8, threshold=0.05, min_group_size=1)
+    assert len(grouping.groups) == 4 and max(grouping.divergence) <= 0.05
+    # no group smaller than min_group_size: at most four groups of two
+    assert len(auto_group_devices(devices, 8, threshold=0.05, min_group_size=3).groups) == 2
+    # when no split keeps the labels near the fleet's, one group: the flat fleet
+    skewed = [_dev("a", [30, 0]), _dev("b", [0, 1]), _dev("c", [0, 1]), _dev("d", [0, 1])]
+    one = auto_group_devices(skewed, 4, threshold=0.05, min_group_size=1)
+    assert one.groups == [["a", "b", "c", "d"]] and one.divergence == [pytest.approx(0.0, abs=1e-9)]
+
+
+def test_hier_groups_auto_is_a_configuration() -> None:
+    from schemas.config import parse_run_config
+
+    config = parse_run_config({"strategy": "hierfedlora", "hier": {"groups": "auto", "max_groups": 5}})
+    assert config.hier.groups == "auto" and config.hier.most_groups == 5
+    assert parse_run_config({"strategy": "hierfedlora", "hier": {"groups": 3}}).hier.most_groups == 3
