@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         encoding="utf-8",
     )
-    out = Path(args.out).resolve() / "run"
+    out = work / "out"  # the run's report, checkpoints and adapter (not committed)
     env = {k: v for k, v in os.environ.items() if k != "LORAFLEET_DATA_DIR"}  # devices see no shared data
     env.update(
         HF_HUB_OFFLINE="1",
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600.0)
     args = parser.parse_args()
     result = run(args)
-    result["out"] = str(Path(args.out).resolve() / "run")
+    result["out"] = str(Path(result["work"]) / "out")
     report = result["report"]
     mine = independent_federated(result, args.device_fraction)
     rounds = [
@@ -177,7 +177,7 @@ def main() -> None:
         for r in report["rounds"]
     ]
     summary = {
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python -m benchmarks.device_local_sst2", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "loadavg_after": os.getloadavg(),
         "wall_s": round(result["wall_s"], 1),
