@@ -1,7 +1,7 @@
 """Real devices' data and what they share: a worker wired by lorafleet.app.wiring trains on its own
 file (data.source: local) and registers only its row count and label histogram; bad device data ends
 ``lorafleet worker`` before it touches the broker; a HierFedLoRA-style run whose devices share no
-histogram (privacy.label_histogram: off) completes and its report says so."""
+histogram (privacy.label_histogram: off) or a noisy one completes and its report says which."""
 
 from __future__ import annotations
 
@@ -211,12 +211,13 @@ def test_a_device_reads_only_its_own_instruction_rows(tmp_path: Path) -> None:
     assert mine.labels == [0] * 8 and mine.num_labels == 1
 
 
-def test_hierfedlora_without_histograms_completes(
-    runtime: AdapterRuntime, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("shared", ["off", "noisy"])
+def test_hierfedlora_completes_with_what_the_devices_share(
+    shared: str, runtime: AdapterRuntime, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = parse_run_config(
         {
-            "run_id": "hier-privacy-off",
+            "run_id": f"hier-privacy-{shared}",
             "strategy": "hierfedlora",
             "model": {"name": "tiny"},
             "data": {"dataset": "synthetic", "samples_per_device": 20},
@@ -224,7 +225,7 @@ def test_hierfedlora_without_histograms_completes(
             "lora": {"rank": 4},
             "rounds": {"max_rounds": 2},
             "hier": {"groups": 2, "max_frequency": 2},
-            "privacy": {"label_histogram": "off"},
+            "privacy": {"label_histogram": shared, "epsilon": 0.5},
         }
     )
     broker = InMemoryBroker()
@@ -237,7 +238,7 @@ def test_hierfedlora_without_histograms_completes(
         worker = build_worker(
             config, i, InMemoryTransport(broker), runtime, shards, trainer=FakeTrainer(0.1 * (i + 1), 20)
         )
-        assert worker.label_histogram == []
+        assert (worker.label_histogram == []) == (shared == "off")  # noisy: counts with noise
         worker.start()
         pipeline.workers.append(worker)
     with caplog.at_level(logging.WARNING, logger="orchestrator.planners.global_round"):
@@ -246,8 +247,8 @@ def test_hierfedlora_without_histograms_completes(
     report = build_report(config, state)
     assert report["final_round"] == 2 and report["finish_reason"] == "max_rounds"
     assert set(report["devices"]) == set(config.device_ids())
-    for entry in report["devices"].values():
-        assert entry["privacy"] == {"label_histogram": "off", "epsilon": None}
-        assert entry["label_histogram"] == [] and entry["num_samples"] == 20
+    for entry in report["devices"].values():  # the report says what each device shared
+        assert entry["privacy"] == {"label_histogram": shared, "epsilon": 0.5 if shared == "noisy" else None}
+        assert (entry["label_histogram"] == []) == (shared == "off") and entry["num_samples"] == 20
     warned = [r.getMessage() for r in caplog.records if "privacy.label_histogram is off" in r.getMessage()]
-    assert len(warned) == 1
+    assert len(warned) == (1 if shared == "off" else 0)
