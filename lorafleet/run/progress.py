@@ -238,6 +238,7 @@ class RunReporter:
         task = next(t for t in self._progress.tasks if t.id == bar.task)
         self._progress.console.print(self._progress.make_tasks_table([task]))
         self._progress.remove_task(bar.task)
+        del self._bars[round_no]  # what comes for it again (a restored run announces it anew) prints a line
 
     def _poll_forever(self) -> None:
         while not self._stop.wait(self.poll_s):

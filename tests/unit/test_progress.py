@@ -92,3 +92,17 @@ def test_hierarchical_progress_counts_updates_of_the_groups_rounds_against_their
     # Then: one update each so far, of 2*2 + 1*3 expected
     assert hierarchical_progress(state, "h", 1) == (2, 7)
     assert hierarchical_progress(state, "h", 2) is None
+
+
+def test_a_round_announced_again_after_it_was_printed_for_good_prints_a_line() -> None:
+    # Given round 1 closed, evaluated and printed for good
+    console = Console(record=True, width=200)
+    reporter = RunReporter(parse_run_config({"rounds": {"max_rounds": 3}}), console=console)
+    reporter.round_opened(1, 2)
+    reporter.round_closed(1, {"close_reason": "quorum", "devices_reported": 2, "tasks_issued": 2})
+    reporter.round_evaluated(1, 0.6, 0.9)
+    # When a restored run announces it again (its close and its evaluation)
+    reporter.round_closed(1, {"close_reason": "quorum", "devices_reported": 2, "tasks_issued": 2})
+    reporter.round_evaluated(1, 0.6, 0.9)
+    # Then each is a line (before: KeyError on the bar the display no longer had, which ended the service)
+    assert "round 1 accuracy 0.6000 loss 0.9000" in _bars(reporter, console)
