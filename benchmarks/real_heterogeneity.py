@@ -116,7 +116,7 @@ def run_once(
             "--state",
             args.state,
             "--out",
-            str(out),
+            str(out if role == "orchestrator" else out / role),  # both write report files
             cpus=args.server_cpus,
             log=out / f"{role}.log",
         )

@@ -142,7 +142,7 @@ class CalibrationProbe(StrictModel):
     tokens: Annotated[int, Field(ge=0)] = 0  # padded tokens through the gradient path
     embed_tokens: Annotated[int, Field(ge=0)] = 0
     prefix_block_tokens: Annotated[int, Field(ge=0)] = 0
-    compute_s: Annotated[float, Field(gt=0.0)]  # wall seconds of the probe on the device
+    compute_s: Annotated[float, Field(gt=0.0)]  # the trainer's measured seconds (TrainMetrics.compute_s)
 
 
 class DeviceRegistered(StrictModel):

@@ -2,8 +2,9 @@
 the deepest LoRA depth, so that the orchestrator's first plan is not blind (devices.emulate false).
 
 Each probe is a local task (never sent) of ``steps`` steps from a fresh adapter; its counted work and
-its wall seconds become a :class:`~schemas.messages.CalibrationProbe` of ``DeviceRegistered``, which
-the orchestrator turns into a first capacity estimate (orchestrator/capacity.py).
+the seconds the trainer measured (``TrainMetrics.compute_s``, as a task's update reports) become a
+:class:`~schemas.messages.CalibrationProbe` of ``DeviceRegistered``, which the orchestrator turns into
+a first capacity estimate (orchestrator/capacity.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Calibration:
     def run(
         self, trainer: Trainer, *, run_id: str, device_id: str, timer: Callable[[], float] = time.perf_counter
     ) -> list[CalibrationProbe]:
-        """Train and time every probe; a probe that fails or counts no work is left out (logged)."""
+        """Train every probe (``timer`` keeps the budget); a probe that fails or counts no work or time is
+        left out (a failure is logged)."""
         probes: list[CalibrationProbe] = []
         began = timer()
         for index, spec in enumerate(self.specs):
@@ -54,14 +56,12 @@ class Calibration:
                 issued_at=0.0,
                 deadline_at=0.0,
             )
-            started = timer()
             try:
                 metrics = trainer.train(task, start).metrics
             except Exception:  # noqa: BLE001 - calibration is best effort: the first task measures too
                 log.exception("worker %s: calibration probe %d failed", device_id, index)
                 continue
-            seconds = timer() - started
-            if seconds <= 0.0 or metrics.steps < 1 or metrics.examples < 1:
+            if metrics.compute_s <= 0.0 or metrics.steps < 1 or metrics.examples < 1:
                 continue
             probes.append(
                 CalibrationProbe(
@@ -71,7 +71,7 @@ class Calibration:
                     tokens=metrics.tokens,
                     embed_tokens=metrics.embed_tokens,
                     prefix_block_tokens=metrics.prefix_block_tokens,
-                    compute_s=seconds,
+                    compute_s=metrics.compute_s,
                 )
             )
         return probes

@@ -331,9 +331,7 @@ class WorkerService:
         received_s = time.perf_counter() - self._arrived_at  # message arrival to decoded tensors
         self._busy_task = task.task_id
         try:
-            began = time.perf_counter()
             outcome = self.trainer.train(task, start)
-            compute_s = time.perf_counter() - began
         except Exception as exc:  # noqa: BLE001 - a failed task becomes a message, not a crash
             log.exception("worker %s: task %s failed", self.device_id, task.task_id)
             self._report_failure(task, f"{type(exc).__name__}: {exc}")
@@ -351,7 +349,7 @@ class WorkerService:
             metrics=outcome.metrics,
         )
         if self.measure_times:
-            return self._signed(self._with_measured_times(update, bytes_down, compute_s, received_s))
+            return self._signed(self._with_measured_times(update, bytes_down, received_s))
         return self._signed(self._with_device_times(task, update, bytes_down))
 
     def _signed(self, report: _Report) -> _Report:
@@ -382,15 +380,15 @@ class WorkerService:
                 self.clock.sleep(max(0.0, times.total_s - m.compute_s))
         return update.model_copy(update={"metrics": update.metrics.model_copy(update=fields)})
 
-    def _with_measured_times(
-        self, update: LoraUpdate, bytes_down: int, compute_s: float, received_s: float
-    ) -> LoraUpdate:
-        """Fill in the times this device measured (devices.emulate false) and the bytes each way."""
+    def _with_measured_times(self, update: LoraUpdate, bytes_down: int, received_s: float) -> LoraUpdate:
+        """Fill in the times this device measured (devices.emulate false) and the bytes each way: the
+        compute is the trainer's own measure of its training (``compute_s``: without loading the
+        adapter, a fixed cost per task that does not scale with the work the cost model counts)."""
         bytes_up = len(encode(update))
         fields: dict[str, object] = {
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
-            "device_compute_s": compute_s,
+            "device_compute_s": update.metrics.compute_s,
             "downlink_s": received_s,
             "uplink_s": self._upload.seconds(bytes_up),
         }

@@ -23,7 +23,8 @@ TOKENS_PER_SAMPLE = 4096  # enough counted work that the LoRA depth matters to t
 
 class SlowTrainer:
     """A fake trainer on a device ``factor`` times slower than the cost model's host: it sleeps
-    ``factor`` x the cost-model seconds of the work it counted (deeper LoRA: longer)."""
+    ``factor`` x the cost-model seconds of the work it counted (deeper LoRA: longer), and reports that
+    as its measured compute, as a real trainer times its training."""
 
     def __init__(self, inner: FakeTrainer, cost: CostModel, factor: float) -> None:
         self.inner, self.cost, self.factor = inner, cost, factor
@@ -38,8 +39,11 @@ class SlowTrainer:
             embed_tokens=m.embed_tokens,
             prefix_block_tokens=m.prefix_block_tokens,
         )
+        began = time.perf_counter()
         time.sleep(self.factor * host_s)
-        return outcome
+        slept = time.perf_counter() - began
+        metrics = m.model_copy(update={"compute_s": m.compute_s + slept})  # it times its training
+        return TrainOutcome(outcome.tensors, metrics, outcome.num_samples)
 
 
 def _config(emulate: bool | None) -> RunConfig:

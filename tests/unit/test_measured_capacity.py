@@ -119,7 +119,7 @@ def _ticks(step: float) -> Iterator[float]:
         t += step
 
 
-def test_the_calibration_times_each_depth_and_reports_the_work_counted() -> None:
+def test_the_calibration_probes_each_depth_with_the_trainers_seconds_and_counted_work() -> None:
     seen: list[TrainTask] = []
 
     class Recording(FakeTrainer):
@@ -127,16 +127,11 @@ def test_the_calibration_times_each_depth_and_reports_the_work_counted() -> None
             seen.append(task)
             return super().train(task, start)
 
-    clock = _ticks(0.5)
     calibration = Calibration([_spec([3]), _spec([0, 1, 2, 3])], TrainHyperParams(max_steps=2), _zeros)
-    probes = calibration.run(
-        Recording(delta=0.0, num_samples=10, tokens_per_sample=8),
-        run_id="r",
-        device_id="dev-0001",
-        timer=lambda: next(clock),
-    )
+    trainer = Recording(delta=0.0, num_samples=10, sleep_s=0.01, tokens_per_sample=8)
+    probes = calibration.run(trainer, run_id="r", device_id="dev-0001")
     assert [p.lowest_block for p in probes] == [3, 0]
-    assert all(p.compute_s == pytest.approx(0.5) and p.tokens == 80 and p.examples == 10 for p in probes)
+    assert all(p.compute_s >= 0.01 and p.tokens == 80 and p.examples == 10 for p in probes)
     assert [t.hparams.max_steps for t in seen] == [2, 2] and {t.device_id for t in seen} == {"dev-0001"}
 
 
@@ -148,12 +143,13 @@ def test_the_calibration_stops_at_its_budget_and_skips_a_failing_probe() -> None
             return super().train(task, start)
 
     specs = [_spec([3]), _spec([0, 1, 2, 3]), _spec([2, 3])]
-    clock = _ticks(4.0)
-    over_budget = Calibration(specs[1:], TrainHyperParams(max_steps=1), _zeros, budget_s=5.0)
-    probes = over_budget.run(FakeTrainer(0.0, 10), run_id="r", device_id="d", timer=lambda: next(clock))
-    assert [p.lowest_block for p in probes] == [0]  # the first probe took the budget
+    clock = _ticks(4.0)  # every reading 4 s later: the first probe has spent the 3 s budget
+    over_budget = Calibration(specs[1:], TrainHyperParams(max_steps=1), _zeros, budget_s=3.0)
+    trainer = FakeTrainer(0.0, 10, sleep_s=0.001)
+    probes = over_budget.run(trainer, run_id="r", device_id="d", timer=lambda: next(clock))
+    assert [p.lowest_block for p in probes] == [0]
     failing = Calibration(specs, TrainHyperParams(max_steps=1), _zeros, budget_s=100.0)
-    probes = failing.run(Failing(0.0, 10), run_id="r", device_id="d")
+    probes = failing.run(Failing(0.0, 10, sleep_s=0.001), run_id="r", device_id="d")
     assert [p.lowest_block for p in probes] == [0, 2]
 
 
