@@ -243,8 +243,8 @@ class DevicesConfig(_Section):
     decoded, publish to confirm; the virtual clock becomes the wall clock). None: emulated for
     ``data.source: partition`` (simulation), measured for ``local`` (real devices). A measuring
     worker first trains ``calibration_steps`` steps at the shallowest and the deepest LoRA depth
-    (skipping the rest once ``calibration_budget_s`` is spent; 0 steps: no calibration), so that the
-    first plan is not blind (worker/calibration.py).
+    (after one untimed warm-up step; skipping the rest once ``calibration_budget_s`` is spent; 0
+    steps: no calibration), so that the first plan is not blind (worker/calibration.py).
     """
 
     count: Annotated[int, Field(ge=1, le=100_000)] = 8

@@ -132,7 +132,9 @@ def test_the_calibration_probes_each_depth_with_the_trainers_seconds_and_counted
     probes = calibration.run(trainer, run_id="r", device_id="dev-0001")
     assert [p.lowest_block for p in probes] == [3, 0]
     assert all(p.compute_s >= 0.01 and p.tokens == 80 and p.examples == 10 for p in probes)
-    assert [t.hparams.max_steps for t in seen] == [2, 2] and {t.device_id for t in seen} == {"dev-0001"}
+    # an untimed warm-up step at the deepest spec first, then each probe for its steps
+    assert [(min(t.lora.layer_ranks), t.hparams.max_steps) for t in seen] == [(0, 1), (3, 2), (0, 2)]
+    assert {t.device_id for t in seen} == {"dev-0001"}
 
 
 def test_the_calibration_stops_at_its_budget_and_skips_a_failing_probe() -> None:
