@@ -27,7 +27,7 @@ from lorafleet.state.base import StateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
 from lorafleet.transport.messaging import Rejections, publish_message, receive
-from orchestrator.capacity import DeviceEstimate, update_estimate
+from orchestrator.capacity import DeviceEstimate, calibrated, update_estimate
 from orchestrator.no_shows import next_no_shows, task_deadlines_ms
 from orchestrator.planners.context import PlanningContext, size_model
 from orchestrator.planners.legend import DeviceInput
@@ -347,6 +347,18 @@ class OrchestratorService:
         )
         if new:
             self.reporter.device_registered(message.device_id, len(self.state.get_devices(self.run_id)))
+        self._calibrated(message)
+
+    def _calibrated(self, message: DeviceRegistered) -> None:
+        """A measuring device's first capacity estimate, from the calibration it registered with
+        (devices.emulate false; an emulated run ignores real seconds, and rounds' estimates win)."""
+        if self.config.device_times != "measured" or not message.calibration:
+            return
+        estimate = calibrated(message.calibration, self.cost, self.estimates.get(message.device_id))
+        if estimate is not None and message.device_id not in self.estimates:
+            self.estimates[message.device_id] = estimate
+            stored = {d: vars(e) for d, e in self.estimates.items()}
+            self.state.put_run_field(self.run_id, "estimates", stored)
 
     def _declare_device_queue(self, device_id: str) -> None:
         self.transport.declare_queue(topology.device_task_queue(device_id))

@@ -247,6 +247,14 @@ class DevicesConfig(_Section):
     With tiers, device slots are dealt out in order: the first ``fraction`` of slots to the first
     tier, and so on. ``jitter`` is the relative spread of a device's per-round compute time.
     ``sleep`` makes workers really wait out their emulated device time (demos on compose).
+
+    ``emulate``: whether device times come from the profiles and the cost model (the virtual clock,
+    deterministic for a seed) or are measured (real seconds: compute of the task, message arrival to
+    decoded, publish to confirm; the virtual clock becomes the wall clock). None: emulated for
+    ``data.source: partition`` (simulation), measured for ``local`` (real devices). A measuring
+    worker first trains ``calibration_steps`` steps at the shallowest and the deepest LoRA depth
+    (after one untimed warm-up step; skipping the rest once ``calibration_budget_s`` is spent; 0
+    steps: no calibration), so that the first plan is not blind (worker/calibration.py).
     """
 
     count: Annotated[int, Field(ge=1, le=100_000)] = 8
@@ -254,6 +262,9 @@ class DevicesConfig(_Section):
     tiers: Annotated[list[TierConfig], Field(min_length=1, max_length=64)] | None = None
     jitter: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
     sleep: bool = False
+    emulate: bool | None = None
+    calibration_steps: Annotated[int, Field(ge=0, le=100)] = 3
+    calibration_budget_s: Annotated[float, Field(gt=0.0, le=600.0)] = 5.0
 
     @model_validator(mode="after")
     def _fractions(self) -> DevicesConfig:
@@ -494,6 +505,14 @@ class RunConfig(_Section):
     def hierarchical(self) -> bool:
         """The strategy runs global rounds over groups."""
         return self.strategy.hierarchical
+
+    @property
+    def device_times(self) -> Literal["emulated", "measured"]:
+        """Which times the workers report and the planners use (``devices.emulate``)."""
+        emulate = self.devices.emulate
+        if emulate is None:
+            emulate = self.data.source == "partition"
+        return "emulated" if emulate else "measured"
 
     @property
     def merge_rule(self) -> AggregationName:

@@ -93,7 +93,9 @@ class TrainMetrics(StrictModel):
 
     ``compute_s`` is the wall time this host spent; the ``device_*``/``*link_s`` fields are the
     emulated device's times (virtual clock): the calibrated cost of the work scaled by the device's
-    speed, plus bytes over its bandwidth.
+    speed, plus bytes over its bandwidth; or, where devices are not emulated (``devices.emulate``),
+    the times the device measured: the task's compute, message arrival to decoded tensors, and its
+    upload at the rate its previous update's publish-to-confirm took (worker/link_times.py).
     """
 
     train_loss: float
@@ -115,7 +117,7 @@ class TrainMetrics(StrictModel):
 
     @property
     def device_time_s(self) -> float:
-        """The emulated device's time for the task: download, compute, upload."""
+        """The device's time for the task (emulated or measured): download, compute, upload."""
         return self.downlink_s + self.device_compute_s + self.uplink_s
 
 
@@ -130,6 +132,19 @@ class DeviceProfile(StrictModel):
     jitter: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
 
 
+class CalibrationProbe(StrictModel):
+    """A few training steps a measuring worker timed at registration, at one LoRA depth: the work
+    counted as :class:`TrainMetrics` counts it, and the real seconds it took (worker/calibration.py)."""
+
+    lowest_block: Annotated[int, Field(ge=0, le=1023)]  # the probe's lowest LoRA block
+    steps: Annotated[int, Field(ge=1)]
+    examples: Annotated[int, Field(ge=1)]
+    tokens: Annotated[int, Field(ge=0)] = 0  # padded tokens through the gradient path
+    embed_tokens: Annotated[int, Field(ge=0)] = 0
+    prefix_block_tokens: Annotated[int, Field(ge=0)] = 0
+    compute_s: Annotated[float, Field(gt=0.0)]  # the trainer's measured seconds (TrainMetrics.compute_s)
+
+
 class DeviceRegistered(StrictModel):
     KIND: ClassVar[str] = "device_registered"
     run_id: RunId
@@ -139,6 +154,9 @@ class DeviceRegistered(StrictModel):
     profile: DeviceProfile = Field(default_factory=DeviceProfile)
     incarnation: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "0"
     eval_samples: Annotated[int, Field(ge=0)] = 0  # rows held out for federated evaluation (eval: section)
+    # a measuring worker's calibration (devices.emulate false): the orchestrator's first capacity
+    # estimate of the device (orchestrator/capacity.py); empty from emulating and older workers
+    calibration: Annotated[list[CalibrationProbe], Field(max_length=16)] = Field(default_factory=list)
 
     @property
     def message_id(self) -> str:

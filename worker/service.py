@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
@@ -32,6 +33,7 @@ from schemas.config import LimitsConfig
 from schemas.envelope import encode
 from schemas.errors import MessageRefused, Rejected
 from schemas.messages import (
+    CalibrationProbe,
     DeviceProfile,
     DeviceRegistered,
     Heartbeat,
@@ -42,7 +44,9 @@ from schemas.messages import (
     TrainTask,
 )
 from schemas.tensors import decode_tensors, encode_tensors
+from worker.calibration import Calibration
 from worker.evaluation import DeviceEvaluator
+from worker.link_times import UploadRate
 from worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -75,8 +79,16 @@ class WorkerService:
         on_finished: Callable[[], None] | None = None,
         signing_key: bytes | None = None,
         evaluator: DeviceEvaluator | None = None,
+        measure_times: bool = False,
+        calibration: Calibration | None = None,
     ) -> None:
         self.transport = transport
+        # devices.emulate false: report the measured times (no emulator), calibrated at registration
+        self.measure_times = measure_times
+        self.calibration = calibration
+        self._probes: list[CalibrationProbe] | None = None
+        self._upload = UploadRate()
+        self._arrived_at = 0.0  # perf_counter when the delivery in hand arrived
         self.evaluator = evaluator  # federated evaluation on held-out rows (worker/evaluation.py); None: off
         self.trainer = trainer
         self.run_id = run_id
@@ -107,7 +119,10 @@ class WorkerService:
 
         Where the broker did not load the definitions, the orchestrator declares the exchanges and
         queues; a worker that starts before it waits for them (up to ``wait_s``) instead of failing.
+        A measuring worker calibrates first (once).
         """
+        if self.calibration is not None and self._probes is None:
+            self._probes = self.calibration.run(self.trainer, run_id=self.run_id, device_id=self.device_id)
         wait_for_topology(
             self._register,
             missing=(ExchangeNotFound, Unroutable),
@@ -126,6 +141,7 @@ class WorkerService:
             profile=self.profile,
             incarnation=self.incarnation,
             eval_samples=0 if self.evaluator is None else self.evaluator.num_samples,
+            calibration=self._probes or [],
         )
         exchange, key = topology.CONTROL_EXCHANGE, topology.register_key(self.device_id)
         publish_message(self.transport, exchange, key, registered)
@@ -220,6 +236,7 @@ class WorkerService:
 
     # -- handling -------------------------------------------------------------------------------
     def _handle(self, delivery: Delivery) -> None:
+        self._arrived_at = time.perf_counter()
         try:
             message = receive(delivery, run_id=self.run_id, max_bytes=self.limits.max_message_bytes)
             if isinstance(message, RunFinished):
@@ -261,9 +278,12 @@ class WorkerService:
             delivery.ack()  # a TaskFailed went out instead
             return
         try:
-            self.stats["bytes_up"] += publish_message(
+            published = time.perf_counter()
+            sent = publish_message(
                 self.transport, topology.UPDATES_EXCHANGE, topology.update_key(self.device_id), update
             )
+            self._upload.observe(sent, time.perf_counter() - published)  # publish to confirm
+            self.stats["bytes_up"] += sent
         except TransportError:
             delivery.requeue()  # not confirmed: try the task again (bounded by the delivery limit)
             raise
@@ -308,6 +328,7 @@ class WorkerService:
 
     def _train(self, task: TrainTask, bytes_down: int) -> LoraUpdate | None:
         start = decode_tensors(task.adapter, max_bytes=self.limits.max_payload_bytes)
+        received_s = time.perf_counter() - self._arrived_at  # message arrival to decoded tensors
         self._busy_task = task.task_id
         try:
             outcome = self.trainer.train(task, start)
@@ -327,6 +348,8 @@ class WorkerService:
             adapter=encode_tensors(outcome.tensors),
             metrics=outcome.metrics,
         )
+        if self.measure_times:
+            return self._signed(self._with_measured_times(update, bytes_down, received_s))
         return self._signed(self._with_device_times(task, update, bytes_down))
 
     def _signed(self, report: _Report) -> _Report:
@@ -355,6 +378,20 @@ class WorkerService:
             )
             if self.sleep_device_time:
                 self.clock.sleep(max(0.0, times.total_s - m.compute_s))
+        return update.model_copy(update={"metrics": update.metrics.model_copy(update=fields)})
+
+    def _with_measured_times(self, update: LoraUpdate, bytes_down: int, received_s: float) -> LoraUpdate:
+        """Fill in the times this device measured (devices.emulate false) and the bytes each way: the
+        compute is the trainer's own measure of its training (``compute_s``: without loading the
+        adapter, a fixed cost per task that does not scale with the work the cost model counts)."""
+        bytes_up = len(encode(update))
+        fields: dict[str, object] = {
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
+            "device_compute_s": update.metrics.compute_s,
+            "downlink_s": received_s,
+            "uplink_s": self._upload.seconds(bytes_up),
+        }
         return update.model_copy(update={"metrics": update.metrics.model_copy(update=fields)})
 
     def _report_failure(self, task: TrainTask, reason: str) -> None:

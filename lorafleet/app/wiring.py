@@ -37,10 +37,12 @@ from lorafleet.run.progress import RunReporter
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
 from orchestrator.hierarchical_service import orchestrator_class
+from orchestrator.planners.specs import lora_spec, top_ranks
 from orchestrator.service import OrchestratorService
 from schemas.config import RunConfig, device_id
 from schemas.errors import ConfigError
-from schemas.messages import LoraSpec
+from schemas.messages import LoraSpec, TrainHyperParams
+from worker.calibration import Calibration
 from worker.evaluation import DeviceEvaluator, HeldOutRows
 from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
@@ -145,7 +147,11 @@ def build_cost_model(config: RunConfig, runtime: AdapterRuntime) -> CostModel:
 
 
 def build_runtime(config: RunConfig) -> AdapterRuntime:
-    return AdapterRuntime(config.model, num_labels(config.data.dataset), seed=config.seed)
+    """The model of ``config``; its classes are ``data.labels`` when given (a device with its own rows
+    needs no central dataset to know them), else those of ``data.dataset``."""
+    labels = config.data.labels
+    classes = len(labels) if labels else num_labels(config.data.dataset)
+    return AdapterRuntime(config.model, classes, seed=config.seed)
 
 
 def with_model_defaults(config: RunConfig, runtime: AdapterRuntime) -> RunConfig:
@@ -259,7 +265,11 @@ def build_worker(
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)  # e.g. a poisoned device in the robustness benchmark
     profile = config.devices.profile_of(index)
-    emulator = DeviceEmulator(device_id(index), profile, build_cost_model(config, runtime), seed=config.seed)
+    measured = config.device_times == "measured"
+    emulator = None
+    if not measured:
+        cost = build_cost_model(config, runtime)
+        emulator = DeviceEmulator(device_id(index), profile, cost, seed=config.seed)
     privacy = config.privacy
     shared = shared_histogram(
         label_histogram(shard),
@@ -283,4 +293,29 @@ def build_worker(
         on_finished=on_finished,
         signing_key=signing_key,
         evaluator=evaluator,
+        measure_times=measured,
+        calibration=build_calibration(config, runtime) if measured else None,
+    )
+
+
+def build_calibration(config: RunConfig, runtime: AdapterRuntime) -> Calibration | None:
+    """A measuring worker's calibration: ``devices.calibration_steps`` steps at the shallowest and the
+    deepest LoRA depth (None: no steps)."""
+    steps = config.devices.calibration_steps
+    if steps == 0:
+        return None
+    config = with_model_defaults(config, runtime)
+    depths = sorted({1, runtime.num_blocks})
+    specs = [lora_spec(config.lora, top_ranks(runtime.num_blocks, d, config.lora.rank)) for d in depths]
+    hparams = TrainHyperParams(
+        **config.training.model_dump(exclude={"local_epochs", "max_steps"}),
+        local_epochs=1,
+        max_steps=steps,
+        seed=config.seed,
+    )
+    return Calibration(
+        specs,
+        hparams,
+        lambda spec: runtime.initial_adapter(spec, seed=config.seed),
+        budget_s=config.devices.calibration_budget_s,
     )

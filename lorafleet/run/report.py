@@ -40,6 +40,9 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "lorafleet_version": __version__,
         "run_id": run_id,
         "strategy": config.strategy,
+        # which device times the plans and the virtual clock used: the emulated profiles' ("emulated",
+        # deterministic for a seed) or what the devices measured ("measured": real seconds)
+        "times": config.device_times,
         "config": config.model_dump(mode="json"),
         "rounds": rounds,
         "final_round": final_round,
