@@ -185,6 +185,14 @@ class _StopOnSignals:
         self.event.set()
 
 
+def _reach(*, broker: str | None = None, state: str | None = None) -> None:
+    """The servers a command needs, reached within LORAFLEET_CONNECT_TIMEOUT (lorafleet/app/preflight.py)."""
+    from lorafleet.app.preflight import check_servers
+    from lorafleet.settings import load_settings
+
+    check_servers(broker=broker, state=state, timeout_s=load_settings().connect_timeout)
+
+
 def _stop_on_signals() -> _StopOnSignals:
     return _StopOnSignals()
 
@@ -212,6 +220,7 @@ def run(
     if (broker is None) != (state is None):
         _fail("--broker and --state go together (distributed mode), or neither (embedded)")
     if broker is not None and state is not None:
+        _reach(broker=broker, state=state)
         report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides))
     else:
         report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
@@ -275,6 +284,7 @@ def _serve(
     ops.setup_logging()
     cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id)
+    _reach(broker=broker, state=state)
     from lorafleet.app.wiring import build_runtime, open_state, open_transport
     from lorafleet.ml.model import configure_torch_threads
 
@@ -407,6 +417,8 @@ def worker(
     _Ops(verbose, log_format, log_level).setup_logging()
     cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id, device_id=device_id)
+    if cfg.data.source != "local":  # a device's own rows are checked first, before any connection
+        _reach(broker=broker)
     from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
     from lorafleet.ml.model import configure_torch_threads
 
@@ -414,6 +426,8 @@ def worker(
         shards = Shards.load(cfg, data)
     except LorafleetError as exc:
         _fail(str(exc))
+    if cfg.data.source == "local":
+        _reach(broker=broker)
     configure_torch_threads(threads)
     stop = _stop_on_signals()
     transport = open_transport(broker)
@@ -487,6 +501,7 @@ def dlq(
 
     from rich.table import Table
 
+    _reach(broker=broker)
     from lorafleet.app.dlq import count_by_reason, inspect_dead_letters
     from lorafleet.app.wiring import open_transport
 
@@ -534,6 +549,7 @@ def status(
 
     from rich.table import Table
 
+    _reach(state=state)
     from lorafleet.app.status import run_status
     from lorafleet.app.wiring import open_state
     from lorafleet.state.base import StateStoreError
