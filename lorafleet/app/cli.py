@@ -211,6 +211,14 @@ def run(
     log_level: LogLevelOpt = None,
     metrics_port: MetricsPortOpt = None,
     overrides: SetOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run (stopped or interrupted) from its state and OUT's snapshots instead "
+            "of starting it afresh (distributed)",
+        ),
+    ] = False,
 ) -> None:
     """Run a whole experiment and write OUT/report.json, OUT/report.png and OUT/adapter/."""
     ops = _Ops(verbose, log_format, log_level, metrics_port)
@@ -221,7 +229,7 @@ def run(
         _fail("--broker and --state go together (distributed mode), or neither (embedded)")
     if broker is not None and state is not None:
         _reach(broker=broker, state=state)
-        report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides))
+        report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides), resume=resume)
     else:
         report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
     log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
@@ -248,7 +256,15 @@ def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[
 
 
 def _run_distributed(
-    cfg: RunConfig, config: Path, out: Path, broker: str, state: str, ops: _Ops, set_args: list[str]
+    cfg: RunConfig,
+    config: Path,
+    out: Path,
+    broker: str,
+    state: str,
+    ops: _Ops,
+    set_args: list[str],
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """``run --broker --state``: the launcher (lorafleet/app/launcher.py), with the run's metrics
     served from this process when ``ops.metrics_port`` is set."""
@@ -262,7 +278,9 @@ def _run_distributed(
             cleanup.callback(transport.close)
             cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, transport))
         args = [*ops.child_args(), *set_args]
-        return run_distributed(cfg, config, out, broker=broker, state=state, service_args=args)
+        return run_distributed(
+            cfg, config, out, broker=broker, state=state, service_args=args, fresh=not resume
+        )
 
 
 class _Service(Protocol):
@@ -596,6 +614,70 @@ def status(
             highlight=False,
         )
     console.print(f"  counters: {snapshot['counters']}", highlight=False)
+
+
+@app.command()
+def stop(
+    run_id: Annotated[str, typer.Argument(help="The run to stop (its run_id)")],
+    state: StateOpt,
+) -> None:
+    """Finish a distributed run after its current round (reason 'stopped'; report and adapter written).
+
+    'lorafleet run CONFIG --resume' takes it up again.
+    """
+    _reach(state=state)
+    from lorafleet.run.stopping import request_stop
+    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
+
+    store = RedisStateStore(state)
+    try:
+        status = request_stop(store, run_id)
+    except LookupError as exc:
+        _fail(str(exc), code=1)
+    finally:
+        store.close()
+    if status == "finished":
+        typer.echo(f"{run_id}: already finished")
+    else:
+        typer.echo(f"{run_id}: stop requested; it finishes after its current round")
+
+
+@app.command(name="runs")
+def runs_command(
+    state: StateOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List the runs a state store holds: status, round, accuracy."""
+    import json as _json
+
+    from rich.table import Table
+
+    _reach(state=state)
+    from lorafleet.app.runs import list_runs
+    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
+
+    store = RedisStateStore(state)
+    try:
+        rows = list_runs(store)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(_json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} run(s)")
+    for column in ("run", "status", "strategy", "round", "finish", "accuracy"):
+        table.add_column(column)
+    for row in rows:
+        accuracy = row["accuracy"]
+        table.add_row(
+            row["run_id"],
+            str(row["status"]),
+            str(row["strategy"]),
+            f"{row['round']}/{row['max_rounds']}",
+            str(row["finish_reason"] or ""),
+            "" if accuracy is None else f"{accuracy:.4f}",
+        )
+    Console().print(table)
 
 
 @app.command(name="device-key")

@@ -20,6 +20,7 @@ from typing import Any
 
 from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
 from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.run.stopping import reopen_run
 from lorafleet.security.signing import FLEET_KEY_ENV
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound, TransportError
@@ -74,6 +75,17 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
         transport.close()
 
 
+def _reopen(config: RunConfig, state_url: str) -> None:
+    """``--resume``: a stopped run taken up again (lorafleet/run/stopping.py); an interrupted one is
+    resumed by the services as they start."""
+    state = open_state(state_url)
+    try:
+        if reopen_run(state, config.run_id):
+            log.info("resuming stopped run %s", config.run_id)
+    finally:
+        state.close()
+
+
 def _service_env(config: RunConfig) -> dict[str, str]:
     """The services' environment: this one, plus a fleet key made for this run where signatures are
     required and none was given (the workers derive their device keys from it)."""
@@ -109,6 +121,8 @@ def run_distributed(
     (out_dir / "report.json").unlink(missing_ok=True)
     if fresh:
         reset_run(config, broker, state)
+    else:
+        _reopen(config, state)
     cores = os.cpu_count() or 1
     worker_threads = max(1, cores // config.devices.count)
     supervisor = Supervisor(logs, policy=policy, spawn=popen(_service_env(config)))

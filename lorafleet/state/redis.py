@@ -816,6 +816,25 @@ class RedisStateStore:
         if batch:
             self._r.unlink(*batch)
 
+    @_translated
+    def expire_run(self, run_id: str, ttl_s: float) -> None:
+        """PEXPIRE every key of the run (SCAN, pipelined); 0 or less deletes them."""
+        if ttl_s <= 0:
+            self.delete_run(run_id)
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for name in self._run_keys(run_id):
+            pipe.pexpire(name, int(ttl_s * 1000))
+        pipe.execute()
+
+    @_translated
+    def list_runs(self) -> list[str]:
+        """SCAN for the runs' field hashes (``lf:{RUN}:meta``)."""
+        pattern = keys.run_meta("*")
+        head, tail = keys.run_meta("\n").split("\n")
+        names = (_s(k) for k in cast(Iterable[bytes], self._r.scan_iter(match=pattern, count=500)))
+        return sorted(n[len(head) : -len(tail)] for n in names if n.startswith(head) and n.endswith(tail))
+
     # -- snapshots --------------------------------------------------------------------------------
     def _run_keys(self, run_id: str) -> list[bytes]:
         pattern = keys.run_pattern(_glob_escape(run_id))
