@@ -2,9 +2,9 @@
 
 Every variable is ``LORAFLEET_`` plus a field name in capitals (``LORAFLEET_STATE_URL``); a secret
 (:data:`SECRETS`) may instead be given as a file, named by ``LORAFLEET_<NAME>_FILE`` (Docker and
-Kubernetes secrets), read when the variable itself is unset. The command line's options name their
-variables with :func:`env_name`, so each name is written once, here. Nothing is read at import: build
-:class:`Settings` where it is needed (tests pass an environment of their own).
+Kubernetes secrets), read when the variable itself is unset; an empty variable counts as unset. The
+command line's options name their variables with :func:`env_name`, so each name is written once,
+here. Nothing is read at import: :func:`load_settings` where they are needed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SECRETS = ("fleet_key", "device_key")
 class Settings(BaseSettings):
     """What lorafleet reads from the environment (command-line options override their variable)."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True, env_ignore_empty=True)
 
     broker_url: str | None = Field(
         default=None, description="RabbitMQ URL(s), amqp://user:pass@host:5672/vhost"
@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="--metrics-port")
     log_format: str | None = Field(default=None, description="--log-format")
     log_level: str | None = Field(default=None, description="--log-level")
+    cost_model: Path | None = Field(default=None, description="a pinned cost model JSON (benchmarks)")
     connect_timeout: float = Field(
         default=15.0, gt=0, description="seconds a command waits for the broker and Redis at start-up"
     )

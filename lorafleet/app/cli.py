@@ -24,7 +24,8 @@ from rich.markup import escape
 
 from lorafleet import __version__
 from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
-from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
+from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, settings_key
+from lorafleet.settings import env_name
 from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
 from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
 
@@ -61,11 +62,11 @@ ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML), e.g. 
 BrokerOpt = Annotated[
     str,
     typer.Option(
-        "--broker", envvar="LORAFLEET_BROKER_URL", help="RabbitMQ URL, amqp://user:pass@host:5672/vhost"
+        "--broker", envvar=env_name("broker_url"), help="RabbitMQ URL, amqp://user:pass@host:5672/vhost"
     ),
 ]
 StateOpt = Annotated[
-    str, typer.Option("--state", envvar="LORAFLEET_STATE_URL", help="Redis URL, redis://host:6379/0")
+    str, typer.Option("--state", envvar=env_name("state_url"), help="Redis URL, redis://host:6379/0")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
@@ -83,7 +84,7 @@ MetricsPortOpt = Annotated[
     int | None,
     typer.Option(
         "--metrics-port",
-        envvar="LORAFLEET_METRICS_PORT",
+        envvar=env_name("metrics_port"),
         min=1,
         max=65535,
         help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (off by default)",
@@ -94,14 +95,14 @@ MetricsPortOpt = Annotated[
 LogFormatOpt = Annotated[
     LogFormat,
     typer.Option(
-        "--log-format", envvar="LORAFLEET_LOG_FORMAT", help="text, or json: one JSON object per line"
+        "--log-format", envvar=env_name("log_format"), help="text, or json: one JSON object per line"
     ),
 ]
 LogLevelOpt = Annotated[
     LogLevel | None,
     typer.Option(
         "--log-level",
-        envvar="LORAFLEET_LOG_LEVEL",
+        envvar=env_name("log_level"),
         help="DEBUG, INFO, WARNING or ERROR (default WARNING; INFO with --verbose)",
     ),
 ]
@@ -151,7 +152,7 @@ def _set_args(overrides: list[str] | None) -> list[str]:
 def _key(env: str, *, required: bool) -> bytes | None:
     """A key from the environment (never printed); exit 2 naming the variable when it is required."""
     try:
-        key = read_key(env)
+        key = settings_key(env.removeprefix("LORAFLEET_").lower())
     except ConfigError as exc:
         _fail(str(exc))
     if key is None and required:
@@ -408,7 +409,7 @@ def worker(
         str | None,
         typer.Option(
             "--device-id",
-            envvar="LORAFLEET_DEVICE_ID",
+            envvar=env_name("device_id"),
             help="The device slot to serve, e.g. dev-0003; without it the worker claims a free slot",
         ),
     ] = None,
@@ -419,7 +420,7 @@ def worker(
         Path | None,
         typer.Option(
             "--data",
-            envvar="LORAFLEET_DEVICE_DATA",
+            envvar=env_name("device_data"),
             help="This device's own training rows (data.source: local): JSONL, CSV/TSV, Parquet or a "
             "save_to_disk folder; only their count and, as privacy allows, a label histogram leave it",
         ),
@@ -559,7 +560,7 @@ def dlq(
 @app.command()
 def status(
     state: StateOpt,
-    run_id: Annotated[str, typer.Option("--run", envvar="LORAFLEET_RUN_ID", help="The run's run_id")],
+    run_id: Annotated[str, typer.Option("--run", envvar=env_name("run_id"), help="The run's run_id")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show a run's state: round, devices, open rounds, counters, and group/global aggregation counts."""

@@ -22,6 +22,7 @@ from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
 from lorafleet.app.wiring import open_state, open_transport
 from lorafleet.run.stopping import reopen_run
 from lorafleet.security.signing import FLEET_KEY_ENV
+from lorafleet.settings import load_settings
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound, TransportError
 from schemas.config import RunConfig
@@ -90,8 +91,8 @@ def _service_env(config: RunConfig) -> dict[str, str]:
     """The services' environment: this one, plus a fleet key made for this run where signatures are
     required and none was given (the workers derive their device keys from it)."""
     env = dict(os.environ)
-    given = env.get(FLEET_KEY_ENV) or env.get(f"{FLEET_KEY_ENV}_FILE")
-    if config.security.require_signatures and not given:
+    settings = load_settings()
+    if config.security.require_signatures and settings.fleet_key is None:
         env[FLEET_KEY_ENV] = secrets.token_hex(32)
     return env
 

@@ -34,6 +34,7 @@ from lorafleet.ml.lora import Tensors
 from lorafleet.ml.model import AdapterRuntime
 from lorafleet.run.clock import Clock
 from lorafleet.run.progress import RunReporter
+from lorafleet.settings import env_name
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
 from orchestrator.hierarchical_service import orchestrator_class
@@ -46,7 +47,7 @@ from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
 
 #: The environment variable of ``lorafleet worker --data``: the device's own rows.
-DEVICE_DATA_ENV = "LORAFLEET_DEVICE_DATA"
+DEVICE_DATA_ENV = env_name("device_data")
 
 
 def open_transport(url: str) -> Transport:
