@@ -216,8 +216,8 @@ def run(
         bool,
         typer.Option(
             "--resume",
-            help="Continue the run (stopped or interrupted) from its state and OUT's snapshots instead "
-            "of starting it afresh (distributed)",
+            help="Continue the run (stopped or interrupted) from its state and OUT's snapshots "
+            "(OUT/state/) instead of starting it afresh",
         ),
     ] = False,
 ) -> None:
@@ -232,7 +232,7 @@ def run(
         _reach(broker=broker, state=state)
         report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides), resume=resume)
     else:
-        report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
+        report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops, resume=resume)
     log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
     if ops.progress:
         err.print(
@@ -243,7 +243,9 @@ def run(
         )
 
 
-def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[str, Any]:
+def _run_embedded(
+    cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops, resume: bool = False
+) -> dict[str, Any]:
     """``run`` in this process (lorafleet/app/embedded.py), its metrics and log rounds from its state."""
     from lorafleet.app.embedded import run_embedded
     from lorafleet.state.memory import InMemoryStateStore
@@ -253,7 +255,10 @@ def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[
         cleanup.callback(RoundFollower(store, cfg.run_id).start().stop)
         if ops.metrics_port is not None:
             cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, None))
-        return run_embedded(cfg, out, quiet=quiet, state=store)
+        try:
+            return run_embedded(cfg, out, quiet=quiet, state=store, resume=resume)
+        except KeyboardInterrupt:
+            _fail(f"interrupted: the report so far is in {out / 'report.json'}; --resume goes on", code=130)
 
 
 def _run_distributed(

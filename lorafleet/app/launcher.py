@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
 from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.run.recovery import snapshot_dir
 from lorafleet.run.stopping import reopen_run
 from lorafleet.security.signing import FLEET_KEY_ENV
 from lorafleet.settings import load_settings
@@ -122,6 +124,7 @@ def run_distributed(
     (out_dir / "report.json").unlink(missing_ok=True)
     if fresh:
         reset_run(config, broker, state)
+        shutil.rmtree(snapshot_dir(out_dir), ignore_errors=True)  # a fresh run restores nothing old
     else:
         _reopen(config, state)
     cores = os.cpu_count() or 1

@@ -202,6 +202,7 @@ def build_aggregator(
     clock: Clock | None = None,
     embedded: bool = False,
     fleet_key: bytes | None = None,
+    snapshots: bool | None = None,
 ) -> AggregatorService:
     config = with_model_defaults(config, runtime)
     pin_mmap_threshold()  # update bodies of many MB are returned to the OS when freed (malloc.py)
@@ -220,7 +221,7 @@ def build_aggregator(
         clock=clock,
         drop_vanished=not embedded,
         fleet_key=fleet_key,
-        snapshots=not embedded,
+        snapshots=not embedded if snapshots is None else snapshots,
     )
 
 
