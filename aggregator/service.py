@@ -655,5 +655,6 @@ class AggregatorService:
         if self.out_dir is not None:
             # the orchestrator wrote the report when it finished; updates handled since then count too
             write_report(build_report(self.config, self.state), self.out_dir)
+        self.state.expire_run(self.run_id, self.config.state.retention_s)  # the last writer of the run
         self.finished = True
         log.info("aggregator: run finished; final adapter is round %d", final_round)

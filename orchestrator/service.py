@@ -23,6 +23,7 @@ from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
 from lorafleet.run.recovery import lost_state, restore_at_start, wait_restored
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import start_adapter
+from lorafleet.run.stopping import stop_requested
 from lorafleet.state.base import StateStore
 from lorafleet.transport import topology
 from lorafleet.transport.base import AccessRefused, Delivery, QueueNotFound, Subscription, Transport
@@ -56,7 +57,9 @@ from schemas.tensors import encode_tensors, tensors_from_bytes, tensors_to_bytes
 log = logging.getLogger(__name__)
 
 Phase = Literal["registering", "running", "finishing", "finished"]
-FinishReason = Literal["max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted"]
+FinishReason = Literal[
+    "max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted", "stopped"
+]
 
 
 class OrchestratorService:
@@ -434,6 +437,8 @@ class OrchestratorService:
             self._finish_after_evaluation("time_budget", round_no)
         elif self._over_virtual_budget(round_no):
             self._finish_after_evaluation("virtual_budget", round_no)
+        elif stop_requested(self.state.get_run_fields(self.run_id)):  # lorafleet stop
+            self._finish_after_evaluation("stopped", round_no)
         else:
             self._open_round(round_no + 1)
 

@@ -439,6 +439,13 @@ class PrivacyConfig(_Section):
     epsilon: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
 
 
+class StateConfig(_Section):
+    """The run's records in the state store: ``retention_s`` after the run finishes every key of it
+    expires (Redis EXPIRE), so finished runs do not pile up (default 7 days)."""
+
+    retention_s: Annotated[float, Field(gt=0.0)] = 7 * 86400.0
+
+
 class RunConfig(_Section):
     """A whole experiment."""
 
@@ -463,6 +470,7 @@ class RunConfig(_Section):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
 
     @model_validator(mode="before")
     @classmethod

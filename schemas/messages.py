@@ -368,7 +368,7 @@ class ReplanRequest(StrictModel):
 class RunFinished(StrictModel):
     KIND: ClassVar[str] = "run_finished"
     run_id: RunId
-    reason: Literal["max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted"]
+    reason: Literal["max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted", "stopped"]
     rounds_completed: Annotated[int, Field(ge=0)]
     final_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 

@@ -27,7 +27,7 @@ from lorafleet.run.clock import SystemClock
 from lorafleet.transport import topology
 from lorafleet.transport.base import Delivery, QueueNotFound, Subscription, Transport, TransportError
 from lorafleet.transport.messaging import receive
-from lorafleet.transport.waiting import wait_for_topology
+from lorafleet.transport.waiting import Reminder, wait_for_topology
 from schemas.errors import MessageRefused, NoFreeSlot, Rejected
 from schemas.messages import DeviceSlot
 
@@ -126,9 +126,11 @@ def claim_slot(
         )
     except QueueNotFound:
         raise NoFreeSlot(f"no slots queue for run {run_id!r} within {timeout_s:.0f} s") from None
+    reminder = Reminder(f"a free device slot of run {run_id!r}", clock)
     while clock.now() < deadline:
         delivery = subscription.get(poll_s)
         if delivery is None:
+            reminder.tick()
             continue
         try:
             message = receive(delivery, run_id=run_id, max_bytes=max_bytes)

@@ -24,7 +24,8 @@ from rich.markup import escape
 
 from lorafleet import __version__
 from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
-from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
+from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, settings_key
+from lorafleet.settings import env_name
 from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
 from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
 
@@ -61,11 +62,11 @@ ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML), e.g. 
 BrokerOpt = Annotated[
     str,
     typer.Option(
-        "--broker", envvar="LORAFLEET_BROKER_URL", help="RabbitMQ URL, amqp://user:pass@host:5672/vhost"
+        "--broker", envvar=env_name("broker_url"), help="RabbitMQ URL, amqp://user:pass@host:5672/vhost"
     ),
 ]
 StateOpt = Annotated[
-    str, typer.Option("--state", envvar="LORAFLEET_STATE_URL", help="Redis URL, redis://host:6379/0")
+    str, typer.Option("--state", envvar=env_name("state_url"), help="Redis URL, redis://host:6379/0")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
@@ -83,7 +84,7 @@ MetricsPortOpt = Annotated[
     int | None,
     typer.Option(
         "--metrics-port",
-        envvar="LORAFLEET_METRICS_PORT",
+        envvar=env_name("metrics_port"),
         min=1,
         max=65535,
         help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (off by default)",
@@ -94,14 +95,14 @@ MetricsPortOpt = Annotated[
 LogFormatOpt = Annotated[
     LogFormat,
     typer.Option(
-        "--log-format", envvar="LORAFLEET_LOG_FORMAT", help="text, or json: one JSON object per line"
+        "--log-format", envvar=env_name("log_format"), help="text, or json: one JSON object per line"
     ),
 ]
 LogLevelOpt = Annotated[
     LogLevel | None,
     typer.Option(
         "--log-level",
-        envvar="LORAFLEET_LOG_LEVEL",
+        envvar=env_name("log_level"),
         help="DEBUG, INFO, WARNING or ERROR (default WARNING; INFO with --verbose)",
     ),
 ]
@@ -151,7 +152,7 @@ def _set_args(overrides: list[str] | None) -> list[str]:
 def _key(env: str, *, required: bool) -> bytes | None:
     """A key from the environment (never printed); exit 2 naming the variable when it is required."""
     try:
-        key = read_key(env)
+        key = settings_key(env.removeprefix("LORAFLEET_").lower())
     except ConfigError as exc:
         _fail(str(exc))
     if key is None and required:
@@ -185,6 +186,14 @@ class _StopOnSignals:
         self.event.set()
 
 
+def _reach(*, broker: str | None = None, state: str | None = None) -> None:
+    """The servers a command needs, reached within LORAFLEET_CONNECT_TIMEOUT (lorafleet/app/preflight.py)."""
+    from lorafleet.app.preflight import check_servers
+    from lorafleet.settings import load_settings
+
+    check_servers(broker=broker, state=state, timeout_s=load_settings().connect_timeout)
+
+
 def _stop_on_signals() -> _StopOnSignals:
     return _StopOnSignals()
 
@@ -203,6 +212,14 @@ def run(
     log_level: LogLevelOpt = None,
     metrics_port: MetricsPortOpt = None,
     overrides: SetOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run (stopped or interrupted) from its state and OUT's snapshots "
+            "(OUT/state/) instead of starting it afresh",
+        ),
+    ] = False,
 ) -> None:
     """Run a whole experiment and write OUT/report.json, OUT/report.png and OUT/adapter/."""
     ops = _Ops(verbose, log_format, log_level, metrics_port)
@@ -212,9 +229,10 @@ def run(
     if (broker is None) != (state is None):
         _fail("--broker and --state go together (distributed mode), or neither (embedded)")
     if broker is not None and state is not None:
-        report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides))
+        _reach(broker=broker, state=state)
+        report = _run_distributed(cfg, config, out, broker, state, ops, _set_args(overrides), resume=resume)
     else:
-        report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
+        report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops, resume=resume)
     log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
     if ops.progress:
         err.print(
@@ -225,7 +243,9 @@ def run(
         )
 
 
-def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[str, Any]:
+def _run_embedded(
+    cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops, resume: bool = False
+) -> dict[str, Any]:
     """``run`` in this process (lorafleet/app/embedded.py), its metrics and log rounds from its state."""
     from lorafleet.app.embedded import run_embedded
     from lorafleet.state.memory import InMemoryStateStore
@@ -235,11 +255,22 @@ def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[
         cleanup.callback(RoundFollower(store, cfg.run_id).start().stop)
         if ops.metrics_port is not None:
             cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, None))
-        return run_embedded(cfg, out, quiet=quiet, state=store)
+        try:
+            return run_embedded(cfg, out, quiet=quiet, state=store, resume=resume)
+        except KeyboardInterrupt:
+            _fail(f"interrupted: the report so far is in {out / 'report.json'}; --resume goes on", code=130)
 
 
 def _run_distributed(
-    cfg: RunConfig, config: Path, out: Path, broker: str, state: str, ops: _Ops, set_args: list[str]
+    cfg: RunConfig,
+    config: Path,
+    out: Path,
+    broker: str,
+    state: str,
+    ops: _Ops,
+    set_args: list[str],
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """``run --broker --state``: the launcher (lorafleet/app/launcher.py), with the run's metrics
     served from this process when ``ops.metrics_port`` is set."""
@@ -253,7 +284,9 @@ def _run_distributed(
             cleanup.callback(transport.close)
             cleanup.enter_context(_run_metrics(ops.metrics_port, cfg, store, transport))
         args = [*ops.child_args(), *set_args]
-        return run_distributed(cfg, config, out, broker=broker, state=state, service_args=args)
+        return run_distributed(
+            cfg, config, out, broker=broker, state=state, service_args=args, fresh=not resume
+        )
 
 
 class _Service(Protocol):
@@ -275,6 +308,7 @@ def _serve(
     ops.setup_logging()
     cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id)
+    _reach(broker=broker, state=state)
     from lorafleet.app.wiring import build_runtime, open_state, open_transport
     from lorafleet.ml.model import configure_torch_threads
 
@@ -380,7 +414,7 @@ def worker(
         str | None,
         typer.Option(
             "--device-id",
-            envvar="LORAFLEET_DEVICE_ID",
+            envvar=env_name("device_id"),
             help="The device slot to serve, e.g. dev-0003; without it the worker claims a free slot",
         ),
     ] = None,
@@ -391,7 +425,7 @@ def worker(
         Path | None,
         typer.Option(
             "--data",
-            envvar="LORAFLEET_DEVICE_DATA",
+            envvar=env_name("device_data"),
             help="This device's own training rows (data.source: local): JSONL, CSV/TSV, Parquet or a "
             "save_to_disk folder; only their count and, as privacy allows, a label histogram leave it",
         ),
@@ -407,6 +441,8 @@ def worker(
     _Ops(verbose, log_format, log_level).setup_logging()
     cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id, device_id=device_id)
+    if cfg.data.source != "local":  # a device's own rows are checked first, before any connection
+        _reach(broker=broker)
     from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
     from lorafleet.ml.model import configure_torch_threads
 
@@ -414,6 +450,8 @@ def worker(
         shards = Shards.load(cfg, data)
     except LorafleetError as exc:
         _fail(str(exc))
+    if cfg.data.source == "local":
+        _reach(broker=broker)
     configure_torch_threads(threads)
     stop = _stop_on_signals()
     transport = open_transport(broker)
@@ -487,6 +525,7 @@ def dlq(
 
     from rich.table import Table
 
+    _reach(broker=broker)
     from lorafleet.app.dlq import count_by_reason, inspect_dead_letters
     from lorafleet.app.wiring import open_transport
 
@@ -526,7 +565,7 @@ def dlq(
 @app.command()
 def status(
     state: StateOpt,
-    run_id: Annotated[str, typer.Option("--run", envvar="LORAFLEET_RUN_ID", help="The run's run_id")],
+    run_id: Annotated[str, typer.Option("--run", envvar=env_name("run_id"), help="The run's run_id")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show a run's state: round, devices, open rounds, counters, and group/global aggregation counts."""
@@ -534,6 +573,7 @@ def status(
 
     from rich.table import Table
 
+    _reach(state=state)
     from lorafleet.app.status import run_status
     from lorafleet.app.wiring import open_state
     from lorafleet.state.base import StateStoreError
@@ -580,6 +620,70 @@ def status(
             highlight=False,
         )
     console.print(f"  counters: {snapshot['counters']}", highlight=False)
+
+
+@app.command()
+def stop(
+    run_id: Annotated[str, typer.Argument(help="The run to stop (its run_id)")],
+    state: StateOpt,
+) -> None:
+    """Finish a distributed run after its current round (reason 'stopped'; report and adapter written).
+
+    'lorafleet run CONFIG --resume' takes it up again.
+    """
+    _reach(state=state)
+    from lorafleet.run.stopping import request_stop
+    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
+
+    store = RedisStateStore(state)
+    try:
+        status = request_stop(store, run_id)
+    except LookupError as exc:
+        _fail(str(exc), code=1)
+    finally:
+        store.close()
+    if status == "finished":
+        typer.echo(f"{run_id}: already finished")
+    else:
+        typer.echo(f"{run_id}: stop requested; it finishes after its current round")
+
+
+@app.command(name="runs")
+def runs_command(
+    state: StateOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List the runs a state store holds: status, round, accuracy."""
+    import json as _json
+
+    from rich.table import Table
+
+    _reach(state=state)
+    from lorafleet.app.runs import list_runs
+    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
+
+    store = RedisStateStore(state)
+    try:
+        rows = list_runs(store)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(_json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} run(s)")
+    for column in ("run", "status", "strategy", "round", "finish", "accuracy"):
+        table.add_column(column)
+    for row in rows:
+        accuracy = row["accuracy"]
+        table.add_row(
+            row["run_id"],
+            str(row["status"]),
+            str(row["strategy"]),
+            f"{row['round']}/{row['max_rounds']}",
+            str(row["finish_reason"] or ""),
+            "" if accuracy is None else f"{accuracy:.4f}",
+        )
+    Console().print(table)
 
 
 @app.command(name="device-key")

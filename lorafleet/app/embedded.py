@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,8 @@ from lorafleet.app.wiring import (
 )
 from lorafleet.ml.model import configure_torch_threads
 from lorafleet.run.progress import RunReporter
-from lorafleet.run.report import build_report
+from lorafleet.run.recovery import snapshot_dir
+from lorafleet.run.report import build_report, write_report
 from lorafleet.security.signing import derive_device_key
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
@@ -79,19 +81,40 @@ def run_embedded(
     wrap_trainer: Callable[[int, Trainer], Trainer] | None = None,
     state: InMemoryStateStore | None = None,
     console: Console | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run a whole experiment in this process; returns the report (also written to ``out_dir``).
 
     ``state``: the run's state store (default: a new one), for a caller that watches it (metrics);
-    ``console``: where the progress goes (default: stderr).
+    ``console``: where the progress goes (default: stderr). The aggregator snapshots the run's state
+    after every round into ``out_dir/state/`` (lorafleet/run/recovery.py); with ``resume`` the run goes
+    on from the latest one (an interrupted run), else they are removed first. Interrupted (Ctrl-C:
+    KeyboardInterrupt), the run writes its report so far (``finish_reason: interrupted``) and re-raises.
     """
     configure_torch_threads(config.model.torch_threads)
     state = InMemoryStateStore() if state is None else state
+    if not resume:
+        shutil.rmtree(snapshot_dir(out_dir), ignore_errors=True)
     reporter = RunReporter(config, quiet=quiet, console=console, state=state)
     try:
         return _run(config, out_dir, state, reporter, wrap_trainer)
+    except KeyboardInterrupt:
+        write_partial_report(config, state, out_dir)
+        raise
     finally:
         reporter.close()
+
+
+def write_partial_report(config: RunConfig, state: InMemoryStateStore, out_dir: Path) -> None:
+    """The report of a run cut short, as far as it got (its rounds up to the last evaluated one, whose
+    adapter is its checkpoint; ``finish_reason: interrupted``), written to ``out_dir``."""
+    if state.get_run_fields(config.run_id).get("status") != "finished":
+        evaluated = {n: m for n, m in state.get_round_metrics(config.run_id).items() if "accuracy" in m}
+        last = max(evaluated, default=0)
+        state.put_run_field(config.run_id, "final_round", last)
+        state.put_run_field(config.run_id, "final_accuracy", evaluated[last]["accuracy"] if last else None)
+        state.put_run_field(config.run_id, "finish_reason", "interrupted")
+    write_report(build_report(config, state), out_dir)
 
 
 def _run(
@@ -111,7 +134,14 @@ def _run(
     orchestrator.start()
     fleet_key = secrets.token_bytes(32) if config.security.require_signatures else None
     aggregator = build_aggregator(
-        config, InMemoryTransport(broker), state, runtime, out_dir=out_dir, embedded=True, fleet_key=fleet_key
+        config,
+        InMemoryTransport(broker),
+        state,
+        runtime,
+        out_dir=out_dir,
+        embedded=True,
+        fleet_key=fleet_key,
+        snapshots=True,  # what run_embedded(resume=True) goes on from
     )
     aggregator.start()
     workers = [

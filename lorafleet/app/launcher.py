@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ from typing import Any
 
 from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
 from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.run.recovery import snapshot_dir
+from lorafleet.run.stopping import reopen_run
 from lorafleet.security.signing import FLEET_KEY_ENV
+from lorafleet.settings import load_settings
 from lorafleet.transport import topology
 from lorafleet.transport.base import QueueNotFound, TransportError
 from schemas.config import RunConfig
@@ -74,12 +78,23 @@ def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
         transport.close()
 
 
+def _reopen(config: RunConfig, state_url: str) -> None:
+    """``--resume``: a stopped run taken up again (lorafleet/run/stopping.py); an interrupted one is
+    resumed by the services as they start."""
+    state = open_state(state_url)
+    try:
+        if reopen_run(state, config.run_id):
+            log.info("resuming stopped run %s", config.run_id)
+    finally:
+        state.close()
+
+
 def _service_env(config: RunConfig) -> dict[str, str]:
     """The services' environment: this one, plus a fleet key made for this run where signatures are
     required and none was given (the workers derive their device keys from it)."""
     env = dict(os.environ)
-    given = env.get(FLEET_KEY_ENV) or env.get(f"{FLEET_KEY_ENV}_FILE")
-    if config.security.require_signatures and not given:
+    settings = load_settings()
+    if config.security.require_signatures and settings.fleet_key is None:
         env[FLEET_KEY_ENV] = secrets.token_hex(32)
     return env
 
@@ -109,6 +124,9 @@ def run_distributed(
     (out_dir / "report.json").unlink(missing_ok=True)
     if fresh:
         reset_run(config, broker, state)
+        shutil.rmtree(snapshot_dir(out_dir), ignore_errors=True)  # a fresh run restores nothing old
+    else:
+        _reopen(config, state)
     cores = os.cpu_count() or 1
     worker_threads = max(1, cores // config.devices.count)
     supervisor = Supervisor(logs, policy=policy, spawn=popen(_service_env(config)))

@@ -34,6 +34,7 @@ from lorafleet.ml.lora import Tensors
 from lorafleet.ml.model import AdapterRuntime
 from lorafleet.run.clock import Clock
 from lorafleet.run.progress import RunReporter
+from lorafleet.settings import env_name
 from lorafleet.state.base import StateStore
 from lorafleet.transport.base import Transport
 from orchestrator.hierarchical_service import orchestrator_class
@@ -48,7 +49,7 @@ from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
 
 #: The environment variable of ``lorafleet worker --data``: the device's own rows.
-DEVICE_DATA_ENV = "LORAFLEET_DEVICE_DATA"
+DEVICE_DATA_ENV = env_name("device_data")
 
 
 def open_transport(url: str) -> Transport:
@@ -207,6 +208,7 @@ def build_aggregator(
     clock: Clock | None = None,
     embedded: bool = False,
     fleet_key: bytes | None = None,
+    snapshots: bool | None = None,
 ) -> AggregatorService:
     config = with_model_defaults(config, runtime)
     pin_mmap_threshold()  # update bodies of many MB are returned to the OS when freed (malloc.py)
@@ -225,7 +227,7 @@ def build_aggregator(
         clock=clock,
         drop_vanished=not embedded,
         fleet_key=fleet_key,
-        snapshots=not embedded,
+        snapshots=not embedded if snapshots is None else snapshots,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from lorafleet.data.partition import (
     partition_iid,
     partition_quantity,
 )
+from lorafleet.settings import env_name, load_settings
 from schemas.config import RunConfig
 from schemas.errors import DataError
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Split = Literal["train", "eval"]
 
-ENV_DATA_DIR = "LORAFLEET_DATA_DIR"
+ENV_DATA_DIR = env_name("data_dir")
 
 #: Files of each dataset, relative to the data directory, per split.
 DATASET_FILES: dict[str, dict[str, str]] = {
@@ -137,8 +137,9 @@ def _repo_root() -> Path:
 def _candidates(configured: str | None) -> list[tuple[str, Path]]:
     if configured:
         return [("data.data_dir", Path(configured))]
-    if os.environ.get(ENV_DATA_DIR):
-        return [(f"${ENV_DATA_DIR}", Path(os.environ[ENV_DATA_DIR]))]
+    data_dir = load_settings().data_dir
+    if data_dir is not None:
+        return [(f"${ENV_DATA_DIR}", data_dir)]
     return [
         ("../shared/data relative to the working directory", Path.cwd().parent / "shared" / "data"),
         ("../shared/data relative to the repository", _repo_root().parent / "shared" / "data"),

@@ -16,9 +16,10 @@ same seed gives the same virtual times however loaded the machine is.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from lorafleet.settings import load_settings
 
 _PACKAGED = Path(__file__).parent / "costmodels"
 
@@ -79,8 +80,8 @@ def cost_model_for(model_name: str, num_blocks: int, hidden: int) -> CostModel:
 
     The scaled model is nominal (it keeps relative costs of depths right, not absolute seconds).
     """
-    override = os.environ.get("LORAFLEET_COST_MODEL")  # a pinned copy (benchmarks), else the packaged one
-    base = CostModel.load(Path(override) if override else _PACKAGED / "minilm-cpu.json")
+    override = load_settings().cost_model  # a pinned copy (benchmarks), else the packaged one
+    base = CostModel.load(override if override is not None else _PACKAGED / "minilm-cpu.json")
     if model_name == "minilm" and num_blocks == base.num_blocks:
         return base
     scale = (hidden / 384.0) ** 2

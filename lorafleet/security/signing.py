@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 from pathlib import Path
 
+from lorafleet.settings import Settings, env_name, load_settings
 from schemas.errors import ConfigError
 from schemas.messages import EvalResult, LoraUpdate, TaskFailed
 
@@ -26,8 +26,8 @@ Report = LoraUpdate | TaskFailed | EvalResult
 _DOMAIN = b"lorafleet-device:"
 
 #: the variables (each also as ``NAME_FILE``) that hold the fleet's key and one device's own key
-FLEET_KEY_ENV = "LORAFLEET_FLEET_KEY"
-DEVICE_KEY_ENV = "LORAFLEET_DEVICE_KEY"
+FLEET_KEY_ENV = env_name("fleet_key")
+DEVICE_KEY_ENV = env_name("device_key")
 
 
 def derive_device_key(fleet_key: bytes, device_id: str) -> bytes:
@@ -67,25 +67,43 @@ def verify(fleet_key: bytes, report: Report) -> bool:
     return hmac.compare_digest(expected, report.signature)
 
 
-def read_key(env: str, *, environ: dict[str, str] | None = None) -> bytes | None:
-    """A key from ``$ENV`` (hex or text) or from the file named by ``$ENV_FILE``; None if neither is set.
+def read_key(env: str, *, environ: dict[str, str]) -> bytes | None:
+    """A key from ``environ[ENV]`` (hex or text) or from the file named by ``environ[ENV_FILE]``; None if
+    neither is set (the command line reads its keys through :func:`settings_key`).
 
     Raises:
         ConfigError: the file cannot be read, or the key is shorter than 16 bytes.
     """
-    environ = dict(os.environ) if environ is None else environ
     raw: str | None = environ.get(env)
     if raw is None and environ.get(f"{env}_FILE"):
         try:
             raw = Path(environ[f"{env}_FILE"]).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"{env}_FILE: cannot read the key file: {exc.strerror}") from None
-    if raw is None:
-        return None
+    return None if raw is None else parse_key(raw, env)
+
+
+def settings_key(field: str, settings: Settings | None = None) -> bytes | None:
+    """The key of a :class:`lorafleet.settings.Settings` field (``fleet_key``, ``device_key``): from
+    its variable or its ``_FILE``; None if neither is set.
+
+    Raises:
+        ConfigError: the file cannot be read, or the key is shorter than 16 bytes.
+    """
+    secret = getattr(settings or load_settings(), field)
+    return None if secret is None else parse_key(secret.get_secret_value(), env_name(field))
+
+
+def parse_key(raw: str, name: str) -> bytes:
+    """A key as given (hex, else its text's bytes).
+
+    Raises:
+        ConfigError: shorter than 16 bytes (``name`` says whose).
+    """
     try:
         key = bytes.fromhex(raw)
     except ValueError:
         key = raw.encode()
     if len(key) < 16:
-        raise ConfigError(f"{env}: a key must have at least 16 bytes")
+        raise ConfigError(f"{name}: a key must have at least 16 bytes")
     return key

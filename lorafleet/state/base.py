@@ -223,6 +223,16 @@ class StateStore(Protocol):
         """Remove every record of a run."""
         ...
 
+    def expire_run(self, run_id: str, ttl_s: float) -> None:
+        """Let every record of a run expire ``ttl_s`` seconds from now (0 or less: now); a record
+        written after the call does not expire. The in-memory twin, which lives as long as its
+        process, forgets a run at 0 only."""
+        ...
+
+    def list_runs(self) -> list[str]:
+        """The ids of the runs whose run fields the store holds, sorted."""
+        ...
+
     # -- snapshots (lorafleet/run/recovery.py) -----------------------------------------------------
     def export_run(self, run_id: str) -> bytes:
         """Every record of a run, as one opaque blob that :meth:`import_run` of the same kind of store

@@ -365,6 +365,14 @@ class InMemoryStateStore:
         with self._lock:
             self._runs.pop(run_id, None)
 
+    def expire_run(self, run_id: str, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            self.delete_run(run_id)
+
+    def list_runs(self) -> list[str]:
+        with self._lock:
+            return sorted(run_id for run_id, run in self._runs.items() if run.fields)
+
     def export_run(self, run_id: str) -> bytes:
         with self._lock:
             return _SNAPSHOT_TAG + pickle.dumps((run_id, copy.deepcopy(self._run(run_id))))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import json
 import logging
 import time
@@ -845,6 +846,25 @@ class RedisStateStore:
         if batch:
             self._r.unlink(*batch)
 
+    @_translated
+    def expire_run(self, run_id: str, ttl_s: float) -> None:
+        """PEXPIRE every key of the run (SCAN, pipelined); 0 or less deletes them."""
+        if ttl_s <= 0:
+            self.delete_run(run_id)
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for name in self._run_keys(run_id):
+            pipe.pexpire(name, int(ttl_s * 1000))
+        pipe.execute()
+
+    @_translated
+    def list_runs(self) -> list[str]:
+        """SCAN for the runs' field hashes (``lf:{RUN}:meta``)."""
+        pattern = keys.run_meta("*")
+        head, tail = keys.run_meta("\n").split("\n")
+        names = (_s(k) for k in cast(Iterable[bytes], self._r.scan_iter(match=pattern, count=500)))
+        return sorted(n[len(head) : -len(tail)] for n in names if n.startswith(head) and n.endswith(tail))
+
     # -- snapshots --------------------------------------------------------------------------------
     def _run_keys(self, run_id: str) -> list[bytes]:
         pattern = keys.run_pattern(_glob_escape(run_id))
@@ -893,6 +913,36 @@ class RedisStateStore:
             self._r.close()
             self._r.connection_pool.disconnect()
 
+
+
+def probe_state(url: str, timeout_s: float) -> None:
+    """First contact: PING the Redis of ``url`` (through its Sentinels for a Sentinel URL) within
+    ``timeout_s``, retrying refused or timed-out connections with backoff meanwhile. Separate from
+    a store's calls, which ride out an outage of ``OUTAGE_S`` mid-run.
+
+    Raises:
+        StateStoreError: no answer within ``timeout_s``, or a refusal (credentials, ACL) at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    per_try = max(0.5, min(2.0, timeout_s))
+    store = RedisStateStore(url, socket_timeout=per_try, socket_connect_timeout=per_try, outage_s=0.0)
+    backoff = ExponentialBackoff(cap=2.0, base=0.2)
+    try:
+        for failures in itertools.count(1):
+            try:
+                store._r.ping()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if isinstance(exc, redis.AuthenticationError):
+                    raise StateStoreError(f"{type(exc).__name__}: {exc}") from None
+                delay = backoff.compute(failures)
+                if time.monotonic() + delay >= deadline:  # no attempt would start in time
+                    raise StateStoreError(f"{type(exc).__name__}: {exc}") from None
+                time.sleep(delay)
+            except redis.RedisError as exc:
+                raise StateStoreError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        store.close()
 
 if TYPE_CHECKING:
 

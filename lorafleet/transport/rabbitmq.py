@@ -963,3 +963,53 @@ class _PikaSubscription:
     def _on_cancel(self, _frame: Any) -> None:
         # The queue was deleted (or its leader moved): reconnecting re-checks that it exists.
         self._cancelled = True
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error pika wrapped (``ConnectionRefusedError: ...``), in one line."""
+    while True:  # AMQPConnectionError(AMQPConnectorSocketConnectError(exception=ConnectionRefusedError))
+        inner = exc.args[0] if exc.args else getattr(exc, "exception", None)
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip() or repr(exc)
+    return f"{type(exc).__name__}: {text}".replace("\n", " ")
+
+
+def probe_broker(url: str, timeout_s: float) -> None:
+    """First contact: open and close one connection to any broker of ``url`` within ``timeout_s``,
+    retrying refused or timed-out attempts with backoff meanwhile; pika's own logging is silenced
+    while it tries (each failed attempt would log several lines). A transport's later reconnections
+    are not bounded by this: they follow ``max_reconnect_s``.
+
+    Raises:
+        AccessRefused: the broker refused the credentials or the vhost (at once, not retried).
+        TransportClosed: no broker answered within ``timeout_s``; the message is the last cause.
+    """
+    deadline = time.monotonic() + timeout_s
+    urls = broker_urls(url)
+    pika_log = logging.getLogger("pika")
+    level = pika_log.level
+    pika_log.setLevel(logging.CRITICAL + 1)
+    try:
+        attempt = 0
+        while True:
+            attempt += 1
+            per_try = max(0.5, min(5.0, deadline - time.monotonic()))
+            defaults = {"connection_attempts": 1, "socket_timeout": per_try, "stack_timeout": per_try}
+            params = [_parameters(u, defaults, None) for u in urls]
+            try:
+                BlockingConnection(params).close()
+                return
+            except (pex.ProbableAuthenticationError, pex.AuthenticationError) as exc:
+                raise AccessRefused(f"authentication failed: {_root_cause(exc)}") from None
+            except pex.ProbableAccessDeniedError as exc:
+                raise AccessRefused(f"access to the vhost refused: {_root_cause(exc)}") from None
+            except pex.AMQPError as exc:
+                cause = _root_cause(exc)
+            delay = _backoff(attempt)
+            if time.monotonic() + delay >= deadline:  # no attempt would start in time: say why now
+                raise TransportClosed(cause)
+            time.sleep(delay)
+    finally:
+        pika_log.setLevel(level)

@@ -18,6 +18,27 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: how often a service that waits says so (at WARNING, the default level: a person sees it)
+SAY_EVERY_S = 30.0
+
+
+class Reminder:
+    """Says ``still waiting for WHAT (N s)`` once every ``every_s`` while a wait lasts."""
+
+    def __init__(self, what: str, clock: Clock, every_s: float = SAY_EVERY_S) -> None:
+        self.what = what
+        self._clock = clock
+        self._every_s = every_s
+        self._started = clock.now()
+        self._next = self._started + every_s
+
+    def tick(self) -> None:
+        """Call in the waiting loop; logs when the next reminder is due."""
+        now = self._clock.now()
+        if now >= self._next:
+            log.warning("still waiting for %s (%.0f s)", self.what, now - self._started)
+            self._next = now + self._every_s
+
 
 def wait_for_topology(
     attempt: Callable[[], T],
@@ -35,6 +56,7 @@ def wait_for_topology(
     """
     clock = clock or SystemClock()
     deadline = clock.now() + wait_s
+    reminder = Reminder(what, clock)
     while True:
         try:
             return attempt()
@@ -42,4 +64,5 @@ def wait_for_topology(
             if clock.now() >= deadline:
                 raise
             log.info("waiting for %s (%s)", what, exc)
+            reminder.tick()
             clock.sleep(poll_s)

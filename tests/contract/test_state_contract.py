@@ -383,6 +383,48 @@ def test_delete_run_removes_every_record_and_only_that_run(store: StateStore, ru
         store.delete_run(other)
 
 
+def test_expire_run_and_list_runs(store: StateStore, run_id: str) -> None:
+    kept, gone = f"{run_id}-kept", f"{run_id}-gone"
+    try:
+        for rid in (kept, gone):
+            store.put_run_field(rid, "status", "finished")
+            _open(store, rid, 1, n=2, quorum=1, deadline_ms=100)
+            store.incr_counter(rid, "x")
+        assert {kept, gone} <= set(store.list_runs())
+        # a retention in the future keeps the run readable; 0 removes every record now
+        store.expire_run(kept, 3600.0)
+        store.expire_run(gone, 0)
+        assert store.get_run_fields(kept) == {"status": "finished"}
+        assert store.list_rounds(kept) == [1] and store.get_counters(kept) == {"x": 1}
+        assert store.get_run_fields(gone) == {} and store.list_rounds(gone) == []
+        runs = store.list_runs()
+        assert kept in runs and gone not in runs and runs == sorted(runs)
+    finally:
+        store.delete_run(kept)
+        store.delete_run(gone)
+
+
+def test_redis_expire_run_sets_a_ttl_on_every_key(redis_url: str, run_id: str) -> None:
+    import redis
+
+    from lorafleet.state import keys
+
+    store = _redis_store(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        store.put_run_field(run_id, "status", "finished")
+        _open(store, run_id, 1, n=2, quorum=1, deadline_ms=100)
+        store.expire_run(run_id, 3600.0)
+        names = list(client.scan_iter(match=keys.run_pattern(run_id)))
+        ttls = [client.ttl(name) for name in names]
+        assert len(names) >= 3 and all(3500 < t <= 3600 for t in ttls), ttls
+    finally:
+        store.delete_run(run_id)
+        store.close()
+        client.close()
+
+
+
 # -- concurrency (threads) ------------------------------------------------------------------------------
 def _run_threads(n: int, target: Callable[[int], None]) -> None:
     barrier = threading.Barrier(n)

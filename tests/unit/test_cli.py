@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lorafleet.app import launcher
+from lorafleet.app import launcher, preflight
 from lorafleet.app.cli import app
 from schemas.config import parse_override
 from schemas.errors import ConfigError
@@ -163,6 +163,7 @@ def test_run_passes_logging_and_overrides_to_the_services_it_starts(monkeypatch:
         return {"final_accuracy": 0.5, "final_round": 1}
 
     monkeypatch.setattr(launcher, "run_distributed", fake_run_distributed)
+    monkeypatch.setattr(preflight, "check_servers", lambda **kw: None)  # no servers at h
     result = invoke(
         "run",
         TINY,

@@ -48,3 +48,18 @@ def test_other_errors_are_not_retried() -> None:
     with pytest.raises(QueueNotFound):
         wait_for_topology(refused, missing=(ExchangeNotFound,), what="x", wait_s=60, clock=clock)
     assert calls == [1]
+
+
+def test_says_it_is_still_waiting_every_30_s(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a run whose topology does not appear for 100 s of the clock
+    clock = FakeClock(start=0.0)
+
+    def missing() -> None:
+        raise QueueNotFound("lf.slots")
+
+    # When a service waits for it, polling every second
+    with pytest.raises(QueueNotFound):
+        wait_for_topology(missing, missing=(QueueNotFound,), what="the run", wait_s=100, clock=clock)
+    # Then it said so at WARNING at 30, 60 and 90 s, and no more often
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"still waiting for the run ({s} s)" for s in (30, 60, 90)]
