@@ -10,6 +10,7 @@ backend, safe beside other threads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
         f"{report.get('run_id')} ({report.get('strategy')}): final accuracy {final} "
         f"after round {report.get('final_round')} ({report.get('finish_reason')})"
     )
-    tmp = path.with_suffix(".png.tmp")
+    tmp = path.with_suffix(f".png.{os.getpid()}.tmp")  # two processes may write it at once
     figure.savefig(tmp, format="png", dpi=DPI)
     tmp.replace(path)
     return path

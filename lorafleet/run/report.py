@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     returns the JSON file's path. A figure that cannot be drawn is logged, never fails the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.json"
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # the orchestrator and the aggregator share out_dir
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     from lorafleet.run.plots import plot_report  # matplotlib: loaded by the processes that write reports
