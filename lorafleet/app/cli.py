@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafleet import __version__
+from lorafleet.app import adapter_commands, data_commands
 from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
 from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
 from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
@@ -632,6 +633,11 @@ def validate(
         err.print(line, highlight=False, markup=False, soft_wrap=True)
     if any(f.error for f in findings):
         raise typer.Exit(2)
+
+
+app.command()(adapter_commands.predict)
+app.command()(adapter_commands.merge)
+app.add_typer(data_commands.data_app, name="data")
 
 
 def _print_version(value: bool) -> None:
