@@ -25,6 +25,7 @@ from rich.markup import escape
 from lorafleet import __version__
 from lorafleet.app import adapter_commands, data_commands
 from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
+from lorafleet.app.summary import run_summary
 from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, read_key
 from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
 from schemas.errors import ConfigError, LorafleetError, NoFreeSlot
@@ -218,12 +219,7 @@ def run(
         report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops)
     log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
     if ops.progress:
-        err.print(
-            f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
-            f"report: {out / 'report.json'}; adapter: {out / 'adapter'}",
-            highlight=False,
-            markup=False,
-        )
+        err.print(run_summary(report, out, config, overrides), highlight=False, markup=False, soft_wrap=True)
 
 
 def _run_embedded(cfg: RunConfig, out: Path, *, quiet: bool, ops: _Ops) -> dict[str, Any]:
