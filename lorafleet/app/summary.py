@@ -6,6 +6,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from schemas.strategies import StrategyName
+
 
 def run_summary(report: dict[str, Any], out: Path, config: Path, overrides: list[str] | None = None) -> str:
     """The lines printed at the end of a run: the final accuracy with the run's wall and virtual
@@ -25,7 +27,7 @@ def run_summary(report: dict[str, Any], out: Path, config: Path, overrides: list
         f"plot:    {out / 'report.png'}",
         f"adapter: {adapter}  (try: lorafleet predict {shlex.quote(str(adapter))} --text 'a witty film')",
     ]
-    if report.get("strategy") != "fedlora":
+    if report.get("strategy") != StrategyName.FEDLORA.value:
         sets = [arg for value in overrides or [] for arg in ("--set", value)]
         command = [
             "lorafleet",
