@@ -29,6 +29,7 @@ from lorafleet.ml.lora import Tensors, select_for_spec, shapes
 from lorafleet.run import task_deadlines
 from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.epoch import RESTORED_FIELD, EpochGuard
+from lorafleet.run.model_card import write_model_card
 from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
 from lorafleet.run.recovery import (
     latest_snapshot,
@@ -654,7 +655,10 @@ class AggregatorService:
                 shutil.copytree(source, target)
         if self.out_dir is not None:
             # the orchestrator wrote the report when it finished; updates handled since then count too
-            write_report(build_report(self.config, self.state), self.out_dir)
+            report = build_report(self.config, self.state)
+            write_report(report, self.out_dir)
+            if (self.out_dir / "adapter").is_dir():
+                write_model_card(self.out_dir / "adapter", report)
         self.state.expire_run(self.run_id, self.config.state.retention_s)  # the last writer of the run
         self.finished = True
         log.info("aggregator: run finished; final adapter is round %d", final_round)

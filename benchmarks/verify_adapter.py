@@ -26,18 +26,18 @@ def accuracy_of_adapter(run_dir: Path) -> tuple[float, float]:
     from transformers import AutoModelForSequenceClassification
 
     from lorafleet.data.datasets import encode_dataset, eval_set, iter_batches
-    from lorafleet.ml.model import load_base_model, load_tokenizer
+    from lorafleet.ml.model import load_base_model, load_tokenizer, model_path
     from schemas.config import parse_run_config
 
     report = json.loads((run_dir / "report.json").read_text())
     config = parse_run_config(report["config"])
     meta = json.loads((run_dir / "adapter" / "lorafleet.json").read_text())
-    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     if config.model.name == "tiny":
         base = load_base_model(config.model, meta["num_labels"], seed=config.seed)  # no files on disk to load
     else:
         base = AutoModelForSequenceClassification.from_pretrained(
-            adapter_cfg["base_model_name_or_path"], num_labels=meta["num_labels"]
+            model_path(config.model),
+            num_labels=meta["num_labels"],  # the adapter names it by its public id
         )
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     encoded = encode_dataset(load_tokenizer(config.model), eval_set(config), config.model.max_seq_len)

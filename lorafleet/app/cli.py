@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafleet import __version__
+from lorafleet.app import adapter_commands, data_commands
 from lorafleet.app.logs import LogFormat, LogLevel, RoundFollower, configure_logging, set_log_context
+from lorafleet.app.summary import run_summary
 from lorafleet.security.signing import DEVICE_KEY_ENV, FLEET_KEY_ENV, derive_device_key, settings_key
 from lorafleet.settings import env_name
 from schemas.config import RunConfig, load_run_config, merge_overrides, parse_override
@@ -235,12 +237,7 @@ def run(
         report = _run_embedded(cfg, out, quiet=quiet or not ops.progress, ops=ops, resume=resume)
     log.info("final accuracy %s after %s rounds", report.get("final_accuracy"), report.get("final_round"))
     if ops.progress:
-        err.print(
-            f"final accuracy {report.get('final_accuracy')} after {report.get('final_round')} rounds; "
-            f"report: {out / 'report.json'}; adapter: {out / 'adapter'}",
-            highlight=False,
-            markup=False,
-        )
+        err.print(run_summary(report, out, config, overrides), highlight=False, markup=False, soft_wrap=True)
 
 
 def _run_embedded(
@@ -736,6 +733,11 @@ def validate(
         err.print(line, highlight=False, markup=False, soft_wrap=True)
     if any(f.error for f in findings):
         raise typer.Exit(2)
+
+
+app.command()(adapter_commands.predict)
+app.command()(adapter_commands.merge)
+app.add_typer(data_commands.data_app, name="data")
 
 
 def _print_version(value: bool) -> None:

@@ -26,6 +26,7 @@ from lorafleet.data.datasets import (
     partition_rows,
 )
 from lorafleet.data.held_out import held_out_seed, split_held_out
+from lorafleet.data.labels import label_names
 from lorafleet.data.partition import label_histogram as histogram
 from lorafleet.data.privacy import noise_seed, shared_histogram
 from lorafleet.devices.costmodel import CostModel, cost_model_for
@@ -213,9 +214,10 @@ def build_aggregator(
     config = with_model_defaults(config, runtime)
     pin_mmap_threshold()  # update bodies of many MB are returned to the OS when freed (malloc.py)
     encoded_eval = encode_dataset(runtime.tokenizer, eval_set(config), config.model.max_seq_len)
+    labels = label_names(config)
 
     def write_checkpoint(spec: LoraSpec, tensors: Tensors, directory: Path) -> None:
-        runtime.save_peft_checkpoint(spec, tensors, directory, dataset=config.data.dataset)
+        runtime.save_peft_checkpoint(spec, tensors, directory, dataset=config.data.dataset, labels=labels)
 
     return aggregator_class(config)(
         transport,

