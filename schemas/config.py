@@ -216,7 +216,12 @@ class HierConfig(_Section):
     @property
     def most_groups(self) -> int:
         """The most groups a run can have (``groups``, or ``max_groups`` under ``auto``)."""
-        return self.max_groups if self.groups == "auto" else self.groups
+        return self.max_groups if self.auto_groups else int(self.groups)
+
+    @property
+    def auto_groups(self) -> bool:
+        """``groups: auto``: the grouping chooses the count."""
+        return not isinstance(self.groups, int)
 
     @model_validator(mode="after")
     def _frequencies(self) -> HierConfig:

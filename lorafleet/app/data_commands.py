@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lorafleet.data.fetch import fetch_dataset, source_of
+from lorafleet.settings import env_name, load_settings
 
 data_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="The public data sets: 'lorafleet data fetch sst2'."
@@ -17,10 +17,10 @@ data_app = typer.Typer(
 
 
 def default_data_dir() -> Path:
-    """Where ``fetch`` writes without ``--dir``: ``$LORAFLEET_DATA_DIR``, else ``../shared/data``
-    relative to the working directory (the first place the loaders look)."""
-    configured = os.environ.get("LORAFLEET_DATA_DIR")
-    return Path(configured) if configured else Path.cwd().parent / "shared" / "data"
+    """Where ``fetch`` writes without ``--dir``: the data directory setting (lorafleet/settings.py),
+    else ``../shared/data`` relative to the working directory (the first place the loaders look)."""
+    configured = load_settings().data_dir
+    return configured if configured is not None else Path.cwd().parent / "shared" / "data"
 
 
 @data_app.command()
@@ -31,7 +31,9 @@ def fetch(
     ] = None,
     directory: Annotated[
         Path | None,
-        typer.Option("--dir", help="The data directory (default: $LORAFLEET_DATA_DIR, else ../shared/data)"),
+        typer.Option(
+            "--dir", help=f"The data directory (default: ${env_name('data_dir')}, else ../shared/data)"
+        ),
     ] = None,
     sha256: Annotated[
         str | None,

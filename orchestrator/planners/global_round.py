@@ -83,7 +83,7 @@ def form_groups(
         total = [sum(col) for col in zip(*(d.histogram for d in devices), strict=True)]
         return [members], [divergence(total, total)]
     h = ctx.config.hier
-    if h.groups == "auto":
+    if h.auto_groups:
         grouping = auto_group_devices(
             devices,
             h.max_groups,
@@ -92,7 +92,7 @@ def form_groups(
             speed_weight=h.speed_weight,
         )
     else:
-        grouping = group_devices(devices, h.groups, speed_weight=h.speed_weight)
+        grouping = group_devices(devices, h.most_groups, speed_weight=h.speed_weight)
     return grouping.groups, grouping.divergence
 
 
