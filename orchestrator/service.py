@@ -411,7 +411,9 @@ class OrchestratorService:
         info = self.state.get_round(self.run_id, round_no)
         if info is None:
             return
-        updates = self.state.get_updates(self.run_id, round_no)
+        # who reported tensors, from the round's metrics (this service may not read update blobs)
+        reported = set(self.state.get_round_metrics(self.run_id).get(round_no, {}).get("devices", {}))
+        updates = {t: b"u" for t, d in info.tasks.items() if d in reported}
         self._no_shows = next_no_shows(self._no_shows, info.tasks, updates, info.close_reason)
         self.state.put_run_field(self.run_id, "no_shows", sorted(self._no_shows))
 
