@@ -33,9 +33,9 @@ from lorafleet.run.model_card import write_model_card
 from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
 from lorafleet.run.recovery import (
     latest_snapshot,
-    lost_state,
     restore,
     restore_at_start,
+    state_changed,
     wait_restored,
     write_snapshot,
 )
@@ -168,14 +168,14 @@ class AggregatorService:
             self.start()
         try:
             return self._step(timeout)
-        except StateLost as lost:
-            self._recover(lost)
-            return True
-        except Exception:
-            cause = lost_state(self.state, self._epoch)  # the store lost the run under this step?
-            if cause is None:
+        except Exception as exc:
+            # the store lost, rolled back or got back the run under this step? That is the cause
+            if not isinstance(exc, StateLost) and not state_changed(self.state, self._epoch):
                 raise
-            self._recover(cause)
+            try:
+                self._run_status()  # a restore by another service: the view is taken from it
+            except StateLost as lost:
+                self._recover(lost)
             return True
 
     def _step(self, timeout: float) -> bool:
@@ -328,9 +328,8 @@ class AggregatorService:
         self._since_snapshot.clear()
 
     def _require_run(self) -> None:
-        lost = lost_state(self.state, self._epoch)
-        if lost is not None:
-            raise lost
+        if state_changed(self.state, self._epoch):
+            raise StateLost(f"the state of run {self.run_id!r} changed under a snapshot")
 
     def _checkpointed(self, round_no: int) -> None:
         """A round (a hierarchical run's global round) is aggregated, checkpointed and announced: fence
@@ -393,9 +392,8 @@ class AggregatorService:
             self._record(message, stored)
             delivery.ack()
         except MessageRefused as exc:
-            lost = lost_state(self.state, self._epoch)
-            if lost is not None:
-                raise lost from exc  # no such round or task because the store lost the run: not refused
+            if state_changed(self.state, self._epoch):  # no such round or task because the store
+                raise StateLost(f"the state of run {self.run_id!r} changed under a report") from exc
             if self._round_lost_with_state(exc, delivery):
                 return
             self.rejections.reject(delivery, exc)

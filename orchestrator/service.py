@@ -20,7 +20,7 @@ from lorafleet.run.clock import Clock, SystemClock, to_ms
 from lorafleet.run.epoch import EPOCH_FIELD, RESTORED_FIELD, EpochGuard, new_epoch
 from lorafleet.run.progress import RunReporter
 from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
-from lorafleet.run.recovery import lost_state, restore_at_start, wait_restored
+from lorafleet.run.recovery import restore_at_start, state_changed, wait_restored
 from lorafleet.run.report import build_report, write_report
 from lorafleet.run.start_adapter import start_adapter
 from lorafleet.run.stopping import stop_requested
@@ -216,9 +216,9 @@ class OrchestratorService:
                     raise
             self._tick()
         except Exception:
-            if lost_state(self.state, self._epoch) is None:
+            if not state_changed(self.state, self._epoch):
                 raise
-            self._state_intact()  # the store lost the run under this step: that is the cause
+            self._state_intact()  # the store lost (or got back) the run under this step: the cause
         return delivery is not None
 
     def run_forever(self, stop: object | None = None, *, poll_s: float = 0.5) -> None:

@@ -64,6 +64,15 @@ class EpochGuard:
                 )
         return False
 
+    def changed(self, fields: Mapping[str, object]) -> bool:
+        """Whether :meth:`check` would raise or report a restore for ``fields``; accepts nothing (a
+        failed step asks this, then lets the service's own check take the run back)."""
+        if self.epoch is None:
+            return False
+        if fields.get(EPOCH_FIELD) != self.epoch or fields.get(RESTORED_FIELD) != self.restored:
+            return True
+        return any(int(str(fields.get(name, 0))) < value for name, value in self._fences.items())
+
     def accept(self, fields: Mapping[str, object]) -> None:
         """Take the store's view as it is now: its epoch, its restore token, no fences."""
         current = fields.get(EPOCH_FIELD)

@@ -28,7 +28,6 @@ from typing import Any
 from lorafleet.run.clock import Clock
 from lorafleet.run.epoch import EPOCH_FIELD, RESTORED_FIELD, EpochGuard, new_epoch
 from lorafleet.state.base import StateStore
-from schemas.errors import StateLost
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +110,12 @@ def restore_at_start(state: StateStore, run_id: str, out_dir: Path | None) -> bo
     return True
 
 
-def lost_state(state: StateStore, guard: EpochGuard) -> StateLost | None:
-    """After a step failed: whether the run's state was lost (or rolled back) under it, which then,
-    not the error it happened to cause (a record gone halfway through an aggregation), is the cause."""
-    try:
-        guard.check(state.get_run_fields(guard.run_id))
-    except StateLost as lost:
-        return lost
-    return None
+def state_changed(state: StateStore, guard: EpochGuard) -> bool:
+    """After a step failed: whether the run's state was lost, rolled back or restored (by another
+    service) under it, which then, not the error it happened to cause (a record gone halfway through an
+    aggregation, a round missing from a store restored meanwhile), is the cause. Accepts nothing: the
+    service's own check of the epoch then takes the run back."""
+    return guard.changed(state.get_run_fields(guard.run_id))
 
 
 def wait_restored(
