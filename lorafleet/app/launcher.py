@@ -21,6 +21,7 @@ from typing import Any
 
 from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
 from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.ml.cores import usable_cores
 from lorafleet.run.recovery import snapshot_dir
 from lorafleet.run.stopping import reopen_run
 from lorafleet.security.signing import FLEET_KEY_ENV
@@ -127,7 +128,7 @@ def run_distributed(
         shutil.rmtree(snapshot_dir(out_dir), ignore_errors=True)  # a fresh run restores nothing old
     else:
         _reopen(config, state)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     worker_threads = max(1, cores // config.devices.count)
     supervisor = Supervisor(logs, policy=policy, spawn=popen(_service_env(config)))
     extra = list(service_args or [])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from lorafleet.ml.architecture import Architecture, describe
+from lorafleet.ml.cores import usable_cores
 from lorafleet.ml.lora import shape_mismatch
 from lorafleet.ml.prefix_cache import ModelSplit
 from lorafleet.ml.tiny import build_tiny_model, tiny_config
@@ -247,13 +247,14 @@ def forward_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 def configure_torch_threads(n: int, share: int = 1) -> int:
     """Set torch's intra-op threads and return the number set.
 
-    ``n > 0`` is used as is; ``n == 0`` means this process's share of the machine:
-    ``max(1, os.cpu_count() // share)`` where ``share`` is the number of processes that run
-    models side by side on this host (e.g. the embedded runner's worker count).
+    ``n > 0`` is used as is; ``n == 0`` means this process's share of the cores it may use
+    (:func:`lorafleet.ml.cores.usable_cores`: its affinity and its container's CPU quota):
+    ``max(1, usable_cores() // share)`` where ``share`` is the number of processes that run models
+    side by side on this host (e.g. the launcher's worker count).
     """
     if n < 0 or share < 1:
         raise ValueError(f"torch threads must be >= 0 and share >= 1, got n={n}, share={share}")
-    threads = n if n > 0 else max(1, (os.cpu_count() or 1) // share)
+    threads = n if n > 0 else max(1, usable_cores() // share)
     torch.set_num_threads(threads)
     return threads
 
