@@ -347,7 +347,7 @@ class AggregatorService:
         snapshot = latest_snapshot(self.out_dir, self.run_id, self._epoch.epoch)
         log.warning("aggregator: %s", lost)
         if snapshot is not None:
-            restore(self.state, snapshot)
+            restore(self.state, snapshot, self.out_dir)
             self._epoch.accept(self.state.get_run_fields(self.run_id))
         # the orchestrator waits restore_wait_s for a restore before it writes a registering run again
         elif wait_restored(self.state, self._epoch, self.clock, wait_s=2 * self.restore_wait_s) is None:

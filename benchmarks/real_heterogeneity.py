@@ -63,10 +63,21 @@ def run_config(strategy: str, run_id: str, args: argparse.Namespace) -> dict[str
         },
         "devices": {"count": 1 + len(PINNED), "calibration_steps": args.calibration_steps},
         "lora": {"rank": 8},
+        "legend": {"decay": args.decay},
         "training": {"lr": args.lr, "local_epochs": 1, "batch_size": 16},
-        "rounds": {"max_rounds": args.rounds, "round_deadline_s": 3600.0, "registration_timeout_s": 900.0},
+        "rounds": {
+            "max_rounds": rounds(strategy, args),
+            "round_deadline_s": 3600.0,
+            "registration_timeout_s": 900.0,
+        },
         "security": {"require_signatures": False},
     }
+
+
+def rounds(strategy: str, args: argparse.Namespace) -> int:
+    """LEGEND-style rounds are shorter (shallower LoRA on the crowded devices): it gets ``--legend-rounds``
+    (default twice ``--rounds``) to show when it reaches FedLoRA's final accuracy, if it does."""
+    return (args.legend_rounds or 2 * args.rounds) if strategy == "legend" else args.rounds
 
 
 def write_device_files(args: argparse.Namespace, work: Path) -> dict[str, Path]:
@@ -224,12 +235,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--legend-rounds", type=int, default=None, help="default: twice --rounds")
     parser.add_argument("--samples", type=int, default=128, help="training rows per device")
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decay", type=float, default=0.7, help="legend.decay (LEGEND's utility per block)")
     parser.add_argument("--calibration-steps", type=int, default=3)
     parser.add_argument("--pinned-cpu", default="0")
     parser.add_argument("--lone-cpu", default="1")

@@ -181,6 +181,9 @@ class LegendConfig(_Section):
     )
 
 
+MAX_GROUPS = 99  # the most groups a hierarchical run can have (group ids 0..MAX_GROUPS - 1)
+
+
 class HierConfig(_Section):
     """HierFedLoRA-style hierarchical runs (strategies ``hierfedlora`` and ``hier_*``).
 
@@ -198,8 +201,8 @@ class HierConfig(_Section):
     the default.
     """
 
-    groups: Annotated[int, Field(ge=1, le=99)] | Literal["auto"] = 4
-    max_groups: Annotated[int, Field(ge=1, le=99)] = 8  # the most groups `auto` tries
+    groups: Annotated[int, Field(ge=1, le=MAX_GROUPS)] | Literal["auto"] = 4
+    max_groups: Annotated[int, Field(ge=1, le=MAX_GROUPS)] = 8  # the most groups `auto` tries
     min_group_size: Annotated[int, Field(ge=1)] = 2  # `auto`: no group smaller than this
     speed_weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.1
     min_frequency: Annotated[int, Field(ge=1, le=99)] = 1

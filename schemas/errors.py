@@ -77,6 +77,10 @@ class StateStoreError(LorafleetError):
     """The state store could not complete an operation (after the adapter's bounded retries)."""
 
 
+class StateStoreRefused(StateStoreError):
+    """The state store refused an operation to this service's user (a Redis ACL without it)."""
+
+
 class StateLost(StateStoreError):
     """The run's state is gone from the state store while the run went on (a restart without
     persistence, a failover that lost writes): going on would begin the run again from nothing."""

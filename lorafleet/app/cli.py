@@ -645,6 +645,34 @@ def stop(
         typer.echo(f"{run_id}: stop requested; it finishes after its current round")
 
 
+@app.command(name="restore")
+def restore_command(
+    run_id: Annotated[str, typer.Argument(help="The run to restore (its run_id)")],
+    out: Annotated[Path, typer.Option("--out", help="The aggregator's output directory (state/ snapshots)")],
+    state: StateOpt,
+) -> None:
+    """Put a run the state store lost back from the aggregator's latest snapshot of it.
+
+    For a store whose services may not do it themselves (Redis ACL users kept to their own keys):
+    run it as a user that may write every key of the run (lf-admin), then start the services again.
+    """
+    _reach(state=state)
+    from lorafleet.run.recovery import latest_snapshot, restore
+    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
+
+    snapshot = latest_snapshot(out, run_id)
+    if snapshot is None:
+        _fail(f"no snapshot of run {run_id!r} in {out / 'state'}", code=1)
+    store = RedisStateStore(state)
+    try:
+        restore(store, snapshot, out)
+    except LorafleetError as exc:
+        _fail(str(exc), code=1)
+    finally:
+        store.close()
+    typer.echo(f"{run_id}: restored from its snapshot after round {snapshot.round_no} ({snapshot.epoch})")
+
+
 @app.command(name="runs")
 def runs_command(
     state: StateOpt,

@@ -28,6 +28,7 @@ from typing import Any
 from lorafleet.run.clock import Clock
 from lorafleet.run.epoch import EPOCH_FIELD, RESTORED_FIELD, EpochGuard, new_epoch
 from lorafleet.state.base import StateStore
+from schemas.errors import StateLost, StateStoreRefused
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,23 @@ def latest_snapshot(out_dir: Path | None, run_id: str, epoch: str | None = None)
     return None
 
 
-def restore(state: StateStore, snapshot: Snapshot) -> str:
-    """Import ``snapshot`` and mark the run restored (a new token every service notices); the token."""
-    state.import_run(snapshot.run_id, snapshot.blob)
+def restore(state: StateStore, snapshot: Snapshot, out_dir: Path | None = None) -> str:
+    """Import ``snapshot`` and mark the run restored (a new token every service notices); the token.
+
+    Raises:
+        StateLost: the store refuses the restore to this service's user (a Redis ACL that keeps the
+            services to their own keys): the message says how an operator restores it.
+    """
+    try:
+        state.import_run(snapshot.run_id, snapshot.blob)
+    except StateStoreRefused as refused:
+        where = "OUT" if out_dir is None else str(out_dir)
+        raise StateLost(
+            f"the state store lost run {snapshot.run_id!r} and refuses this service's restore of its "
+            f"snapshot of round {snapshot.round_no} ({refused}); restore it as a user that may write every "
+            f"key of the run, then start the services again: lorafleet restore {snapshot.run_id} --out "
+            f"{where} --state redis://lf-admin:PASSWORD@HOST:6379/0"
+        ) from refused
     token = new_epoch()
     state.put_run_field(snapshot.run_id, RESTORED_FIELD, token)
     state.incr_counter(snapshot.run_id, "state_restored")
@@ -106,7 +121,7 @@ def restore_at_start(state: StateStore, run_id: str, out_dir: Path | None) -> bo
     snapshot = latest_snapshot(out_dir, run_id)
     if snapshot is None:
         return False
-    restore(state, snapshot)
+    restore(state, snapshot, out_dir)
     return True
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 PREFIX = "lf"
 
 
@@ -97,6 +99,32 @@ def round_metrics(run_id: str) -> str:
 def counters(run_id: str) -> str:
     """HASH name -> integer counter (update outcomes, rejections per reason)."""
     return f"{_run(run_id)}:counters"
+
+
+def run_keys(run_id: str, rounds: Iterable[int], global_rounds: Iterable[int], groups: int) -> list[str]:
+    """Every key the run can have, given its rounds (:func:`rounds_index`), global rounds
+    (:func:`global_rounds_index`) and the most groups it can have: what a snapshot lists without a
+    SCAN, which the services' Redis ACL users may not send."""
+    names = [
+        run_meta(run_id),
+        devices(run_id),
+        leases(run_id),
+        rounds_index(run_id),
+        open_deadlines(run_id),
+        pending_aggregations(run_id),
+        global_adapter(run_id),
+        global_rounds_index(run_id),
+        pending_global(run_id),
+        hierarchy(run_id),
+        round_metrics(run_id),
+        counters(run_id),
+    ]
+    for r in rounds:
+        names += [round_state(run_id, r), round_tasks(run_id, r), round_specs(run_id, r)]
+        names.append(round_updates(run_id, r))
+    names += [global_round_state(run_id, g) for g in global_rounds]
+    names += [group_adapter(run_id, g) for g in range(groups)]
+    return names
 
 
 def run_pattern(run_id: str) -> str:

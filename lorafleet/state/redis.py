@@ -49,6 +49,8 @@ from lorafleet.state.base import (
     StateStoreError,
 )
 from lorafleet.state.redis_url import parse_redis_url
+from schemas.config import MAX_GROUPS
+from schemas.errors import StateStoreRefused
 
 __all__ = ["RedisStateStore"]
 
@@ -313,7 +315,10 @@ def _translated(
         try:
             return method(self, *args, **kwargs)
         except redis.RedisError as exc:
-            raise StateStoreError(f"{method.__name__}: {type(exc).__name__}: {exc}") from exc
+            message = f"{method.__name__}: {type(exc).__name__}: {exc}"
+            if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc):
+                raise StateStoreRefused(message) from exc  # in MULTI/EXEC it comes as EXECABORT
+            raise StateStoreError(message) from exc
 
     return cast("Callable[Concatenate[RedisStateStore, P], T]", wrapper)
 
@@ -870,11 +875,21 @@ class RedisStateStore:
         pattern = keys.run_pattern(_glob_escape(run_id))
         return sorted(cast(Iterable[bytes], self._r.scan_iter(match=pattern, count=500)))
 
+    def _listed_keys(self, run_id: str) -> list[bytes]:
+        """The run's keys, from its round indexes (no SCAN: the aggregator's ACL user may not); a key
+        that does not exist is DUMPed as nil and left out."""
+        rounds = [int(r) for r in cast(list[bytes], self._r.zrange(keys.rounds_index(run_id), 0, -1))]
+        global_rounds = [
+            int(g) for g in cast(list[bytes], self._r.zrange(keys.global_rounds_index(run_id), 0, -1))
+        ]
+        return [name.encode() for name in keys.run_keys(run_id, rounds, global_rounds, MAX_GROUPS)]
+
     @_translated
     def export_run(self, run_id: str) -> bytes:
         """DUMP of every key of the run, read in one MULTI/EXEC (one point in time); a key written
-        after the SCAN that listed them is not in it (the services' resume paths tolerate that)."""
-        names = self._run_keys(run_id)
+        after the indexes that list them were read is not in it (the services' resume paths tolerate
+        that)."""
+        names = self._listed_keys(run_id)
         pipe = self._r.pipeline(transaction=True)
         for name in names:
             pipe.dump(name)

@@ -8,11 +8,13 @@ broker_config/redis-start.sh, as the compose redis service does, and starts a pr
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,12 +29,15 @@ from redis.retry import Retry
 from aggregator.hierarchical_service import aggregator_class
 from lorafleet.app.embedded import drive
 from lorafleet.app.status import run_status
+from lorafleet.run.epoch import EPOCH_FIELD
+from lorafleet.run.recovery import latest_snapshot, restore
 from lorafleet.run.report import build_report
 from lorafleet.state.base import StateStore, StateStoreError
 from lorafleet.state.redis import RedisStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from orchestrator.hierarchical_service import orchestrator_class
 from schemas.config import RunConfig
+from schemas.errors import StateLost
 from tests.pipeline.helpers import NUM_BLOCKS, MeanEvaluator, initial_adapter, make_config, make_worker
 
 pytestmark = pytest.mark.redis
@@ -95,9 +100,14 @@ def _refused(call: Any, *args: Any) -> bool:
 # --------------------------------------------------------------------------- the services work
 
 
-def _run(config: RunConfig, orchestrator_state: StateStore, aggregator_state: StateStore) -> dict[str, Any]:
+def _run(
+    config: RunConfig,
+    orchestrator_state: StateStore,
+    aggregator_state: StateStore,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
     """A whole fake-trainer run, in process, with the orchestrator and the aggregator on their own
-    state-store users; returns the report."""
+    state-store users (the aggregator snapshotting the run into ``out_dir``); returns the report."""
     broker = InMemoryBroker()
     count = config.devices.count
     deltas, samples = [0.1 * (i + 1) for i in range(count)], [10 * (i + 1) for i in range(count)]
@@ -109,7 +119,7 @@ def _run(config: RunConfig, orchestrator_state: StateStore, aggregator_state: St
         initial_adapter=initial_adapter,
     )
     aggregator = aggregator_class(config)(
-        InMemoryTransport(broker), aggregator_state, config=config, evaluator=MeanEvaluator()
+        InMemoryTransport(broker), aggregator_state, config=config, evaluator=MeanEvaluator(), out_dir=out_dir
     )
     workers = [
         make_worker(config, i, InMemoryTransport(broker), deltas=deltas, samples=samples)
@@ -124,7 +134,7 @@ def _run(config: RunConfig, orchestrator_state: StateStore, aggregator_state: St
 
 @pytest.mark.parametrize("strategy", ["fedlora", "hierfedlora"])
 def test_each_service_runs_its_part_of_the_state_store(
-    users: dict[str, str], cleanup: str, strategy: str
+    users: dict[str, str], cleanup: str, strategy: str, redis_url: str, tmp_path: Path
 ) -> None:
     extra: dict[str, Any] = {"strategy": strategy}
     if strategy == "hierfedlora":
@@ -133,7 +143,7 @@ def test_each_service_runs_its_part_of_the_state_store(
     orchestrator = RedisStateStore(users["lf-orchestrator"], outage_s=0)
     aggregator = RedisStateStore(users["lf-aggregator"], outage_s=0)
     try:
-        report = _run(config, orchestrator, aggregator)
+        report = _run(config, orchestrator, aggregator, tmp_path)  # snapshots on, as in compose
         # the aggregator rewrites report.json too, and `lorafleet status` works as either user
         assert build_report(config, aggregator) == report
         for store in (orchestrator, aggregator):
@@ -143,6 +153,52 @@ def test_each_service_runs_its_part_of_the_state_store(
         aggregator.close()
     assert report["final_round"] == 2 and report["finish_reason"] == "max_rounds"
     assert report["rounds"][-1]["devices_reported"] == 4
+    # the aggregator's user snapshotted the run after every round (DUMP of the keys its round indexes
+    # list, no SCAN), and that listing holds every key the run has
+    snapshot = latest_snapshot(tmp_path, cleanup)
+    assert snapshot is not None and snapshot.round_no == 2
+    admin = RedisStateStore(redis_url, outage_s=0)
+    try:
+        listed = {name for name, _, _ in json.loads(admin.export_run(cleanup))["keys"]}
+        assert listed == {name.decode() for name in admin._run_keys(cleanup)}
+    finally:
+        admin.close()
+
+
+def test_a_lost_run_is_restored_by_an_operator_not_by_a_service_user(
+    users: dict[str, str], cleanup: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a run the aggregator's user snapshotted, which the store then lost
+    config = make_config(cleanup, devices=2, rounds=1)
+    orchestrator = RedisStateStore(users["lf-orchestrator"], outage_s=0)
+    aggregator = RedisStateStore(users["lf-aggregator"], outage_s=0)
+    admin = RedisStateStore(redis_url, outage_s=0)
+    try:
+        _run(config, orchestrator, aggregator, tmp_path)
+        epoch = admin.get_run_fields(cleanup)[EPOCH_FIELD]
+        snapshot = latest_snapshot(tmp_path, cleanup)
+        assert snapshot is not None
+        admin.delete_run(cleanup)
+        # When the aggregator's user tries to put it back, the store refuses, and the error says how
+        with pytest.raises(StateLost, match=f"lorafleet restore {cleanup} --out {tmp_path}"):
+            restore(aggregator, snapshot, tmp_path)
+        assert admin.get_run_fields(cleanup) == {}
+        # Then `lorafleet restore`, as a user that may write every key, puts the run back
+        done = subprocess.run(
+            [sys.executable, "-m", "lorafleet", "restore", cleanup, "--out", str(tmp_path)]
+            + ["--state", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"{cleanup}: restored from its snapshot after round 1" in done.stdout
+        fields = admin.get_run_fields(cleanup)
+        assert fields[EPOCH_FIELD] == epoch and fields["status"] == "running"  # as after round 1
+        assert admin.get_counters(cleanup)["state_restored"] == 1
+    finally:
+        for store in (orchestrator, aggregator, admin):
+            store.close()
 
 
 # --------------------------------------------------------------------------- and no more
