@@ -191,7 +191,22 @@ class HierarchicalOrchestrator(OrchestratorService):
 
     # -- messages ---------------------------------------------------------------------------------
     def _poll_round_closed(self) -> None:
-        """Intra-group and global rounds are announced by the aggregator (no polling fallback yet)."""
+        """Go on when the store shows what no message announced (a ``RoundClosed`` that died with an
+        aggregator between its write and its publish, or was announced from a state the store lost):
+        the global round aggregated, or a group whose latest intra-group round is aggregated and whose
+        next one, due, was never opened."""
+        info = self.state.get_global_round(self.run_id, self.round)
+        if info is None:
+            return
+        if info.status == "aggregated":
+            if self._account_round(self.round):
+                self._after_round(self.round)
+            return
+        for group in sorted(info.targets):
+            step = info.counts[group] + 1
+            due = step <= info.targets[group]
+            if due and self.state.get_round(self.run_id, intra_round(self.round, group, step)) is None:
+                self._continue_group(self.round, group)
 
     def _on_round_closed(self, message: RoundClosed) -> None:
         parsed = parse_round(message.round)

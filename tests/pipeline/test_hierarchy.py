@@ -398,3 +398,30 @@ def test_groups_far_from_iid_are_warned_about_naming_the_setting(
     assert bool(warnings) is warned
     if warned:
         assert "hier.groups is 2" in warnings[0] and "hier.warn_divergence 0.075" in warnings[0]
+
+
+def test_a_hierarchical_run_whose_round_closes_are_all_lost_goes_on_from_the_store(
+    run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a hierarchical run whose orchestrator never hears that a round closed: every RoundClosed,
+    # and every ReplanRequest, is lost (an aggregator that died between its write and its publish, a
+    # close announced from a state the store then lost)
+    config = hier_config(run_id, rounds=2)
+    state = InMemoryStateStore()
+    pipeline = fleet(config, state)
+    monkeypatch.setattr(pipeline.orchestrator, "_on_round_closed", lambda message: None)
+    monkeypatch.setattr(pipeline.orchestrator, "_on_replan", lambda message: None)
+    # When the services run
+    _step_until(pipeline.services, lambda: pipeline.orchestrator.finished, max_s=90.0)
+    _step_until([pipeline.aggregator], lambda: pipeline.aggregator.finished)
+    # Then the orchestrator went on from what the store shows (its poll): every group did the rounds
+    # it was planned, and the adapter is exactly the independent computation from the plan
+    report = build_report(config, state)
+    assert report["final_round"] == 2 and report["finish_reason"] == "max_rounds"
+    assert all(g["rounds_done"] == g["frequency"] for e in report["rounds"] for g in e["groups"].values())
+    check_counters_agree(state, config, report)
+    stored = state.get_global_adapter(run_id)
+    assert stored is not None and stored[0] == 2
+    got = tensors_from_bytes(stored[1])
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
