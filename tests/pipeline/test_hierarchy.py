@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -422,6 +423,35 @@ def test_a_hierarchical_run_whose_round_closes_are_all_lost_goes_on_from_the_sto
     check_counters_agree(state, config, report)
     stored = state.get_global_adapter(run_id)
     assert stored is not None and stored[0] == 2
+    got = tensors_from_bytes(stored[1])
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_a_hierarchical_run_the_store_lost_gets_it_back_from_the_snapshot(
+    run_id: str, tmp_path: Path
+) -> None:
+    # Given a hierarchical run stepped by hand whose aggregator keeps snapshots, its first global round
+    # aggregated and the second under way
+    config = hier_config(run_id, rounds=3)
+    state = InMemoryStateStore()
+    pipeline = fleet(config, state, out_dir=tmp_path)
+    _step_until(pipeline.services, lambda: _opened(state, run_id, 2))
+    # When the store loses the run (a Redis restart without persistence)
+    state.delete_run(run_id)
+    # Then the aggregator restores its snapshot (stepped first: by hand, the orchestrator would wait
+    # for the restore in this thread), the orchestrator resumes from it, and the run completes with
+    # every group's planned rounds and the exact aggregate
+    _step_until([pipeline.aggregator], lambda: state.get_counters(run_id).get("state_restored") == 1)
+    _step_until(pipeline.services, lambda: pipeline.orchestrator.finished, max_s=90.0)
+    _step_until([pipeline.aggregator], lambda: pipeline.aggregator.finished)
+    report = build_report(config, state)
+    assert report["final_round"] == 3 and report["finish_reason"] == "max_rounds"
+    assert state.get_counters(run_id)["state_restored"] == 1
+    assert all(g["rounds_done"] == g["frequency"] for e in report["rounds"] for g in e["groups"].values())
+    check_counters_agree(state, config, report)
+    stored = state.get_global_adapter(run_id)
+    assert stored is not None and stored[0] == 3
     got = tensors_from_bytes(stored[1])
     for key, value in expected_from_plan(config, report).items():
         np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
