@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 
 import torch
 
-from aggregator.merge.rankwise import WeightedUpdate, aggregate, check_updates
+from aggregator.merge.rankwise import WeightedUpdate, aggregate
 from lorafleet.ml.lora import Tensors, factor_pairs
 
 
@@ -23,25 +23,53 @@ def _padded(t: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
     return out
 
 
-def aggregate_hetlora(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> Tensors:
-    """HetLoRA: zero-padding, norm-weighted, over the devices that trained each block."""
-    check_updates(global_tensors, updates)
-    out = aggregate(global_tensors, updates)  # shared tensors (and any unpaired key) as FedAvg
-    for (_block, _module), (a_key, b_key) in factor_pairs(global_tensors).items():
-        contributors = [u for u in updates if a_key in u.tensors and b_key in u.tensors]
-        if not contributors:
-            continue
-        weights = [
-            u.weight * float(torch.linalg.matrix_norm(u.tensors[b_key].double() @ u.tensors[a_key].double()))
-            for u in contributors
-        ]
-        total = sum(weights)
-        if total <= 0:
-            weights, total = [u.weight for u in contributors], sum(u.weight for u in contributors)
-        a_shape, b_shape = global_tensors[a_key].shape, global_tensors[b_key].shape
-        pairs = list(zip(weights, contributors, strict=True))
-        a = torch.stack([w * _padded(u.tensors[a_key], a_shape, 0) for w, u in pairs]).sum(dim=0)
-        b = torch.stack([w * _padded(u.tensors[b_key], b_shape, 1) for w, u in pairs]).sum(dim=0)
-        out[a_key] = (a / total).to(global_tensors[a_key].dtype)
-        out[b_key] = (b / total).to(global_tensors[b_key].dtype)
+class _Sums:
+    """Running sums of one factor pair: norm-weighted, and sample-weighted for when every norm is 0."""
+
+    def __init__(self, a_shape: torch.Size, b_shape: torch.Size) -> None:
+        self.a, self.b = torch.zeros(a_shape, dtype=torch.float64), torch.zeros(b_shape, dtype=torch.float64)
+        self.plain_a, self.plain_b = torch.zeros_like(self.a), torch.zeros_like(self.b)
+        self.total = self.plain_total = 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        pa, pb = _padded(a, self.a.shape, 0), _padded(b, self.b.shape, 1)
+        norm_weight = weight * float(torch.linalg.matrix_norm(b.double() @ a.double()))
+        self.a += norm_weight * pa
+        self.b += norm_weight * pb
+        self.total += norm_weight
+        self.plain_a += weight * pa
+        self.plain_b += weight * pb
+        self.plain_total += weight
+
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.total > 0:
+            return self.a / self.total, self.b / self.total
+        return self.plain_a / self.plain_total, self.plain_b / self.plain_total
+
+
+def aggregate_hetlora(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
+    """HetLoRA: zero-padding, norm-weighted, over the devices that trained each block.
+
+    ``updates`` is read once, one at a time (running sums per factor pair beside the rank-wise
+    merge's, which checks each update and averages the shared tensors): a generator that loads each
+    update when asked holds one in memory.
+    """
+    pairs = factor_pairs(global_tensors)
+    sums: dict[tuple[str, str], _Sums] = {}
+
+    def folded() -> Iterator[WeightedUpdate]:
+        for update in updates:
+            yield update  # checked by the rank-wise merge before it is folded in here
+            for a_key, b_key in pairs.values():
+                if a_key in update.tensors and b_key in update.tensors:
+                    pair = sums.setdefault(
+                        (a_key, b_key), _Sums(global_tensors[a_key].shape, global_tensors[b_key].shape)
+                    )
+                    pair.add(update.tensors[a_key], update.tensors[b_key], update.weight)
+
+    out = aggregate(global_tensors, folded())  # shared tensors (and any unpaired key) as FedAvg
+    for (a_key, b_key), pair in sums.items():
+        a, b = pair.mean()
+        out[a_key] = a.to(global_tensors[a_key].dtype)
+        out[b_key] = b.to(global_tensors[b_key].dtype)
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 from aggregator.merge.hetlora import aggregate_hetlora
 from aggregator.merge.rankwise import WeightedUpdate, aggregate
@@ -12,7 +12,7 @@ from lorafleet.ml.lora import Tensors
 from schemas.config import RunConfig
 from schemas.strategies import AggregationName
 
-Merge = Callable[[Tensors, Sequence[WeightedUpdate]], Tensors]
+Merge = Callable[[Tensors, Iterable[WeightedUpdate]], Tensors]
 
 #: ``auto`` is not a rule: RunConfig.merge_rule resolves it for the strategy.
 MERGES: dict[AggregationName, Merge] = {
@@ -25,9 +25,9 @@ MERGES: dict[AggregationName, Merge] = {
 def merge(config: RunConfig, current: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
     """The configured merge: optional norm clipping, then a robust statistic or the strategy's rule.
 
-    ``updates`` is read once. The rank-wise rule (and clipping) take one update at a time, so a
-    generator that loads each update when asked keeps one in memory; the robust statistics, HetLoRA
-    and the SVD merge need all of them at once and hold them in a list.
+    ``updates`` is read once. Every rule (and clipping) takes one update at a time, so a generator
+    that loads each update when asked keeps one in memory; only the robust statistics (a median, a
+    trimmed mean) need all of them at once and hold them in a list.
     """
     robust = config.robust
     clip_norm = robust.clip_norm
@@ -36,7 +36,4 @@ def merge(config: RunConfig, current: Tensors, updates: Iterable[WeightedUpdate]
         updates = (clip_update(current, update, clip_norm) for update in updates)
     if robust.method != "none":
         return aggregate_robust(current, list(updates), method=robust.method, trim=robust.trim)
-    rule = config.merge_rule
-    if rule is AggregationName.RANK_WISE:
-        return aggregate(current, updates)
-    return MERGES[rule](current, list(updates))
+    return MERGES[config.merge_rule](current, updates)

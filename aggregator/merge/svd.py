@@ -7,26 +7,38 @@ B = U_R sqrt(S_R), A = sqrt(S_R) V_R^T. Shared tensors (the head) are the sample
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 
 import torch
 
-from aggregator.merge.rankwise import WeightedUpdate, aggregate, check_updates
+from aggregator.merge.rankwise import WeightedUpdate, aggregate
 from lorafleet.ml.lora import Tensors, factor_pairs
 
 
-def aggregate_svd(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> Tensors:
-    """FlexLoRA-style: average the products B·A, then factor back to the global rank by SVD."""
-    check_updates(global_tensors, updates)
-    out = aggregate(global_tensors, updates)
-    for (_block, _module), (a_key, b_key) in factor_pairs(global_tensors).items():
-        contributors = [u for u in updates if a_key in u.tensors and b_key in u.tensors]
-        if not contributors:
-            continue
-        total = sum(u.weight for u in contributors)
-        product = torch.stack(
-            [u.weight * (u.tensors[b_key].double() @ u.tensors[a_key].double()) for u in contributors]
-        ).sum(dim=0) / total
+def aggregate_svd(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
+    """FlexLoRA-style: average the products B·A, then factor back to the global rank by SVD.
+
+    ``updates`` is read once, one at a time: a running sum of the weighted products per block and
+    module (one dense matrix each, whatever the number of updates) beside the rank-wise merge's sums.
+    """
+    pairs = factor_pairs(global_tensors)
+    products: dict[tuple[str, str], tuple[torch.Tensor, list[float]]] = {}
+
+    def folded() -> Iterator[WeightedUpdate]:
+        for update in updates:
+            yield update  # checked by the rank-wise merge before it is folded in here
+            for a_key, b_key in pairs.values():
+                if a_key in update.tensors and b_key in update.tensors:
+                    product = update.tensors[b_key].double() @ update.tensors[a_key].double()
+                    if (a_key, b_key) not in products:
+                        products[(a_key, b_key)] = (torch.zeros_like(product), [0.0])
+                    acc, total = products[(a_key, b_key)]
+                    acc += update.weight * product
+                    total[0] += update.weight
+
+    out = aggregate(global_tensors, folded())
+    for (a_key, b_key), (acc, total) in products.items():
+        product = acc / total[0]
         rank = global_tensors[a_key].shape[0]
         u_mat, s, vh = torch.linalg.svd(product, full_matrices=False)
         root = torch.sqrt(s[:rank])
