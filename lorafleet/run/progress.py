@@ -161,6 +161,11 @@ class RunReporter:
         """The run's end. The last rounds' evaluations may not have reached the orchestrator by
         then: their metrics come from the state store."""
         self._late_evaluations()
+        with self._lock:  # a round opened after the final one (trained while its evaluation ran) never ends
+            for round_no, bar in sorted(self._bars.items()):
+                if round_no > final_round and not bar.closed and self._progress is not None:
+                    self._progress.remove_task(bar.task)
+                    del self._bars[round_no]
         self.close()
         acc = "n/a" if accuracy is None else f"{accuracy:.4f}"
         self._print(

@@ -106,3 +106,22 @@ def test_a_round_announced_again_after_it_was_printed_for_good_prints_a_line() -
     reporter.round_evaluated(1, 0.6, 0.9)
     # Then each is a line (before: KeyError on the bar the display no longer had, which ended the service)
     assert "round 1 accuracy 0.6000 loss 0.9000" in _bars(reporter, console)
+
+
+def test_a_round_opened_after_the_final_one_leaves_no_bar_behind() -> None:
+    # Given an embedded run whose round 2 reached the target while round 3 trained (evaluation lags)
+    console = Console(record=True, width=200)
+    reporter = RunReporter(parse_run_config({"rounds": {"max_rounds": 5}}), console=console)
+    for round_no in (1, 2):
+        reporter.round_opened(round_no, 2)
+        reporter.round_closed(round_no, {"close_reason": "quorum", "devices_reported": 2, "tasks_issued": 2})
+        reporter.round_evaluated(round_no, 0.7 + round_no / 100, 0.5)
+    reporter.round_opened(3, 2)
+    reporter.update_received(3, 1)
+    # When the run finishes after round 2
+    reporter.finished("target_accuracy", 2, 0.72, 12.0)
+    printed = console.export_text()
+    # Then rounds 1 and 2 are printed and round 3's bar, which never ends, is not (it was, at 1/2)
+    assert re.search(r"^round 2/5 .* accuracy 0\.7200", printed, re.M)
+    assert "round 3/5" not in printed
+    assert "run finished (target_accuracy) after round 2: accuracy 0.7200" in printed
