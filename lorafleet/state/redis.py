@@ -390,13 +390,14 @@ class _OutageRetry(Retry):
 class _QuorumSentinel(Sentinel):
     """Asks every Sentinel, not the first that answers: a Sentinel that missed a failover (a loaded
     host, a partition) still names the old primary, which, back as a replica, answers every write with
-    READONLY; redis-py would keep asking that one Sentinel. The primary is the one reported by the
-    Sentinels with the newest configuration epoch that the instance itself confirms (its reported
-    role is master)."""
+    READONLY; redis-py would keep asking that one Sentinel. The candidates are the primaries the
+    Sentinels report, newest configuration epoch (then most Sentinels) first, that the Sentinel saw
+    report the master role; the primary is the first that itself answers ``ROLE`` with ``master``
+    (a Sentinel's view of the role is up to its INFO period old: a full run once kept writing to a
+    demoted primary for 90 s). A user the ACL refuses ``ROLE`` takes the Sentinels' word."""
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
-        best: tuple[int, int, tuple[str, int]] | None = None
-        votes: dict[tuple[str, int], int] = {}
+        ranked: dict[tuple[str, int], tuple[int, int]] = {}  # address -> (config epoch, votes)
         for sentinel in self.sentinels:
             try:
                 masters = sentinel.sentinel_masters()
@@ -408,13 +409,33 @@ class _QuorumSentinel(Sentinel):
             if state.get("role-reported", "master") != "master":
                 continue  # this Sentinel's primary says it is a replica now: its view is stale
             address = (str(state["ip"]), int(state["port"]))
-            votes[address] = votes.get(address, 0) + 1
-            candidate = (int(state.get("config-epoch", 0)), votes[address], address)
-            if best is None or candidate[:2] > best[:2]:
-                best = candidate
-        if best is None:
-            raise MasterNotFoundError(f"No master found for {service_name!r}")
-        return best[2]
+            epoch, votes = ranked.get(address, (0, 0))
+            ranked[address] = (max(epoch, int(state.get("config-epoch", 0))), votes + 1)
+        for address in sorted(ranked, key=lambda a: ranked[a], reverse=True):
+            if self._confirms_master(address):
+                return address
+        raise MasterNotFoundError(f"No master found for {service_name!r}")
+
+    def _confirms_master(self, address: tuple[str, int]) -> bool:
+        kwargs = self.connection_kwargs
+        probe = redis.Redis(
+            host=address[0],
+            port=address[1],
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            socket_timeout=kwargs.get("socket_connect_timeout", 2.0),
+            socket_connect_timeout=kwargs.get("socket_connect_timeout", 2.0),
+        )
+        try:
+            role = probe.role()
+        except redis.ResponseError:
+            return True  # NOPERM: this user may not ask (broker_config's users may)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        finally:
+            probe.close()
+        first = role[0] if isinstance(role, list | tuple) and role else b""
+        return bool(first in (b"master", "master"))
 
 
 class _Script:
@@ -486,6 +507,9 @@ class RedisStateStore:
                     "socket_connect_timeout": socket_connect_timeout,
                     "password": target.sentinel_password,
                 },
+                username=target.username,  # for its ROLE probe of the candidates
+                password=target.password,
+                socket_connect_timeout=socket_connect_timeout,
             )
             assert target.service is not None
             client = sentinel.master_for(  # type: ignore[no-untyped-call]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.sentinel import MasterNotFoundError
 
-from lorafleet.state.redis import RedisStateStore
+from lorafleet.state.redis import RedisStateStore, _QuorumSentinel
 from tests.integration.test_faults import (
     MAX_ROUNDS,
     TEST_TIMEOUT_S,
@@ -214,3 +215,45 @@ def test_a_run_over_sentinel_survives_a_failover_mid_run(
             f"sentinel failover: updates {report['updates']}, rounds redone {redone}, "
             f"restores {report['state_restored']}, final accuracy {report['final_accuracy']}"
         )
+
+
+class _StaleSentinel:
+    """A Sentinel's answer to SENTINEL MASTERS: ``port`` as the primary at ``epoch``."""
+
+    def __init__(self, port: int, epoch: int) -> None:
+        self.state = {
+            "ip": "127.0.0.1",
+            "port": port,
+            "config-epoch": epoch,
+            "role-reported": "master",  # its view of the role, up to an INFO period old
+            "is_master": True,
+            "is_sdown": False,
+            "is_odown": False,
+            "num-other-sentinels": 2,
+        }
+
+    def sentinel_masters(self) -> dict[str, dict[str, object]]:
+        return {SERVICE: self.state}
+
+
+def test_the_primary_is_the_candidate_that_itself_says_it_is_one(tmp_path: Path) -> None:
+    # Given a primary and its replica, and Sentinels of which the ones at the newer epoch still name the
+    # replica as the primary (their view of its role not yet refreshed: the demoted primary of a
+    # failover that came back as a replica)
+    cluster = SentinelCluster(tmp_path / "redis")
+    primary, replica = cluster.data_ports
+    try:
+        cluster.start_data(primary, None)
+        cluster.start_data(replica, primary)
+        sentinel = _QuorumSentinel([("127.0.0.1", cluster.sentinel_ports[0])])
+        stale, behind = _StaleSentinel(replica, 7), _StaleSentinel(primary, 6)
+        sentinel.sentinels = [stale, stale, behind]
+        # When a client asks for the primary, then it gets the instance that answers ROLE as the
+        # primary (before: the replica, newest epoch and most votes, which refuses every write)
+        assert sentinel.discover_master(SERVICE) == ("127.0.0.1", primary)
+        # ... and with no instance confirming, none (the pool then retries, as for a primary down)
+        sentinel.sentinels = [stale]
+        with pytest.raises(MasterNotFoundError):
+            sentinel.discover_master(SERVICE)
+    finally:
+        cluster.stop()
