@@ -109,7 +109,7 @@ class FederatedEvaluation:
         metrics = self.state.get_round_metrics(self.run_id).get(result.round, {})
         if EVAL_SENT not in metrics:
             raise Rejected("unknown_round", f"{result.device_id} reports round {result.round}; none was sent")
-        device = self.state.get_devices(self.run_id).get(result.device_id)
+        device = self.state.get_device(self.run_id, result.device_id)
         if device is None:
             raise Rejected("unknown_device", f"{result.device_id} is not a registered device of the run")
         self._check_counts(result, int(device.get("eval_samples", 0)))

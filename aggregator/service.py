@@ -482,7 +482,7 @@ class AggregatorService:
         """An update weighs as many samples as it claims: never more than its device registered."""
         registered = self._registered_samples.get(update.device_id)
         if registered is None or update.num_samples > registered:  # unknown here, or re-registered
-            info = self.state.get_devices(self.run_id).get(update.device_id, {})
+            info = self.state.get_device(self.run_id, update.device_id) or {}
             registered = int(info.get("num_samples", 0))
             self._registered_samples[update.device_id] = registered
         if update.num_samples > registered:

@@ -2,10 +2,11 @@
 
 Two runs, each in its own child process (its peak RSS from ``wait4``, nothing else in it):
 
-* ``--devices`` (default 1,000) devices training the tiny random BERT on synthetic rows, FedLoRA,
-  ``--rounds`` rounds;
+* ``--devices`` (default 1,000) devices training the tiny random BERT on SST-2 rows (``--samples``
+  each), FedLoRA, ``--rounds`` rounds;
 * ``--fake-devices`` (default 10,000) devices with the fake trainer (worker/trainer.py
-  ``FakeTrainer``: no model in the loop, a fixed delta per update), one round.
+  ``FakeTrainer``: no model in the loop, a fixed delta per update; ``--fake-samples`` rows each),
+  one round.
 
 Per run: wall seconds from the command's start, seconds to every device registered, per-round wall
 seconds, peak RSS, and peak RSS per device over the same run's memory at one device (``--baseline``
@@ -36,7 +37,7 @@ def run_config(devices: int, rounds: int, samples: int, run_id: str) -> dict[str
         "seed": 0,
         "strategy": "fedlora",
         "model": {"name": "tiny", "max_seq_len": 32, "tiny_layers": 2, "tiny_hidden": 32},
-        "data": {"dataset": "synthetic", "samples_per_device": samples, "eval_samples": 256},
+        "data": {"dataset": "sst2", "samples_per_device": samples, "eval_samples": 256},
         "devices": {"count": devices},
         "lora": {"rank": 4},
         "training": {"batch_size": 16, "lr": 5.0e-3},
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--fake-devices", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=16, help="rows per device")
+    parser.add_argument("--fake-samples", type=int, default=4, help="rows per fake-trainer device")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)
@@ -140,7 +142,7 @@ def main() -> None:
     ):
         load = os.getloadavg()
         out = args.work / f"{devices}-{'fake' if fake else 'tiny'}"
-        row = measure(devices, rounds, args.samples, fake, out)
+        row = measure(devices, rounds, args.fake_samples if fake else args.samples, fake, out)
         row["loadavg"] = [round(x, 2) for x in load]
         print(json.dumps(row), flush=True)
         rows.append(row)

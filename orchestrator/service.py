@@ -233,9 +233,9 @@ class OrchestratorService:
             if not self._state_intact():
                 return
         if self.phase == "registering":
-            devices = self.state.get_devices(self.run_id)
+            devices = self.state.count_devices(self.run_id)
             waited = now - self._registration_started
-            if len(devices) >= self.config.min_devices or (
+            if devices >= self.config.min_devices or (
                 devices and waited > self.config.rounds.registration_timeout_s
             ):
                 self._begin()
@@ -324,7 +324,7 @@ class OrchestratorService:
     def _on_heartbeat(self, message: Heartbeat) -> None:
         """Extend the device's lease; a device the run does not have registered (its registration was
         lost with the state) is asked to register again."""
-        if message.device_id not in self.state.get_devices(self.run_id):
+        if self.state.get_device(self.run_id, message.device_id) is None:
             publish_message(
                 self.transport,
                 topology.TASKS_EXCHANGE,
@@ -349,7 +349,7 @@ class OrchestratorService:
             self.run_id, message.device_id, to_ms(self.clock.now() + self.config.rounds.lease_s)
         )
         if new:
-            self.reporter.device_registered(message.device_id, len(self.state.get_devices(self.run_id)))
+            self.reporter.device_registered(message.device_id, self.state.count_devices(self.run_id))
         self._calibrated(message)
 
     def _calibrated(self, message: DeviceRegistered) -> None:

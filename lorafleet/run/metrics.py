@@ -129,7 +129,7 @@ class RunCollector(Collector):
                 self.state.get_run_fields(self.run_id),
                 hierarchical=self.hierarchical,
             )
-            registered = len(self.state.get_devices(self.run_id))
+            registered = self.state.count_devices(self.run_id)
             expired = len(self.state.expired_devices(self.run_id, int(self.now() * 1000)))
         except StateStoreError as exc:
             log.warning("metrics: the state store did not answer: %s", exc)

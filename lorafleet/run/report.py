@@ -54,7 +54,7 @@ def build_report(config: RunConfig, state: StateStore) -> dict[str, Any]:
         "virtual_time_s": rounds[-1]["virtual_time_s"] if rounds else 0.0,
         "bytes_total": sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
         "time_to_target": None if target is None else time_to_target(rounds, config.rounds),
-        "devices_registered": len(state.get_devices(run_id)),
+        "devices_registered": state.count_devices(run_id),
         "updates": {
             k.removeprefix("update_"): v for k, v in sorted(counters.items()) if k.startswith("update_")
         },

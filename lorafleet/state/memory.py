@@ -12,7 +12,7 @@ import json
 import pickle
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from lorafleet.state.base import (
     CloseReason,
@@ -108,6 +108,15 @@ class InMemoryStateStore:
     def get_devices(self, run_id: str) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {d: json.loads(v) for d, v in self._run(run_id).devices.items()}
+
+    def get_device(self, run_id: str, device_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            raw = self._run(run_id).devices.get(device_id)
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
+    def count_devices(self, run_id: str) -> int:
+        with self._lock:
+            return len(self._run(run_id).devices)
 
     def touch_device(self, run_id: str, device_id: str, expires_ms: int) -> None:
         with self._lock:

@@ -574,6 +574,15 @@ class RedisStateStore:
         return {_s(k): json.loads(v) for k, v in raw.items()}
 
     @_translated
+    def get_device(self, run_id: str, device_id: str) -> dict[str, Any] | None:
+        raw = cast(bytes | None, self._r.hget(keys.devices(run_id), device_id))
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
+    @_translated
+    def count_devices(self, run_id: str) -> int:
+        return int(self._r.hlen(keys.devices(run_id)))
+
+    @_translated
     def touch_device(self, run_id: str, device_id: str, expires_ms: int) -> None:
         self._r.zadd(keys.leases(run_id), {device_id: int(expires_ms)})
 

@@ -69,6 +69,16 @@ def test_register_device_new_then_again(store: StateStore, run_id: str) -> None:
     assert store.get_devices(run_id) == {"d1": {"mem_gb": 8}, "d2": {"mem_gb": 16}}
 
 
+def test_one_device_and_the_count_without_reading_them_all(store: StateStore, run_id: str) -> None:
+    assert store.get_device(run_id, "d1") is None and store.count_devices(run_id) == 0
+    store.register_device(run_id, "d1", {"mem_gb": 4})
+    store.register_device(run_id, "d2", {"mem_gb": 16})
+    store.register_device(run_id, "d1", {"mem_gb": 8})
+    assert store.get_device(run_id, "d1") == {"mem_gb": 8}
+    assert store.get_device(run_id, "d3") is None
+    assert store.count_devices(run_id) == 2
+
+
 def test_leases_and_expired_devices(store: StateStore, run_id: str) -> None:
     assert store.expired_devices(run_id, 10**12) == []
     store.touch_device(run_id, "b", 1_000)
