@@ -100,6 +100,15 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
     return current
 
 
+def check_exact_adapter(state: StateStore, config: RunConfig, report: dict[str, Any], rounds: int) -> None:
+    """The stored global adapter is version ``rounds`` and exactly the independent computation."""
+    stored = state.get_global_adapter(config.run_id)
+    assert stored is not None and stored[0] == rounds
+    got = tensors_from_bytes(stored[1])
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def check_counters_agree(state: StateStore, config: RunConfig, report: dict[str, Any]) -> None:
     """The state store's group and global counters say what report.json's rounds say."""
     run_id = config.run_id
@@ -194,11 +203,7 @@ def test_a_hierarchical_run_aggregates_exactly_and_its_counters_agree_with_the_r
     # ... the counters in the state store agree with the report's rounds
     check_counters_agree(servers.state, config, report)
     # ... and the global adapter is exactly the independent computation from the plan
-    stored = servers.state.get_global_adapter(run_id)
-    assert stored is not None and stored[0] == 4
-    got = tensors_from_bytes(stored[1])
-    for key, value in expected_from_plan(config, report).items():
-        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+    check_exact_adapter(servers.state, config, report, 4)
 
 
 @pytest.mark.parametrize(
@@ -421,11 +426,7 @@ def test_a_hierarchical_run_whose_round_closes_are_all_lost_goes_on_from_the_sto
     assert report["final_round"] == 2 and report["finish_reason"] == "max_rounds"
     assert all(g["rounds_done"] == g["frequency"] for e in report["rounds"] for g in e["groups"].values())
     check_counters_agree(state, config, report)
-    stored = state.get_global_adapter(run_id)
-    assert stored is not None and stored[0] == 2
-    got = tensors_from_bytes(stored[1])
-    for key, value in expected_from_plan(config, report).items():
-        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+    check_exact_adapter(state, config, report, 2)
 
 
 def test_a_hierarchical_run_the_store_lost_gets_it_back_from_the_snapshot(
@@ -450,8 +451,4 @@ def test_a_hierarchical_run_the_store_lost_gets_it_back_from_the_snapshot(
     assert state.get_counters(run_id)["state_restored"] == 1
     assert all(g["rounds_done"] == g["frequency"] for e in report["rounds"] for g in e["groups"].values())
     check_counters_agree(state, config, report)
-    stored = state.get_global_adapter(run_id)
-    assert stored is not None and stored[0] == 3
-    got = tensors_from_bytes(stored[1])
-    for key, value in expected_from_plan(config, report).items():
-        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
+    check_exact_adapter(state, config, report, 3)
