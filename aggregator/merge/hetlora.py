@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
-from aggregator.merge.rankwise import WeightedUpdate, aggregate
-from lorafleet.ml.lora import Tensors, factor_pairs
+from aggregator.merge.rankwise import WeightedUpdate, aggregate, folding
+from lorafleet.ml.lora import Tensors
 
 
 def _padded(t: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
@@ -54,20 +54,15 @@ def aggregate_hetlora(global_tensors: Tensors, updates: Iterable[WeightedUpdate]
     merge's, which checks each update and averages the shared tensors): a generator that loads each
     update when asked holds one in memory.
     """
-    pairs = factor_pairs(global_tensors)
     sums: dict[tuple[str, str], _Sums] = {}
 
-    def folded() -> Iterator[WeightedUpdate]:
-        for update in updates:
-            yield update  # checked by the rank-wise merge before it is folded in here
-            for a_key, b_key in pairs.values():
-                if a_key in update.tensors and b_key in update.tensors:
-                    pair = sums.setdefault(
-                        (a_key, b_key), _Sums(global_tensors[a_key].shape, global_tensors[b_key].shape)
-                    )
-                    pair.add(update.tensors[a_key], update.tensors[b_key], update.weight)
+    def fold(a_key: str, b_key: str, update: WeightedUpdate) -> None:
+        shapes = global_tensors[a_key].shape, global_tensors[b_key].shape
+        pair = sums.setdefault((a_key, b_key), _Sums(*shapes))
+        pair.add(update.tensors[a_key], update.tensors[b_key], update.weight)
 
-    out = aggregate(global_tensors, folded())  # shared tensors (and any unpaired key) as FedAvg
+    # the shared tensors (and any unpaired key) as FedAvg
+    out = aggregate(global_tensors, folding(global_tensors, updates, fold))
     for (a_key, b_key), pair in sums.items():
         a, b = pair.mean()
         out[a_key] = a.to(global_tensors[a_key].dtype)

@@ -15,12 +15,12 @@ With identical ranks and every block trained by every device this is plain FedAv
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lorafleet.ml.lora import Tensors, parse_key
+from lorafleet.ml.lora import Tensors, factor_pairs, parse_key
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,22 @@ def aggregate(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Ten
         averaged = acc / weight.clamp_min(1e-300)
         merged[key] = torch.where(weight > 0, averaged, current.to(torch.float64)).to(current.dtype)
     return merged
+
+
+def folding(
+    global_tensors: Tensors,
+    updates: Iterable[WeightedUpdate],
+    fold: Callable[[str, str, WeightedUpdate], None],
+) -> Iterator[WeightedUpdate]:
+    """``updates`` passed through to :func:`aggregate` (which checks each), each then handed to
+    ``fold(a_key, b_key, update)`` for every factor pair of the global adapter it trained: how a merge
+    keeps its own running sums beside the rank-wise one, reading the updates once."""
+    pairs = factor_pairs(global_tensors)
+    for update in updates:
+        yield update
+        for a_key, b_key in pairs.values():
+            if a_key in update.tensors and b_key in update.tensors:
+                fold(a_key, b_key, update)
 
 
 def check_updates(global_tensors: Tensors, updates: Sequence[WeightedUpdate]) -> None:

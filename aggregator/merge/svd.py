@@ -7,12 +7,12 @@ B = U_R sqrt(S_R), A = sqrt(S_R) V_R^T. Shared tensors (the head) are the sample
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
-from aggregator.merge.rankwise import WeightedUpdate, aggregate
-from lorafleet.ml.lora import Tensors, factor_pairs
+from aggregator.merge.rankwise import WeightedUpdate, aggregate, folding
+from lorafleet.ml.lora import Tensors
 
 
 def aggregate_svd(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
@@ -21,22 +21,15 @@ def aggregate_svd(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) ->
     ``updates`` is read once, one at a time: a running sum of the weighted products per block and
     module (one dense matrix each, whatever the number of updates) beside the rank-wise merge's sums.
     """
-    pairs = factor_pairs(global_tensors)
     products: dict[tuple[str, str], tuple[torch.Tensor, list[float]]] = {}
 
-    def folded() -> Iterator[WeightedUpdate]:
-        for update in updates:
-            yield update  # checked by the rank-wise merge before it is folded in here
-            for a_key, b_key in pairs.values():
-                if a_key in update.tensors and b_key in update.tensors:
-                    product = update.tensors[b_key].double() @ update.tensors[a_key].double()
-                    if (a_key, b_key) not in products:
-                        products[(a_key, b_key)] = (torch.zeros_like(product), [0.0])
-                    acc, total = products[(a_key, b_key)]
-                    acc += update.weight * product
-                    total[0] += update.weight
+    def fold(a_key: str, b_key: str, update: WeightedUpdate) -> None:
+        product = update.tensors[b_key].double() @ update.tensors[a_key].double()
+        acc, total = products.setdefault((a_key, b_key), (torch.zeros_like(product), [0.0]))
+        acc += update.weight * product
+        total[0] += update.weight
 
-    out = aggregate(global_tensors, folded())
+    out = aggregate(global_tensors, folding(global_tensors, updates, fold))
     for (a_key, b_key), (acc, total) in products.items():
         product = acc / total[0]
         rank = global_tensors[a_key].shape[0]
