@@ -242,6 +242,26 @@ class Fleet:
         self.wait_until(f"round {round_no} open with >= {reported} updates", due, timeout)
         self.mark(f"round {round_no} open, >= {reported} reported")
 
+    def wait_mid_round(self, round_no: int) -> list[str]:
+        """Until round ``round_no`` is open with an update counted and others still to come; held there.
+
+        Once the round is open (tasks out, about 1.5 s before any update), every worker but the first
+        live one is frozen (SIGSTOP), so the round cannot close between two polls however close
+        together its updates arrive (they did, on a loaded CI host). Returns the frozen workers, for
+        ``resume``.
+        """
+        self.wait_round(round_no)
+        workers = [s.name for s in self.services.values() if s.role == "worker" and s.proc.poll() is None]
+        frozen = workers[1:]
+        for name in frozen:
+            self.kill(name, signal.SIGSTOP)
+        self.wait_round(round_no, reported=1)
+        return frozen
+
+    def resume(self, names: list[str]) -> None:
+        for name in names:
+            self.kill(name, signal.SIGCONT)
+
     def wait_closed(self, round_no: int, timeout: float = WAIT_S) -> None:
         def closed() -> bool:
             info = self.store.get_round(self.run_id, round_no)
@@ -644,7 +664,7 @@ def test_the_run_survives_a_rabbitmq_restart(
         workers = fleet.start_run()
         slots = {w.name: fleet.wait_claimed(w.name) for w in workers}
         # When the RabbitMQ application is stopped mid-round and started again
-        fleet.wait_round(2, reported=1)
+        fleet.wait_round(2)  # open, tasks out (a wider window than a first update)
         try:
             fleet.mark("rabbitmqctl stop_app")
             rabbitmqctl("stop_app", timeout=180)
@@ -732,10 +752,12 @@ def test_a_sigkilled_aggregator_restarted_mid_round_resumes_the_run(
     with fleet_of(tmp_path, run_config(run_id), rabbitmq_url, redis_url) as fleet:
         fleet.start_run(workers=device_ids())
         # When the aggregator is SIGKILLed mid-round (round 2 open, some of its updates counted) ...
-        fleet.wait_round(2, reported=1)
+        frozen = fleet.wait_mid_round(2)
         fleet.kill("aggregator")
         counted = fleet.store.get_round(fleet.run_id, 2)
         assert counted is not None and counted.status == "open"
+        assert counted.reported < DEVICES
+        fleet.resume(frozen)
         # ... and restarted with the same command once the rest of round 2's updates wait in the queue
         fleet.wait_until(
             "round 2's other updates", lambda: updates_waiting(fleet) >= DEVICES - counted.reported
@@ -768,8 +790,9 @@ def test_a_sigkilled_orchestrator_restarted_with_the_same_command_resumes_the_ru
         )
         fleet.kill("aggregator", signal.SIGCONT)
         # ... and SIGKILLed again mid-round 3, restarted only after round 3 was aggregated without it
-        fleet.wait_round(3, reported=1)
+        frozen = fleet.wait_mid_round(3)
         fleet.kill("orchestrator")
+        fleet.resume(frozen)
         fleet.wait_until(
             "round 3 aggregated",
             lambda: (i := fleet.store.get_round(fleet.run_id, 3)) is not None and i.status == "aggregated",
