@@ -212,7 +212,8 @@ def build_aggregator(
     snapshots: bool | None = None,
 ) -> AggregatorService:
     config = with_model_defaults(config, runtime)
-    pin_mmap_threshold()  # update bodies of many MB are returned to the OS when freed (malloc.py)
+    if not embedded:  # its own process: update bodies of many MB go back to the OS when freed (malloc.py);
+        pin_mmap_threshold()  # never beside training: every activation would be an mmap (2x slower rounds)
     encoded_eval = encode_dataset(runtime.tokenizer, eval_set(config), config.model.max_seq_len)
     labels = label_names(config)
 
