@@ -56,6 +56,9 @@ class ModelConfig(_Section):
     tiny_layers: Annotated[int, Field(ge=1, le=24)] = 2
     tiny_hidden: Annotated[int, Field(ge=8, le=1024)] = 32
     torch_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: this process's share of the cores
+    # embedded runs: devices trained side by side, each lane a process of torch_threads threads (1 if
+    # unset); 0: as many lanes as the cores allow; 1: one device at a time in the run's process
+    lanes: Annotated[int, Field(ge=0, le=256)] = 0
 
 
 class DataConfig(_Section):

@@ -109,6 +109,7 @@ class WorkerService:
         self.stats: Counter[str] = Counter()
         self.rejections = Rejections(f"worker {device_id}")
         self._subscription: Subscription | None = None
+        self._held: Delivery | None = None  # taken off the queue by prefetch, handled by the next step
         self._completed: dict[str, LoraUpdate] = {}  # task id -> update already published
         self._busy_task: str | None = None
         self._heartbeat_seq = 0
@@ -175,10 +176,37 @@ class WorkerService:
         if self.finished or not self._subscribed():
             return False
         assert self._subscription is not None
-        delivery = self._subscription.get(timeout if self.evaluator is None else 0.0)
+        delivery, self._held = self._held, None
+        if delivery is None:
+            delivery = self._subscription.get(timeout if self.evaluator is None else 0.0)
         if delivery is None:
             return self._when_idle(timeout)
         self._handle(delivery)
+        return True
+
+    def prefetch(self) -> bool:
+        """With a trainer that trains elsewhere (worker/lanes.py): take the waiting delivery off the
+        queue and, for a task of this device, start its training now; the next :meth:`step` handles
+        it as usual (and collects the outcome), so messages go out in the same order as without it.
+        True if a delivery was taken."""
+        submit = getattr(self.trainer, "submit", None)
+        if submit is None or self.finished or self._held is not None or not self._subscribed():
+            return False
+        assert self._subscription is not None
+        self._held = self._subscription.get(0.0)
+        if self._held is None:
+            return False
+        try:
+            message = receive(self._held, run_id=self.run_id, max_bytes=self.limits.max_message_bytes)
+            if (
+                isinstance(message, TrainTask)
+                and message.device_id == self.device_id
+                and self.clock.now() <= message.deadline_at
+                and message.task_id not in self._completed
+            ):
+                submit(message, decode_tensors(message.adapter, max_bytes=self.limits.max_payload_bytes))
+        except Exception:  # noqa: BLE001 - refused (and dead-lettered) or failed when step handles it
+            log.debug("worker %s: delivery not prefetched", self.device_id, exc_info=True)
         return True
 
     def _when_idle(self, timeout: float) -> bool:

@@ -1,9 +1,10 @@
 """Embedded mode: orchestrator, aggregator and every worker in one process.
 
 The services are the same classes as in distributed mode, over the in-process transport and
-state store. One base model is shared by all workers and the evaluator (devices train one after
-another, which is also the fastest schedule on a small host). A cooperative scheduler steps every
-service until the run finishes.
+state store. One base model is loaded, for all workers and the evaluator. A cooperative scheduler
+steps every service until the run finishes; devices train side by side in training lanes (processes
+forked once the model and the rows are loaded: worker/lanes.py, ``model.lanes``), with the same
+messages in the same order, and so the same results, as one device after another.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from lorafleet.app.wiring import (
     build_aggregator,
     build_orchestrator,
     build_runtime,
+    build_trainer,
     build_worker,
+    device_rows,
     with_model_defaults,
 )
-from lorafleet.ml.model import configure_torch_threads
+from lorafleet.ml.cores import usable_cores
+from lorafleet.ml.model import AdapterRuntime, configure_torch_threads
 from lorafleet.run.progress import RunReporter
 from lorafleet.run.recovery import snapshot_dir
 from lorafleet.run.report import build_report, write_report
@@ -35,6 +39,8 @@ from lorafleet.security.signing import derive_device_key
 from lorafleet.state.memory import InMemoryStateStore
 from lorafleet.transport.memory import InMemoryBroker, InMemoryTransport
 from schemas.config import RunConfig, device_id
+from worker.lanes import LaneTrainer, TrainingLanes, lane_plan
+from worker.service import WorkerService
 from worker.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,19 @@ def drive(
             raise RuntimeError(f"embedded run made no progress for {max_idle_s:.0f} s")
         else:
             time.sleep(idle_sleep_s)
+
+
+class Prefetch:
+    """A step that lets every worker take its waiting task and start training it in its lane (so the
+    lanes work side by side while the workers are stepped one after another)."""
+
+    finished = False
+
+    def __init__(self, workers: Sequence[WorkerService]) -> None:
+        self.workers = workers
+
+    def step(self, timeout: float = 0.0) -> bool:
+        return any([worker.prefetch() for worker in self.workers])
 
 
 def run_embedded(
@@ -153,21 +172,43 @@ def _run(
         snapshots=True,  # what run_embedded(resume=True) goes on from
     )
     aggregator.start()
-    workers = [
-        build_worker(
-            config,
-            i,
-            InMemoryTransport(broker),
-            runtime,
-            shards,
-            signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
-            wrap_trainer=None if wrap_trainer is None else functools.partial(wrap_trainer, i),
-        )
-        for i in range(config.devices.count)
-    ]
-    for worker in workers:
-        worker.start()
-    drive([orchestrator, aggregator, *workers], until=orchestrator)
-    # writes the final adapter and report (after the devices' evaluations of the last round, or eval.wait_s)
-    drive([aggregator], until=aggregator, max_idle_s=60.0 + config.eval.wait_s)
+    lanes = start_lanes(config, runtime, shards)
+    try:
+        workers = [
+            build_worker(
+                config,
+                i,
+                InMemoryTransport(broker),
+                runtime,
+                shards,
+                trainer=None if lanes is None else LaneTrainer(lanes, i),
+                signing_key=None if fleet_key is None else derive_device_key(fleet_key, device_id(i)),
+                wrap_trainer=None if wrap_trainer is None else functools.partial(wrap_trainer, i),
+            )
+            for i in range(config.devices.count)
+        ]
+        for worker in workers:
+            worker.start()
+        drive([orchestrator, aggregator, Prefetch(workers), *workers], until=orchestrator)
+        # writes the final adapter and report (after the devices' evaluations of the last round, or
+        # eval.wait_s)
+        drive([aggregator], until=aggregator, max_idle_s=60.0 + config.eval.wait_s)
+    finally:
+        if lanes is not None:
+            lanes.close()
     return build_report(config, state)
+
+
+def start_lanes(config: RunConfig, runtime: AdapterRuntime, shards: Shards) -> TrainingLanes | None:
+    """The run's training lanes (``model.lanes``; :func:`worker.lanes.lane_plan`), each device's
+    trainer built before they fork; None for one lane (training in this process)."""
+    count, threads = lane_plan(
+        config.model.lanes, config.model.torch_threads, config.devices.count, usable_cores()
+    )
+    if count == 1:
+        return None
+    trainers = [
+        build_trainer(config, runtime, device_rows(config, i, shards)[0]) for i in range(config.devices.count)
+    ]
+    log.info("training %d devices in %d lanes of %d torch thread(s)", len(trainers), count, threads)
+    return TrainingLanes(trainers, count, threads)

@@ -234,6 +234,20 @@ def build_aggregator(
     )
 
 
+def device_rows(config: RunConfig, index: int, shards: Shards) -> tuple[TextDataset, TextDataset]:
+    """Device ``index``'s training rows and the ``eval.device_fraction`` of its rows held out of
+    training, for federated evaluation."""
+    return split_held_out(
+        shards.shard(index), config.eval.device_fraction, held_out_seed(config.seed, device_id(index))
+    )
+
+
+def build_trainer(config: RunConfig, runtime: AdapterRuntime, shard: TextDataset) -> LoraTrainer:
+    """The LoRA trainer of a device's training rows ``shard``."""
+    encoded = encode_dataset(runtime.tokenizer, shard, config.model.max_seq_len)
+    return LoraTrainer(runtime, encoded, cache=config.activation_cache)
+
+
 def build_worker(
     config: RunConfig,
     index: int,
@@ -247,10 +261,7 @@ def build_worker(
     signing_key: bytes | None = None,
     wrap_trainer: Callable[[Trainer], Trainer] | None = None,
 ) -> WorkerService:
-    # eval.device_fraction of the device's rows are held out of training, for federated evaluation
-    shard, held_out = split_held_out(
-        shards.shard(index), config.eval.device_fraction, held_out_seed(config.seed, device_id(index))
-    )
+    shard, held_out = device_rows(config, index, shards)
     evaluator = None
     if len(held_out):
         evaluator = DeviceEvaluator(
@@ -262,11 +273,7 @@ def build_worker(
             signing_key=signing_key,
         )
     if trainer is None:
-        trainer = LoraTrainer(
-            runtime,
-            encode_dataset(runtime.tokenizer, shard, config.model.max_seq_len),
-            cache=config.activation_cache,
-        )
+        trainer = build_trainer(config, runtime, shard)
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)  # e.g. a poisoned device in the robustness benchmark
     profile = config.devices.profile_of(index)
