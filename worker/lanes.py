@@ -120,14 +120,14 @@ class TrainingLanes:
             self._processes.append(process)
         self._lock = threading.Lock()
         self._done: dict[str, _Result] = {}
-        self._submitted: set[str] = set()
+        self._submitted: dict[str, int] = {}  # task id -> lane, until its result comes back
 
     def submit(self, index: int, task: TrainTask, start: dict[str, Tensor]) -> None:
         """Queue ``task`` for device ``index``'s lane (once per task id)."""
         with self._lock:
             if task.task_id in self._submitted or task.task_id in self._done:
                 return
-            self._submitted.add(task.task_id)
+            self._submitted[task.task_id] = index % self.lanes
         self._requests[index % self.lanes].put(_Request(index, task, start))
 
     def outcome(self, index: int, task: TrainTask, start: dict[str, Tensor]) -> TrainOutcome:
@@ -148,7 +148,7 @@ class TrainingLanes:
                 self._check_alive()
                 continue
             with self._lock:
-                self._submitted.discard(result.task_id)
+                self._submitted.pop(result.task_id, None)
                 self._done[result.task_id] = result
         if found.error is not None or found.tensors is None or found.metrics is None:
             raise LaneFailed(found.error or f"lane sent no outcome for {task.task_id}")
@@ -160,9 +160,14 @@ class TrainingLanes:
             raise LaneFailed(f"training lane process(es) {', '.join(str(n) for n in dead)} exited")
 
     def close(self) -> None:
-        """Stop every lane (after its current task), killing one that does not exit in time."""
-        for requests, process in zip(self._requests, self._processes, strict=True):
-            if process.is_alive():
+        """Stop every lane: an idle one is asked to exit, one still training (work nobody will
+        collect now: tasks prefetched past the run's end, or a run interrupted) is killed at once."""
+        with self._lock:
+            busy = set(self._submitted.values())
+        for lane, (requests, process) in enumerate(zip(self._requests, self._processes, strict=True)):
+            if lane in busy:
+                process.kill()
+            elif process.is_alive():
                 with contextlib.suppress(Exception):
                     requests.put(None)
         for process in self._processes:

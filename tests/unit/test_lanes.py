@@ -102,3 +102,11 @@ def test_a_lane_that_dies_is_an_error_not_a_hang() -> None:
             trainer.train(_task(0, "a"), {"w": torch.zeros(2)})
     finally:
         lanes.close()
+
+
+def test_closing_kills_a_lane_still_training_work_nobody_will_collect() -> None:
+    lanes = TrainingLanes([FakeTrainer(delta=1.0, num_samples=5, sleep_s=60.0)], lanes=1)
+    LaneTrainer(lanes, 0).submit(_task(0, "a"), {"w": torch.zeros(2)})
+    process = lanes._processes[0]
+    lanes.close()  # at once, not after the task's 60 s (nor after a grace period)
+    assert not process.is_alive() and process.exitcode == -signal.SIGKILL
