@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import MasterNotFoundError, Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
 from lorafleet.state import keys
 from lorafleet.state.base import (
@@ -387,6 +387,20 @@ class _OutageRetry(Retry):
                 time.sleep(min(self._backoff.compute(failures), max(0.0, self.outage_s - waited)))
 
 
+class _DiscoveringConnection(SentinelManagedConnection):
+    """A connection to the Sentinels' primary that asks them again on *every* (re)connect.
+
+    redis-py's own only does so in ``connect()``; a command sent on a dropped connection reconnects
+    through ``connect_check_health()`` to the address it had. After a failover whose old primary came
+    back as a replica on the same port, every retry went back to it and got READONLY, and the service
+    gave up after the 90 s outage window (tests/integration/test_redis_sentinel.py, 1 run in 3)."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock is None and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
 class _QuorumSentinel(Sentinel):
     """Asks every Sentinel, not the first that answers: a Sentinel that missed a failover (a loaded
     host, a partition) still names the old primary, which, back as a replica, answers every write with
@@ -515,6 +529,7 @@ class RedisStateStore:
             client = sentinel.master_for(  # type: ignore[no-untyped-call]
                 target.service,
                 redis_class=redis.Redis,
+                connection_class=_DiscoveringConnection,
                 db=target.db,
                 username=target.username,
                 password=target.password,

@@ -22,7 +22,7 @@ import pytest
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from lorafleet.state.redis import RedisStateStore, _QuorumSentinel
+from lorafleet.state.redis import RedisStateStore, _DiscoveringConnection, _QuorumSentinel
 from tests.integration.test_faults import (
     MAX_ROUNDS,
     TEST_TIMEOUT_S,
@@ -257,3 +257,33 @@ def test_the_primary_is_the_candidate_that_itself_says_it_is_one(tmp_path: Path)
             sentinel.discover_master(SERVICE)
     finally:
         cluster.stop()
+
+
+class _MovedPrimary:
+    """A Sentinel pool whose Sentinels now name the Redis on 127.0.0.1:6379."""
+
+    is_master = True
+    check_connection = False
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def get_master_address(self) -> tuple[str, int]:
+        self.asked += 1
+        return ("127.0.0.1", 6379)
+
+
+def test_a_dropped_connection_asks_the_sentinels_again_before_it_reconnects() -> None:
+    # Given a connection that last talked to a primary gone since (a port nothing listens on now) ...
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        gone = probe.getsockname()[1]
+    pool = _MovedPrimary()
+    connection = _DiscoveringConnection(connection_pool=pool, host="127.0.0.1", port=gone, socket_timeout=2)
+    # When a command is sent on it (redis-py reconnects there through connect_check_health, not
+    # connect(): before, to the old address, for the whole outage window)
+    connection.send_command("PING")
+    # Then it went to the primary the Sentinels name now
+    assert connection.read_response() in (b"PONG", "PONG")
+    assert (connection.port, pool.asked) == (6379, 1)
+    connection.disconnect()
