@@ -10,8 +10,8 @@ that sees a task waiting *submits* it (:meth:`LaneTrainer.submit`, called by
 message goes out in the order of a run without lanes and the results are the same: a task's
 training depends only on its inputs and seed (worker/trainer.py), wherever it runs.
 
-Two single-threaded lanes were 1.25x faster than one two-threaded process on MiniLM at batch 16 on
-this 2-core host (benchmarks/results/system.md).
+Two single-threaded lanes were 1.12x faster (13% less CPU) than one two-threaded process on MiniLM
+at batch 16 on this 2-core host (benchmarks/results/system.md).
 """
 
 from __future__ import annotations

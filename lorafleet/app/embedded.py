@@ -98,7 +98,7 @@ class Prefetch:
         self.workers = workers
 
     def step(self, timeout: float = 0.0) -> bool:
-        return any([worker.prefetch() for worker in self.workers])
+        return any([worker.prefetch() for worker in self.workers])  # a list: every worker, no short cut
 
 
 def run_embedded(
