@@ -465,6 +465,11 @@ class RunConfig(_Section):
     # names from schemas/strategies.py; YAML gives strings, so these two fields are not strict
     strategy: Annotated[StrategyName, Field(strict=False)] = StrategyName.FEDLORA
     aggregation: Annotated[AggregationName, Field(strict=False)] = AggregationName.AUTO
+    # rank_wise only: a block (a rank index) trained by devices holding a share s of the merge's
+    # samples moves s ** aggregation_coverage of the way to their mean (aggregator/merge/rankwise.py);
+    # 0 (the default): the whole way (contributor-only averaging); 1: as in FedAvg where devices that
+    # did not train it send it back unchanged
+    aggregation_coverage: Annotated[float, Field(ge=0.0, le=4.0)] = 0.0
     activation_cache: bool = (
         True  # workers reuse frozen-prefix activations (and the virtual clock counts that)
     )
@@ -511,6 +516,15 @@ class RunConfig(_Section):
                 "model.task causal_lm trains on prompt/response rows: data.dataset jsonl, or synthetic or "
                 f"sst2 asked as questions, not {self.data.dataset}"
             )
+        if self.aggregation_coverage and (
+            self.merge_rule is not AggregationName.RANK_WISE or self.robust.method != "none"
+        ):
+            rule = (
+                self.merge_rule.value
+                if self.robust.method == "none"
+                else f"robust.method {self.robust.method}"
+            )
+            raise ValueError(f"aggregation_coverage applies to the rank_wise merge, not {rule}")
         if not causal and self.data.dataset == "jsonl":
             raise ValueError("data.dataset jsonl holds prompt/response rows: it needs model.task causal_lm")
         if self.hierarchical and self.rounds.max_rounds > 99_999:

@@ -10,6 +10,12 @@ For every key of the global adapter:
 
 With identical ranks and every block trained by every device this is plain FedAvg
 (sample-weighted mean of each tensor), the FedLoRA/FedIT baseline.
+
+``coverage`` (``aggregation_coverage``) damps what part of the round trained: a rank index whose
+trainers hold a share ``s`` of the updates' weight moves ``s ** coverage`` of the way from the global
+value to their mean. 0 keeps contributor-only averaging; 1 is FedAvg in which a device that did not
+train a block sent it back unchanged. A block trained by one device (or one group) alone otherwise
+follows that device's data round after round (measured: benchmarks/results/coverage.md).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ class WeightedUpdate:
     weight: float
 
 
-def aggregate(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Tensors:
+def aggregate(global_tensors: Tensors, updates: Iterable[WeightedUpdate], coverage: float = 0.0) -> Tensors:
     """The new global adapter; keys and shapes are those of ``global_tensors``.
 
     ``updates`` is read once, one update at a time: what is kept between them is a float64 running
@@ -45,8 +51,10 @@ def aggregate(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Ten
             non-positive or non-finite weight.
     """
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    total = 0.0
     for update in updates:
         check_updates(global_tensors, [update])
+        total += update.weight
         for key, tensor in update.tensors.items():
             _accumulate(sums, key, global_tensors[key].shape, tensor, update.weight)
     merged = {}
@@ -56,7 +64,10 @@ def aggregate(global_tensors: Tensors, updates: Iterable[WeightedUpdate]) -> Ten
             continue
         acc, weight = sums.pop(key)  # freed key by key as the merged adapter grows
         averaged = acc / weight.clamp_min(1e-300)
-        merged[key] = torch.where(weight > 0, averaged, current.to(torch.float64)).to(current.dtype)
+        before = current.to(torch.float64)
+        if coverage:
+            averaged = before + (weight / total) ** coverage * (averaged - before)
+        merged[key] = torch.where(weight > 0, averaged, before).to(current.dtype)
     return merged
 
 

@@ -309,3 +309,16 @@ def test_eval_data_names_the_aggregators_evaluation_file() -> None:
     assert parse_run_config(same).data.eval_path == "/data/dev.jsonl"
     with pytest.raises(ValueError, match="name different files"):
         parse_run_config({"data": {**base["data"], "eval_path": "/a"}, "eval": {"data": "/b"}})
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"aggregation": "hetlora"}, "not hetlora"),
+        ({"robust": {"method": "median"}}, "not robust.method median"),
+    ],
+)
+def test_aggregation_coverage_needs_the_rank_wise_merge(extra: dict[str, Any], named: str) -> None:
+    assert parse_run_config({"aggregation_coverage": 1.0}).aggregation_coverage == 1.0
+    with pytest.raises(ConfigError, match=f"aggregation_coverage applies to the rank_wise merge, {named}"):
+        parse_run_config({"aggregation_coverage": 1.0, **extra})

@@ -418,3 +418,78 @@ def test_same_numel_different_shape_is_a_mismatch() -> None:
     tensors, expected = _shapes_case()
     tensors[HEAD_W] = tensors[HEAD_W].reshape(-1)
     assert HEAD_W in _shape_mismatch(tensors, expected)
+
+
+# ---- coverage (aggregation_coverage): partial coverage moves part of the way -------------------------
+
+
+def coverage_oracle(
+    global_np: dict[str, np.ndarray], updates: list[tuple[dict[str, np.ndarray], float]], coverage: float
+) -> dict[str, np.ndarray]:
+    """Element by element: the global value moved (covering weight / all weight) ** coverage of the way
+    to the covering updates' weighted mean."""
+    total = sum(w for _, w in updates)
+    means = oracle(global_np, updates)
+    result = {}
+    for k, g in global_np.items():
+        out = g.astype(np.float64).copy()
+        for idx in np.ndindex(*g.shape):
+            den = 0.0
+            for tensors, weight in updates:
+                t = tensors.get(k)
+                if t is None:
+                    continue
+                factor = FACTOR_OF[k]
+                row_or_col = idx[0] if factor == "A" else idx[1] if factor == "B" else None
+                if row_or_col is None or row_or_col < t.shape[0 if factor == "A" else 1]:
+                    den += weight
+            if den > 0:
+                out[idx] = g[idx] + (den / total) ** coverage * (float(means[k][idx]) - float(g[idx]))
+        result[k] = out.astype(g.dtype)
+    return result
+
+
+@pytest.mark.parametrize("coverage", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_coverage_moves_a_partly_trained_element_its_share_of_the_way(seed: int, coverage: float) -> None:
+    rng = np.random.default_rng(300 + seed)
+    global_np = make_global(rng)
+    updates = []
+    for _ in range(int(rng.integers(2, 6))):
+        blocks = [b for b in range(BLOCKS) if rng.random() < 0.6]
+        ranks = {b: int(rng.integers(1, GLOBAL_RANK + 1)) for b in blocks}
+        updates.append((make_update(rng, ranks), float(rng.uniform(0.5, 300.0))))
+    got = aggregate(to_torch(global_np), [WeightedUpdate(to_torch(t), w) for t, w in updates], coverage)
+    assert_close({k: v.numpy() for k, v in got.items()}, coverage_oracle(global_np, updates, coverage))
+
+
+def test_coverage_one_is_fedavg_where_the_devices_that_did_not_train_a_block_send_it_back() -> None:
+    rng = np.random.default_rng(7)
+    global_np = make_global(rng)
+    u1 = make_update(rng, {0: GLOBAL_RANK, 1: GLOBAL_RANK, 2: GLOBAL_RANK, 3: GLOBAL_RANK})
+    u2 = make_update(rng, {3: GLOBAL_RANK})  # a shallow device: the top block only
+    damped = aggregate(
+        to_torch(global_np), [WeightedUpdate(to_torch(u1), 1.0), WeightedUpdate(to_torch(u2), 3.0)], 1.0
+    )
+    # the same shallow device, sending back the global value of every block it did not train
+    u2_full = {**{k: v for k, v in global_np.items() if k not in u2}, **u2}
+    fedavg = aggregate(
+        to_torch(global_np), [WeightedUpdate(to_torch(u1), 1.0), WeightedUpdate(to_torch(u2_full), 3.0)]
+    )
+    for k in global_np:
+        np.testing.assert_allclose(damped[k].numpy(), fedavg[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    k0 = key(0, "query", "A")  # device 1 alone: a quarter of the weight, a quarter of the way
+    want = global_np[k0] + 0.25 * (u1[k0] - global_np[k0])
+    np.testing.assert_allclose(damped[k0].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(damped[k0].numpy(), u1[k0])  # not contributor-only any more
+
+
+def test_coverage_leaves_fully_trained_elements_as_plain_fedavg() -> None:
+    rng = np.random.default_rng(8)
+    global_np = make_global(rng)
+    ranks = {b: GLOBAL_RANK for b in range(BLOCKS)}
+    updates = [(make_update(rng, ranks), 2.0), (make_update(rng, ranks), 5.0)]
+    plain = run(global_np, updates)
+    damped = aggregate(to_torch(global_np), [WeightedUpdate(to_torch(t), w) for t, w in updates], 1.0)
+    for k in global_np:
+        np.testing.assert_allclose(damped[k].numpy(), plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
