@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from aggregator.merge.rankwise import WeightedUpdate, aggregate
+from aggregator.merge.registry import merge
 from aggregator.validation import check_update_shapes
+from schemas.config import parse_run_config
 from schemas.errors import DecodeError
 
 D_IN, D_OUT, GLOBAL_RANK, BLOCKS, LABELS = 6, 5, 8, 4, 3
@@ -493,3 +495,18 @@ def test_coverage_leaves_fully_trained_elements_as_plain_fedavg() -> None:
     damped = aggregate(to_torch(global_np), [WeightedUpdate(to_torch(t), w) for t, w in updates], 1.0)
     for k in global_np:
         np.testing.assert_allclose(damped[k].numpy(), plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_the_configured_merge_applies_aggregation_coverage() -> None:
+    rng = np.random.default_rng(9)
+    global_np = make_global(rng)
+    updates = [
+        (make_update(rng, {0: GLOBAL_RANK, 3: GLOBAL_RANK}), 1.0),
+        (make_update(rng, {3: GLOBAL_RANK}), 2.0),
+    ]
+    weighted = [WeightedUpdate(to_torch(t), w) for t, w in updates]
+    got = merge(parse_run_config({"aggregation_coverage": 1.0}), to_torch(global_np), weighted)
+    want = coverage_oracle(global_np, updates, 1.0)
+    assert_close({k: v.numpy() for k, v in got.items()}, want)
+    plain = merge(parse_run_config({}), to_torch(global_np), weighted)
+    assert not np.allclose(plain[key(0, "query", "A")].numpy(), want[key(0, "query", "A")])
