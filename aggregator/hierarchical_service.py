@@ -47,10 +47,12 @@ def trained_part(tensors: Tensors, blocks: set[int]) -> Tensors:
     return out
 
 
-def merge_groups(current: Tensors, groups: Sequence[WeightedUpdate]) -> Tensors:
+def merge_groups(current: Tensors, groups: Sequence[WeightedUpdate], coverage: float = 0.0) -> Tensors:
     """The global adapter from the groups' adapters (each restricted to what the group trained):
-    per key, the weighted mean over the groups that trained it; keys nobody trained keep ``current``."""
-    return aggregate(current, groups)
+    per key, the weighted mean over the groups that trained it; keys nobody trained keep ``current``.
+    ``coverage`` (``aggregation_coverage``): a key only some groups trained moves their share of the
+    samples, to that power, of the way (aggregator/merge/rankwise.py)."""
+    return aggregate(current, groups, coverage)
 
 
 class HierarchicalAggregator(AggregatorService):
@@ -164,7 +166,7 @@ class HierarchicalAggregator(AggregatorService):
                 for g, rs in sorted(trained.items())
                 if (c := self._group_contribution(g, rs[-1])) is not None
             ]
-            merged = merge_groups(current, contributions)
+            merged = merge_groups(current, contributions, self.config.aggregation_coverage)
             self.state.put_global_adapter(self.run_id, global_round, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, global_round))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.hierarchical_service import merge_groups
 from lorafleet.ml.lora import parse_key
 from lorafleet.run.report import build_report
 from lorafleet.run.round_numbers import intra_round, parse_round
@@ -71,7 +72,9 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
     """Independent computation from the plan in the report: a group of fake trainers adds its
     members' sample-weighted mean delta to the blocks it trains (and the head) once per intra-group
     round; the global merge takes, per tensor, the mean over the groups that trained it weighted by
-    their samples."""
+    their samples, and moves (their samples / every contributing group's) ** aggregation_coverage of
+    the way there."""
+    coverage = config.aggregation_coverage
     current = {
         k: v.numpy().astype(np.float64) for k, v in initial_adapter(global_spec(config, NUM_BLOCKS)).items()
     }
@@ -79,6 +82,7 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
     for entry in report["rounds"]:
         sums = {k: np.zeros_like(v) for k, v in current.items()}
         weights = dict.fromkeys(current, 0.0)
+        total = 0.0
         for g, group in entry["groups"].items():
             reported = [
                 r["devices_reported"]
@@ -89,6 +93,7 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
                 continue  # nobody in the group trained: it does not pull the merge
             members = [index[d] for d in group["devices"]]
             n = float(sum(SAMPLES[i] for i in members))
+            total += n
             mean_delta = sum(SAMPLES[i] * DELTAS[i] for i in members) / n
             blocks = set(range(NUM_BLOCKS - group["depth"], NUM_BLOCKS))
             for key, value in current.items():
@@ -96,7 +101,10 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
                 if block is None or block in blocks:
                     sums[key] += n * (value + group["rounds_done"] * mean_delta)
                     weights[key] += n
-        current = {k: sums[k] / weights[k] if weights[k] else v for k, v in current.items()}
+        current = {
+            k: v + (weights[k] / total) ** coverage * (sums[k] / weights[k] - v) if weights[k] else v
+            for k, v in current.items()
+        }
     return current
 
 
@@ -452,3 +460,25 @@ def test_a_hierarchical_run_the_store_lost_gets_it_back_from_the_snapshot(
     assert all(g["rounds_done"] == g["frequency"] for e in report["rounds"] for g in e["groups"].values())
     check_counters_agree(state, config, report)
     check_exact_adapter(state, config, report, 3)
+
+
+def test_the_global_merge_applies_aggregation_coverage(run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given aggregation_coverage 1, and the global merge watched
+    config = hier_config(run_id, rounds=3).model_copy(update={"aggregation_coverage": 1.0})
+    seen: list[float] = []
+
+    def watched(current: Any, groups: Any, coverage: float = 0.0) -> Any:
+        seen.append(coverage)
+        return merge_groups(current, groups, coverage)
+
+    monkeypatch.setattr("aggregator.hierarchical_service.merge_groups", watched)
+    state = InMemoryStateStore()
+    pipeline = fleet(config, state)
+    # When the run goes through its global rounds
+    pipeline.drive()
+    report = build_report(config, state)
+    # Then every global merge got the setting, and the adapter is the independent computation with it
+    assert seen == [1.0] * 3
+    got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
+    for key, value in expected_from_plan(config, report).items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)
