@@ -98,12 +98,8 @@ class AggregatorService:
         fleet_key: bytes | None = None,
         snapshots: bool = True,
         restore_wait_s: float = RESTORE_WAIT_S,
-        evaluate_in_step: bool = True,
     ) -> None:
         self.transport = transport
-        # off in embedded mode: the runner calls evaluate_next() once the next round's tasks are out
-        # (lorafleet/app/embedded.py), so the evaluation runs beside the lanes' training, not before it
-        self.evaluate_in_step = evaluate_in_step
         self.restore_wait_s = restore_wait_s  # for another service to restore a lost run
         self.drop_vanished = drop_vanished  # off in embedded mode: in-process devices cannot vanish
         self.snapshots = snapshots  # off in embedded mode: the in-process store cannot lose the run
@@ -210,22 +206,10 @@ class AggregatorService:
             self._aggregate(round_no)
             did = True
         did = self._after_aggregations() or did
-        if self.evaluate_in_step:
-            did = self.evaluate_next() or did
+        if self._to_evaluate:
+            self._evaluate(self._to_evaluate.pop(0))
+            did = True
         return did
-
-    @property
-    def pending_evaluation(self) -> int | None:
-        """The round whose aggregate is to be evaluated next, if any."""
-        return self._to_evaluate[0] if self._to_evaluate else None
-
-    def evaluate_next(self) -> bool:
-        """Evaluate the next aggregate waiting for it (only the latest is: see ``_evaluate``); False
-        when none waits."""
-        if not self._to_evaluate:
-            return False
-        self._evaluate(self._to_evaluate.pop(0))
-        return True
 
     def _note_outages(self, timeout: float) -> None:
         """While this service is cut off from the broker (its consumer connection down, or its loop

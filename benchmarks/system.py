@@ -6,13 +6,11 @@ evaluated every round. This runs it embedded (``run_embedded``, training lanes a
 measures:
 
 - wall: the whole command (model and data loading included) and the run (round 1 opened to the last
-  round closed and evaluated); seconds per round (the run's pace: from one round's close to the
-  next's; with lanes a round's evaluation runs beside the next round's training);
+  round closed and evaluated); seconds per round (open to close, its evaluation included);
 - CPU seconds (this process and its lanes) and the peak of the summed PSS of this process and its
   lanes (psutil, sampled every 0.5 s);
 - pipeline overhead: run wall not spent on the critical path of training (per round, the busiest
-  lane's summed task compute time, measured where the task trained) or evaluating (with lanes only
-  the last round's evaluation is on that path; the others run beside training).
+  lane's summed task compute time, measured where the task trained) or evaluating.
 
     .venv/bin/python benchmarks/system.py --rounds 10
 
@@ -114,7 +112,6 @@ def measure(lanes: int, rounds: int, out: Path) -> dict[str, Any]:
     sampler.stop.set()
     command_s, cpu = time.perf_counter() - started, cpu_s() - cpu_before
     per_round = []
-    closed_before = 0.0
     for r in report["rounds"]:
         lane_busy = defaultdict(float)
         for index, seconds in compute[r["round"]].items():
@@ -124,21 +121,16 @@ def measure(lanes: int, rounds: int, out: Path) -> dict[str, Any]:
             {
                 "round": r["round"],
                 "accuracy": r["accuracy"],
-                # open to close; with lanes the round's evaluation runs beside the next round's
-                # training (lorafleet/app/embedded.py DeferredEvaluation), so it is not inside
+                # open to the orchestrator's close of the round, which (embedded) comes after the
+                # aggregator's step that merged and evaluated it: the evaluation is inside
                 "round_s": r["round_time_s"],
-                "pace_s": r["wall_time_s"] - closed_before,  # close to close: the run's pace
                 "training_critical_s": critical,
                 "eval_s": r["eval_s"],
                 "task_compute_s": sum(compute[r["round"]].values()),
             }
         )
-        closed_before = r["wall_time_s"]
-    beside = count > 1  # evaluations overlap the next round's training: only the last one adds wall
-    last_eval = per_round[-1]["eval_s"]
-    run_s = report["rounds"][-1]["wall_time_s"] + (last_eval if beside else 0.0)  # to the last evaluation
-    evaluating = last_eval if beside else sum(p["eval_s"] for p in per_round)
-    useful = sum(p["training_critical_s"] for p in per_round) + evaluating
+    run_s = report["rounds"][-1]["wall_time_s"]  # to the last round's close, its evaluation inside
+    useful = sum(p["training_critical_s"] + p["eval_s"] for p in per_round)
     return {
         "lanes": count,
         "threads_per_lane": threads,
@@ -146,9 +138,8 @@ def measure(lanes: int, rounds: int, out: Path) -> dict[str, Any]:
         "final_accuracy": report["final_accuracy"],
         "command_wall_s": command_s,
         "run_wall_s": run_s,
-        "evaluation_beside_training": beside,
-        "s_per_round_mean": run_s / len(per_round),
-        "s_per_round_range": [min(p["pace_s"] for p in per_round), max(p["pace_s"] for p in per_round)],
+        "s_per_round_mean": sum(p["round_s"] for p in per_round) / len(per_round),
+        "s_per_round_range": [min(p["round_s"] for p in per_round), max(p["round_s"] for p in per_round)],
         "cpu_s": cpu,
         "peak_pss_mib": sampler.peak_mib,
         "pipeline_overhead_s": run_s - useful,
@@ -163,8 +154,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"`{doc['command']}` on {doc['host']} ({doc['date']}).",
         "",
-        "| lanes x threads | rounds | final accuracy | command wall s | run wall s "
-        "| s per round (close to close) | CPU s | peak PSS MiB | pipeline overhead |",
+        "| lanes x threads | rounds | final accuracy | command wall s | run wall s | s per round (range) "
+        "| CPU s | peak PSS MiB | pipeline overhead |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in doc["runs"]:
@@ -180,13 +171,12 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [
             f"{row['lanes']} lane(s):",
             "",
-            "| round | accuracy | close to close s | open to close s | training critical s | eval s "
-            "| task compute s (all lanes) |",
-            "|---|---|---|---|---|---|---|",
+            "| round | accuracy | round s | training critical s | eval s | task compute s (all lanes) |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {p['round']} | {p['accuracy']:.4f} | {p['pace_s']:.1f} | {p['round_s']:.1f} "
-            f"| {p['training_critical_s']:.1f} | {p['eval_s']:.1f} | {p['task_compute_s']:.1f} |"
+            f"| {p['round']} | {p['accuracy']:.4f} | {p['round_s']:.1f} | {p['training_critical_s']:.1f} "
+            f"| {p['eval_s']:.1f} | {p['task_compute_s']:.1f} |"
             for p in row["per_round"]
         ]
         lines.append("")
@@ -204,10 +194,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         rounds = [p["round"] for p in row["per_round"]]
         train = [p["training_critical_s"] for p in row["per_round"]]
         evals = [p["eval_s"] for p in row["per_round"]]
-        where = "beside the next round" if row.get("evaluation_beside_training") else "after training"
-        ax.bar([r - 0.2 for r in rounds], train, width=0.4, label="training (critical path)")
-        ax.bar([r + 0.2 for r in rounds], evals, width=0.4, label=f"evaluation ({where})")
-        ax.plot(rounds, [p["pace_s"] for p in row["per_round"]], "k.-", label="round, close to close")
+        rest = [p["round_s"] - t - e for p, t, e in zip(row["per_round"], train, evals, strict=True)]
+        ax.bar(rounds, train, label="training (critical path)")
+        ax.bar(rounds, evals, bottom=train, label="evaluation")
+        ax.bar(rounds, rest, bottom=[t + e for t, e in zip(train, evals, strict=True)], label="other")
         title = f"{row['lanes']} lane(s) x {row['threads_per_lane']} thread(s)"
         ax.set(xlabel="round", ylabel="seconds", title=title)
         ax.legend()

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from rich.console import Console
 
-from aggregator.service import AggregatorService
 from lorafleet.app.wiring import (
     Shards,
     build_aggregator,
@@ -100,29 +99,6 @@ class Prefetch:
 
     def step(self, timeout: float = 0.0) -> bool:
         return any([worker.prefetch() for worker in self.workers])  # a list: every worker, no short cut
-
-
-class DeferredEvaluation:
-    """A step that evaluates the aggregator's latest aggregate one pass of :func:`drive` after it was
-    made: in that pass the orchestrator has opened the next round and :class:`Prefetch` has put its
-    tasks in the lanes, so the evaluation runs beside their training (as in distributed mode) instead
-    of before it. The same evaluations of the same adapters: only when they run moves. An evaluation
-    already waiting when it is made (a resumed run's lost one) runs at the first pass, before the
-    next round's training can replace the aggregate it is of."""
-
-    finished = False
-
-    def __init__(self, aggregator: AggregatorService) -> None:
-        self.aggregator = aggregator
-        self._seen: int | None = aggregator.pending_evaluation
-
-    def step(self, timeout: float = 0.0) -> bool:
-        pending = self.aggregator.pending_evaluation
-        if pending is None or pending != self._seen:
-            self._seen = pending  # seen now; evaluated at the next pass
-            return False
-        self._seen = None
-        return self.aggregator.evaluate_next()
 
 
 def run_embedded(
@@ -213,11 +189,10 @@ def _run(
         ]
         for worker in workers:
             worker.start()
-        evaluation = DeferredEvaluation(aggregator)
-        drive([orchestrator, aggregator, Prefetch(workers), evaluation, *workers], until=orchestrator)
+        drive([orchestrator, aggregator, Prefetch(workers), *workers], until=orchestrator)
         # writes the final adapter and report (after the devices' evaluations of the last round, or
         # eval.wait_s)
-        drive([aggregator, evaluation], until=aggregator, max_idle_s=60.0 + config.eval.wait_s)
+        drive([aggregator], until=aggregator, max_idle_s=60.0 + config.eval.wait_s)
     finally:
         if lanes is not None:
             lanes.close()

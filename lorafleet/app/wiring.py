@@ -231,7 +231,6 @@ def build_aggregator(
         drop_vanished=not embedded,
         fleet_key=fleet_key,
         snapshots=not embedded if snapshots is None else snapshots,
-        evaluate_in_step=not embedded,
     )
 
 
