@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,15 @@ UNCLIPPED = argparse.Namespace(
 )
 
 
-def one_run(coverage: float, rounds: int, runs: Path) -> dict[str, Any]:
+def one_run(coverage: float, rounds: int, runs: Path, resume: bool) -> dict[str, Any]:
     base = merge_overrides(
         base_config(UNCLIPPED, "20newsgroups", 0.1),
         {"aggregation_coverage": coverage, "run_id": f"coverage-{coverage:g}".replace(".", "-")},
     )
-    # a finished run of the same configuration under --runs is reused (benchmarks/harness.py)
+    # --resume: a finished run of the same configuration under --runs is reused (benchmarks/harness.py);
+    # it says nothing of the code that made it, so not by default
     report = run_strategy(
-        base, "hierfedlora", runs / f"coverage-{coverage:g}", resume=True, max_rounds=rounds
+        base, "hierfedlora", runs / f"coverage-{coverage:g}", resume=resume, max_rounds=rounds
     )
     return {
         "coverage": coverage,
@@ -126,15 +128,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=14, help="global rounds per run")
     parser.add_argument("--coverages", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--runs", type=Path, default=Path("runs/coverage"))
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs of the same configuration")
     args = parser.parse_args()
     with ProcessPoolExecutor(max_workers=len(args.coverages)) as pool:
         runs = list(
-            pool.map(
-                one_run,
-                args.coverages,
-                [args.rounds] * len(args.coverages),
-                [args.runs] * len(args.coverages),
-            )
+            pool.map(partial(one_run, rounds=args.rounds, runs=args.runs, resume=args.resume), args.coverages)
         )
     result = {
         "command": ".venv/bin/python benchmarks/coverage.py " + " ".join(sys.argv[1:]),
