@@ -60,26 +60,38 @@ def make_update(rng: np.random.Generator, ranks: dict[int, int], head: bool = Tr
     return out
 
 
+def covers(tensors: dict[str, np.ndarray], k: str, idx: tuple[int, ...]) -> bool:
+    """Whether an update holds element ``idx`` of key ``k``: row j of A, column j of B, any shared one."""
+    if k not in tensors:
+        return False
+    factor = FACTOR_OF[k]
+    if factor == "A":
+        return idx[0] < tensors[k].shape[0]
+    if factor == "B":
+        return idx[1] < tensors[k].shape[1]
+    return True
+
+
+def random_updates(rng: np.random.Generator, devices: int) -> list[tuple[dict[str, np.ndarray], float]]:
+    """``devices`` devices, each on a random subset of blocks at random ranks, with random weights."""
+    updates = []
+    for _ in range(devices):
+        blocks = [b for b in range(BLOCKS) if rng.random() < 0.6]
+        ranks = {b: int(rng.integers(1, GLOBAL_RANK + 1)) for b in blocks}
+        updates.append((make_update(rng, ranks), float(rng.uniform(0.5, 300.0))))
+    return updates
+
+
 def oracle(global_np: dict[str, np.ndarray], updates: list[tuple[dict[str, np.ndarray], float]]):
     """Element by element: the weighted mean over the updates that cover the element, else the global."""
     result = {}
     for k, g in global_np.items():
-        factor = FACTOR_OF[k]
         out = g.astype(np.float64).copy()
         for idx in np.ndindex(*g.shape):
             num, den = 0.0, 0.0
             for tensors, weight in updates:
-                if k not in tensors:
-                    continue
-                t = tensors[k]
-                if factor == "A":
-                    covered = idx[0] < t.shape[0]  # row j of A
-                elif factor == "B":
-                    covered = idx[1] < t.shape[1]  # column j of B
-                else:
-                    covered = True
-                if covered:
-                    num += weight * float(t[idx])
+                if covers(tensors, k, idx):
+                    num += weight * float(tensors[k][idx])
                     den += weight
             if den > 0:
                 out[idx] = num / den
@@ -190,11 +202,7 @@ def test_random_heterogeneous_scenarios_match_the_oracle(seed: int) -> None:
     # Given: random devices, each on a random subset of blocks at random ranks, random weights
     rng = np.random.default_rng(100 + seed)
     global_np = make_global(rng)
-    updates = []
-    for _ in range(int(rng.integers(1, 6))):
-        blocks = [b for b in range(BLOCKS) if rng.random() < 0.6]
-        ranks = {b: int(rng.integers(1, GLOBAL_RANK + 1)) for b in blocks}
-        updates.append((make_update(rng, ranks), float(rng.uniform(0.5, 300.0))))
+    updates = random_updates(rng, int(rng.integers(1, 6)))
 
     # Then
     assert_close(run(global_np, updates), oracle(global_np, updates))
@@ -436,15 +444,7 @@ def coverage_oracle(
     for k, g in global_np.items():
         out = g.astype(np.float64).copy()
         for idx in np.ndindex(*g.shape):
-            den = 0.0
-            for tensors, weight in updates:
-                t = tensors.get(k)
-                if t is None:
-                    continue
-                factor = FACTOR_OF[k]
-                row_or_col = idx[0] if factor == "A" else idx[1] if factor == "B" else None
-                if row_or_col is None or row_or_col < t.shape[0 if factor == "A" else 1]:
-                    den += weight
+            den = sum(weight for tensors, weight in updates if covers(tensors, k, idx))
             if den > 0:
                 out[idx] = g[idx] + (den / total) ** coverage * (float(means[k][idx]) - float(g[idx]))
         result[k] = out.astype(g.dtype)
@@ -456,11 +456,7 @@ def coverage_oracle(
 def test_coverage_moves_a_partly_trained_element_its_share_of_the_way(seed: int, coverage: float) -> None:
     rng = np.random.default_rng(300 + seed)
     global_np = make_global(rng)
-    updates = []
-    for _ in range(int(rng.integers(2, 6))):
-        blocks = [b for b in range(BLOCKS) if rng.random() < 0.6]
-        ranks = {b: int(rng.integers(1, GLOBAL_RANK + 1)) for b in blocks}
-        updates.append((make_update(rng, ranks), float(rng.uniform(0.5, 300.0))))
+    updates = random_updates(rng, int(rng.integers(2, 6)))
     got = aggregate(to_torch(global_np), [WeightedUpdate(to_torch(t), w) for t, w in updates], coverage)
     assert_close({k: v.numpy() for k, v in got.items()}, coverage_oracle(global_np, updates, coverage))
 
