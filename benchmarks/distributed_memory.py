@@ -6,8 +6,11 @@ process of that tree once a second (PSS from ``/proc/PID/smaps_rollup`` through 
 beside it) and reports the peak of the summed PSS, with each role's share at that peak.
 
     .venv/bin/python benchmarks/distributed_memory.py --rounds 1
+    .venv/bin/python benchmarks/distributed_memory.py --job flower --rounds 10
 
-Writes ``benchmarks/results/distributed_memory.{json,md}``.
+``--job flower`` runs issue 19's job (``benchmarks/system.py``'s ``FLOWER_JOB``: 8 worker processes)
+in place of ``--config``. Writes ``benchmarks/results/distributed_memory.{json,md}`` (``--job flower``:
+``distributed_flower_job.{json,md}``), with the run's wall time, seconds per round and accuracy.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.broker_throughput import throwaway_vhost, wait_for_broker  # noqa: E402
+from benchmarks.system import FLOWER_JOB  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
@@ -75,7 +80,28 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, entry in sorted(peak.items()):
         mib = " | ".join(f"{entry[k]:.0f}" for k in ("pss", "uss", "rss"))
         lines.append(f"| {name} | {entry['processes']} | {mib} |")
+    run = doc["run"]
+    lines += [
+        "",
+        f"The run: {run['rounds']} rounds, final accuracy {run['final_accuracy']:.4f}, run wall "
+        f"{run['run_wall_s']:.1f} s (round 1 opened to the last round closed and evaluated), "
+        f"{run['s_per_round_mean']:.1f} s per round ({run['s_per_round_range'][0]:.1f}-"
+        f"{run['s_per_round_range'][1]:.1f}); the command {doc['wall_s']:.1f} s.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def run_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Wall time, seconds per round and accuracy from the run's ``report.json``."""
+    rounds = report["rounds"]
+    per_round = [r["round_time_s"] for r in rounds]
+    return {
+        "rounds": len(rounds),
+        "final_accuracy": report["final_accuracy"],
+        "run_wall_s": rounds[-1]["wall_time_s"],
+        "s_per_round_mean": sum(per_round) / len(per_round),
+        "s_per_round_range": [min(per_round), max(per_round)],
+    }
 
 
 def main() -> None:
@@ -83,6 +109,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="examples/quickstart.yaml")
+    parser.add_argument("--job", choices=["config", "flower"], default="config", help="flower: issue 19 job")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5672)
@@ -90,9 +117,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/distributed_memory"))
     parser.add_argument("--interval-s", type=float, default=1.0)
     args = parser.parse_args()
+    stem, config = "distributed_memory", args.config
+    if args.job == "flower":
+        stem, config = "distributed_flower_job", str(args.work / "flower_job.yaml")
+        args.work.mkdir(parents=True, exist_ok=True)
+        Path(config).write_text(yaml.safe_dump(FLOWER_JOB), encoding="utf-8")
     with throwaway_vhost(args.host, args.port) as broker:
         wait_for_broker(broker)
-        command = [sys.executable, "-m", "lorafleet", "run", args.config, "--out", str(args.work), "-q"]
+        command = [sys.executable, "-m", "lorafleet", "run", config, "--out", str(args.work), "-q"]
         command += ["--broker", broker, "--state", args.state, "--set", f"rounds.max_rounds={args.rounds}"]
         started = time.monotonic()
         launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,10 +148,11 @@ def main() -> None:
         "peak_pss_mib": best[0],
         "peak_at_s": best[1],
         "peak": best[2],
+        "run": run_figures(json.loads((args.work / "report.json").read_text(encoding="utf-8"))),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distributed_memory.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / "distributed_memory.md").write_text(markdown(doc), encoding="utf-8")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / f"{stem}.md").write_text(markdown(doc), encoding="utf-8")
     print(markdown(doc))
 
 

@@ -1,3 +1,4 @@
 from lorafleet.app.cli import main
 
-main()
+if __name__ == "__main__":  # not when a multiprocessing child imports it
+    main()

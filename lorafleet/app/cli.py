@@ -271,8 +271,8 @@ def _run_distributed(
 ) -> dict[str, Any]:
     """``run --broker --state``: the launcher (lorafleet/app/launcher.py), with the run's metrics
     served from this process when ``ops.metrics_port`` is set."""
+    from lorafleet.app.connections import open_state, open_transport
     from lorafleet.app.launcher import run_distributed
-    from lorafleet.app.wiring import open_state, open_transport
 
     with contextlib.ExitStack() as cleanup:
         if ops.metrics_port is not None:
@@ -306,7 +306,8 @@ def _serve(
     cfg = _load(config, overrides=overrides)
     set_log_context(run_id=cfg.run_id)
     _reach(broker=broker, state=state)
-    from lorafleet.app.wiring import build_runtime, open_state, open_transport
+    from lorafleet.app.connections import open_state, open_transport
+    from lorafleet.app.wiring import build_runtime
     from lorafleet.ml.model import configure_torch_threads
 
     configure_torch_threads(threads)
@@ -440,7 +441,8 @@ def worker(
     set_log_context(run_id=cfg.run_id, device_id=device_id)
     if cfg.data.source != "local":  # a device's own rows are checked first, before any connection
         _reach(broker=broker)
-    from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index, open_transport
+    from lorafleet.app.connections import open_transport
+    from lorafleet.app.wiring import Shards, build_runtime, build_worker, device_index
     from lorafleet.ml.model import configure_torch_threads
 
     try:  # the device's data first: bad data ends the worker before it touches the broker
@@ -474,6 +476,7 @@ def worker(
             on_finished=None if lease is None else lease.retire,
             signing_key=_device_key(device_id, required=bool(cfg.security.require_signatures)),
             wrap_trainer=None if observed is None else observed.wrap,
+            own_process=True,
         )
         if observed is not None:
             observed.collector.service = service
@@ -523,8 +526,8 @@ def dlq(
     from rich.table import Table
 
     _reach(broker=broker)
+    from lorafleet.app.connections import open_transport
     from lorafleet.app.dlq import count_by_reason, inspect_dead_letters
-    from lorafleet.app.wiring import open_transport
 
     transport = open_transport(broker)
     try:
@@ -571,8 +574,8 @@ def status(
     from rich.table import Table
 
     _reach(state=state)
+    from lorafleet.app.connections import open_state
     from lorafleet.app.status import run_status
-    from lorafleet.app.wiring import open_state
     from lorafleet.state.base import StateStoreError
 
     try:
@@ -629,10 +632,10 @@ def stop(
     'lorafleet run CONFIG --resume' takes it up again.
     """
     _reach(state=state)
+    from lorafleet.app.connections import open_state
     from lorafleet.run.stopping import request_stop
-    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
 
-    store = RedisStateStore(state)
+    store = open_state(state)
     try:
         status = request_stop(store, run_id)
     except LookupError as exc:
@@ -657,13 +660,13 @@ def restore_command(
     run it as a user that may write every key of the run (lf-admin), then start the services again.
     """
     _reach(state=state)
+    from lorafleet.app.connections import open_state
     from lorafleet.run.recovery import latest_snapshot, restore
-    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
 
     snapshot = latest_snapshot(out, run_id)
     if snapshot is None:
         _fail(f"no snapshot of run {run_id!r} in {out / 'state'}", code=1)
-    store = RedisStateStore(state)
+    store = open_state(state)
     try:
         restore(store, snapshot, out)
     except LorafleetError as exc:
@@ -684,10 +687,10 @@ def runs_command(
     from rich.table import Table
 
     _reach(state=state)
+    from lorafleet.app.connections import open_state
     from lorafleet.app.runs import list_runs
-    from lorafleet.state.redis import RedisStateStore  # not wiring's open_state: it loads torch
 
-    store = RedisStateStore(state)
+    store = open_state(state)
     try:
         rows = list_runs(store)
     finally:

@@ -3,7 +3,9 @@
 ``lorafleet run CONFIG --broker URL --state URL`` starts the orchestrator, the aggregator and one
 worker process per device with the same commands a person (or compose) would run by hand, restarts
 any that dies (lorafleet/app/supervisor.py), waits for the run to finish and returns its report.
-Each process gets its share of the cores as torch threads; logs go to ``OUT/logs/``.
+Each process gets its share of the cores as torch threads; logs go to ``OUT/logs/``. The services are
+forked from one warm zygote (lorafleet/app/zygote.py), which imported torch and the rest once for all
+of them: ps shows each with its own command line, and each behaves as that command started by hand.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor, popen
-from lorafleet.app.wiring import open_state, open_transport
+from lorafleet.app.connections import open_state, open_transport
+from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor
+from lorafleet.app.zygote import zygote
 from lorafleet.ml.cores import usable_cores
 from lorafleet.run.recovery import snapshot_dir
 from lorafleet.run.stopping import reopen_run
@@ -130,7 +133,7 @@ def run_distributed(
         _reopen(config, state)
     cores = usable_cores()
     worker_threads = max(1, cores // config.devices.count)
-    supervisor = Supervisor(logs, policy=policy, spawn=popen(_service_env(config)))
+    supervisor = Supervisor(logs, policy=policy, spawn=zygote(_service_env(config)))
     extra = list(service_args or [])
     try:
         for role, threads in (("orchestrator", 1), ("aggregator", cores)):

@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3
 #: glibc's own starting value
 MMAP_THRESHOLD_BYTES = 128 * 1024
+#: a worker process's threshold: MiniLM's per-step activations of 1 MiB and more (hidden states,
+#: attention scores, the feed-forward's 1536-wide output) go back to the OS when freed, the many smaller
+#: ones stay on the heap. Measured on the issue-19 job (batch 16, one thread): 128 KiB made a step
+#: 40-60% slower (an mmap, a munmap and fresh zeroed pages for every activation), 512 KiB 27% slower,
+#: 1 MiB as fast as glibc's own sliding threshold, which kept 60-250 MiB more per worker
+#: (benchmarks/results/distributed_memory.md).
+TRAINING_MMAP_THRESHOLD_BYTES = 1024 * 1024
 
 
 def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:

@@ -1,6 +1,7 @@
 """Builds services with their real collaborators from a run configuration.
 
-The only place that knows how URLs map to adapters and how a device slot maps to its shard.
+The only place that knows how a device slot maps to its shard (URLs map to adapters in
+lorafleet/app/connections.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 from aggregator.evaluation import Evaluation, evaluate
 from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
-from lorafleet.app.malloc import pin_mmap_threshold
-from lorafleet.app.urls import mask_url
+from lorafleet.app.malloc import TRAINING_MMAP_THRESHOLD_BYTES, pin_mmap_threshold
 from lorafleet.data.datasets import (
     EncodedDataset,
     TextDataset,
@@ -51,27 +51,6 @@ from worker.trainer import LoraTrainer, Trainer
 
 #: The environment variable of ``lorafleet worker --data``: the device's own rows.
 DEVICE_DATA_ENV = env_name("device_data")
-
-
-def open_transport(url: str) -> Transport:
-    """A transport for ``amqp://``/``amqps://`` URLs (RabbitMQ)."""
-    if url.startswith(("amqp://", "amqps://")):
-        from lorafleet.transport.rabbitmq import PikaTransport
-
-        return PikaTransport(url)
-    raise ConfigError(f"--broker must be an amqp:// or amqps:// URL, got {mask_url(url)!r}")
-
-
-def open_state(url: str) -> StateStore:
-    """A state store for ``redis://``/``rediss://``/``unix://`` and ``redis+sentinel://`` URLs
-    (lorafleet/state/redis_url.py)."""
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-        from lorafleet.state.redis import RedisStateStore
-
-        return RedisStateStore(url)
-    raise ConfigError(
-        f"--state must be a redis://, rediss:// or redis+sentinel:// URL, got {mask_url(url)!r}"
-    )
 
 
 def device_index(config: RunConfig, device: str) -> int:
@@ -260,7 +239,13 @@ def build_worker(
     on_finished: Callable[[], None] | None = None,
     signing_key: bytes | None = None,
     wrap_trainer: Callable[[Trainer], Trainer] | None = None,
+    own_process: bool = False,
 ) -> WorkerService:
+    """The worker of slot ``index``. ``own_process``: the worker is its process's only trainer (a
+    ``lorafleet worker``), which pins the allocator at :data:`TRAINING_MMAP_THRESHOLD_BYTES`; an
+    embedded run's lanes share the allocator with everything else in the process and leave it be."""
+    if own_process:
+        pin_mmap_threshold(TRAINING_MMAP_THRESHOLD_BYTES)
     shard, held_out = device_rows(config, index, shards)
     evaluator = None
     if len(held_out):
