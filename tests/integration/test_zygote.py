@@ -36,23 +36,39 @@ def _wait_for(predicate: object, timeout_s: float = 60.0) -> None:
     raise AssertionError("timed out")
 
 
-def test_retitle_shows_the_command_line_in_proc() -> None:
+def _arg_area_bytes() -> int:
+    """The size of this process's argument area (what a forked child can retitle within)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[46]) - int(fields[45])
+
+
+def _retitled(argv: list[str]) -> list[str]:
+    """The /proc command line of a forked child after ``retitle(argv)``."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: retitle, tell the parent, wait to be read
         os.close(read)
-        ok = retitle(["python", "-m", "lorafleet", "worker", "cfg.yaml", "--device-id", "dev-0007"])
+        ok = retitle(argv)
         os.write(write, b"1" if ok else b"0")
         time.sleep(30)
         os._exit(0)
     os.close(write)
     try:
         assert os.read(read, 1) == b"1"
-        assert _cmdline(pid) == ["python", "-m", "lorafleet", "worker", "cfg.yaml", "--device-id", "dev-0007"]
+        return _cmdline(pid)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(read)
+
+
+def test_retitle_shows_the_command_line_in_proc_cut_to_the_argument_area() -> None:
+    size = _arg_area_bytes()  # the child inherits this process's area: pytest's own command line
+    assert size > len("lf\0w\0d7")
+    fits = ["lf", "w", "d7"]
+    assert _retitled(fits) == fits
+    long = ["python", "-m", "lorafleet", "worker", "x" * size]  # longer than the area: cut, not overrun
+    assert "\0".join(_retitled(long)).encode() == "\0".join(long).encode()[: size - 1]
 
 
 def test_a_forked_service_runs_its_command_and_exits_with_its_status(tmp_path: Path) -> None:
