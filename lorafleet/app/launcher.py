@@ -16,14 +16,13 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lorafleet.app.connections import open_state, open_transport
 from lorafleet.app.supervisor import Child, RestartPolicy, Supervisor
-from lorafleet.app.zygote import zygote
+from lorafleet.app.zygote import SERVICE_PREFIX, zygote
 from lorafleet.ml.cores import usable_cores
 from lorafleet.run.recovery import snapshot_dir
 from lorafleet.run.stopping import reopen_run
@@ -47,7 +46,7 @@ def service_command(
     threads: int | None = None,
 ) -> list[str]:
     """The CLI command line of one service."""
-    cmd = [sys.executable, "-m", "lorafleet", role, str(config_path), "--broker", broker]
+    cmd = [*SERVICE_PREFIX, role, str(config_path), "--broker", broker]
     if state is not None:
         cmd += ["--state", state]
     if out_dir is not None:

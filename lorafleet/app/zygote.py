@@ -30,7 +30,7 @@ from lorafleet.app.supervisor import Process, Spawn, popen
 #: what the zygote imports before it forks anything: every module a service needs at start
 PRELOAD = ("lorafleet.app.zygote_preload",)
 
-#: the command prefix of a lorafleet service (what :func:`lorafleet.app.launcher.service_command` builds)
+#: the command prefix of a lorafleet service (:func:`lorafleet.app.launcher.service_command` starts with it)
 SERVICE_PREFIX = (sys.executable, "-m", "lorafleet")
 
 
