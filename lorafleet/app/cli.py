@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the services' modules import torch: only the commands that 
     from lorafleet.ml.model import AdapterRuntime
     from lorafleet.state.base import StateStore
     from lorafleet.transport.base import Transport
+    from worker.host_turns import HostTurns
     from worker.slots import SlotLease
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,6 +73,24 @@ StateOpt = Annotated[
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory (report.json, adapter/, checkpoints/)")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: this process's share)")]
+TurnsOpt = Annotated[
+    int,
+    typer.Option(
+        "--turns",
+        envvar=env_name("turns"),
+        min=0,
+        help="At most this many services of this host train or evaluate at once (0: no limit); "
+        "workers emulating devices on one machine take turns at its cores",
+    ),
+]
+TurnsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--turns-dir",
+        envvar=env_name("turns_dir"),
+        help="Where the host's turns are kept (every service of the host names the same folder)",
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level")]
 SetOpt = Annotated[
     list[str] | None,
@@ -386,6 +405,8 @@ def aggregator(
     state: StateOpt,
     out: OutOpt = Path("runs/latest"),
     threads: ThreadsOpt = 0,
+    turns: TurnsOpt = 0,
+    turns_dir: TurnsDirOpt = None,
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = "text",
     log_level: LogLevelOpt = None,
@@ -393,12 +414,15 @@ def aggregator(
     overrides: SetOpt = None,
 ) -> None:
     """Run the aggregator service against RabbitMQ and Redis."""
+    host_turns = _host_turns(turns, turns_dir)
 
     def build(cfg: RunConfig, transport: Transport, store: StateStore, runtime: AdapterRuntime) -> _Service:
         from lorafleet.app.wiring import build_aggregator
 
         fleet_key = _key(FLEET_KEY_ENV, required=bool(cfg.security.require_signatures))
-        return build_aggregator(cfg, transport, store, runtime, out_dir=out, fleet_key=fleet_key)
+        return build_aggregator(
+            cfg, transport, store, runtime, out_dir=out, fleet_key=fleet_key, turns=host_turns
+        )
 
     ops = _Ops(verbose, log_format, log_level, metrics_port)
     _serve(config, broker, state, threads, ops, overrides, build)
@@ -429,6 +453,8 @@ def worker(
         ),
     ] = None,
     threads: ThreadsOpt = 0,
+    turns: TurnsOpt = 0,
+    turns_dir: TurnsDirOpt = None,
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = "text",
     log_level: LogLevelOpt = None,
@@ -447,6 +473,7 @@ def worker(
 
     try:  # the device's data first: bad data ends the worker before it touches the broker
         shards = Shards.load(cfg, data)
+        host_turns = _host_turns(turns, turns_dir)
     except LorafleetError as exc:
         _fail(str(exc))
     if cfg.data.source == "local":
@@ -477,6 +504,7 @@ def worker(
             signing_key=_device_key(device_id, required=bool(cfg.security.require_signatures)),
             wrap_trainer=None if observed is None else observed.wrap,
             own_process=True,
+            turns=host_turns,
         )
         if observed is not None:
             observed.collector.service = service
@@ -488,6 +516,19 @@ def worker(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _host_turns(count: int, directory: Path | None) -> HostTurns | None:
+    """The host's ``count`` turns (worker/host_turns.py); None for 0 (no limit). Exits 2 when the
+    folder cannot be made."""
+    from worker.host_turns import DEFAULT_TURNS_DIR, HostTurns
+
+    if count == 0:
+        return None
+    try:
+        return HostTurns(directory or DEFAULT_TURNS_DIR, count)
+    except ConfigError as exc:
+        _fail(f"--turns-dir: {exc}")
 
 
 def _claim(transport: Transport, cfg: RunConfig, timeout_s: float) -> SlotLease:

@@ -3,9 +3,11 @@
 ``lorafleet run CONFIG --broker URL --state URL`` starts the orchestrator, the aggregator and one
 worker process per device with the same commands a person (or compose) would run by hand, restarts
 any that dies (lorafleet/app/supervisor.py), waits for the run to finish and returns its report.
-Each process gets its share of the cores as torch threads; logs go to ``OUT/logs/``. The services are
-forked from one warm zygote (lorafleet/app/zygote.py), which imported torch and the rest once for all
-of them: ps shows each with its own command line, and each behaves as that command started by hand.
+Each process gets its share of the cores as torch threads, and where there are more workers than
+cores the workers take turns at training, one a core (worker/host_turns.py). Logs go to
+``OUT/logs/``. The services are forked from one warm zygote (lorafleet/app/zygote.py), which
+imported torch and the rest once for all of them: ps shows each with its own command line, and each
+behaves as that command started by hand.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ def service_command(
     if threads is not None:
         cmd += ["--threads", str(threads)]
     return cmd
+
+
+def host_turns(workers: int, cores: int) -> int:
+    """How many of ``workers`` on a host of ``cores`` train at once: one a core, each on one torch
+    thread (worker/host_turns.py), or all of them where there are no more workers than cores."""
+    return max(1, min(workers, cores))
 
 
 def reset_run(config: RunConfig, broker: str, state_url: str) -> None:
@@ -131,13 +139,17 @@ def run_distributed(
     else:
         _reopen(config, state)
     cores = usable_cores()
-    worker_threads = max(1, cores // config.devices.count)
+    turns = host_turns(config.devices.count, cores)
+    worker_threads = max(1, cores // turns)
+    # more workers than cores: they take turns, and so does the aggregator's evaluation beside them
+    taking_turns = ["--turns", str(turns)] if turns < config.devices.count else []
     supervisor = Supervisor(logs, policy=policy, spawn=zygote(_service_env(config)))
     extra = list(service_args or [])
     try:
-        for role, threads in (("orchestrator", 1), ("aggregator", cores)):
+        aggregator = ["--threads", str(worker_threads if taking_turns else cores), *taking_turns]
+        for role, options in (("orchestrator", ["--threads", "1"]), ("aggregator", aggregator)):
             command = service_command(role, config_path, broker=broker, state=state, out_dir=out_dir)
-            supervisor.start(role, [*command, "--threads", str(threads), *extra])
+            supervisor.start(role, [*command, *options, *extra])
         for d in config.device_ids():
             supervisor.start(
                 f"worker-{d}",
@@ -146,6 +158,7 @@ def run_distributed(
                         "worker", config_path, broker=broker, state=None, out_dir=None, device=d,
                         threads=worker_threads,
                     ),
+                    *taking_turns,
                     *extra,
                 ],
             )

@@ -39,3 +39,18 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of every glibc arena back to the OS (``malloc_trim(0)``); True if any went
+    back, False where there was none or the C library has no ``malloc_trim`` (not glibc).
+
+    A training step's freed activations under the mmap threshold stay in the arenas of the thread that
+    trained; a worker that waits between tasks (worker/host_turns.py) need not hold them."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))

@@ -14,7 +14,7 @@ from pathlib import Path
 from aggregator.evaluation import Evaluation, evaluate
 from aggregator.hierarchical_service import aggregator_class
 from aggregator.service import AggregatorService
-from lorafleet.app.malloc import TRAINING_MMAP_THRESHOLD_BYTES, pin_mmap_threshold
+from lorafleet.app.malloc import TRAINING_MMAP_THRESHOLD_BYTES, pin_mmap_threshold, release_free_memory
 from lorafleet.data.datasets import (
     EncodedDataset,
     TextDataset,
@@ -46,6 +46,7 @@ from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TrainHyperParams
 from worker.calibration import Calibration
 from worker.evaluation import DeviceEvaluator, HeldOutRows
+from worker.host_turns import HostTurns, TakingTurns
 from worker.service import WorkerService
 from worker.trainer import LoraTrainer, Trainer
 
@@ -112,14 +113,21 @@ def label_histogram(ds: TextDataset) -> list[int]:
 
 
 class RuntimeEvaluator:
-    """Evaluates adapters on the run's evaluation split with a shared :class:`AdapterRuntime`."""
+    """Evaluates adapters on the run's evaluation split with a shared :class:`AdapterRuntime`; with
+    ``turns``, in one of the host's turns (worker/host_turns.py), like the training beside it."""
 
-    def __init__(self, runtime: AdapterRuntime, encoded_eval: EncodedDataset) -> None:
+    def __init__(
+        self, runtime: AdapterRuntime, encoded_eval: EncodedDataset, turns: HostTurns | None = None
+    ) -> None:
         self.runtime = runtime
         self.encoded_eval = encoded_eval
+        self.turns = turns
 
     def evaluate(self, spec: LoraSpec, tensors: Tensors) -> Evaluation:
-        return evaluate(self.runtime, spec, tensors, self.encoded_eval)
+        if self.turns is None:
+            return evaluate(self.runtime, spec, tensors, self.encoded_eval)
+        with self.turns.turn():
+            return evaluate(self.runtime, spec, tensors, self.encoded_eval)
 
 
 def build_cost_model(config: RunConfig, runtime: AdapterRuntime) -> CostModel:
@@ -189,7 +197,9 @@ def build_aggregator(
     embedded: bool = False,
     fleet_key: bytes | None = None,
     snapshots: bool | None = None,
+    turns: HostTurns | None = None,
 ) -> AggregatorService:
+    """The aggregator; with ``turns`` it evaluates only in one of the host's turns."""
     config = with_model_defaults(config, runtime)
     if not embedded:  # its own process: update bodies of many MB go back to the OS when freed (malloc.py);
         pin_mmap_threshold()  # never beside training: every activation would be an mmap (2x slower rounds)
@@ -203,7 +213,7 @@ def build_aggregator(
         transport,
         state,
         config=config,
-        evaluator=RuntimeEvaluator(runtime, encoded_eval),
+        evaluator=RuntimeEvaluator(runtime, encoded_eval, turns),
         write_checkpoint=write_checkpoint,
         out_dir=out_dir,
         clock=clock,
@@ -240,10 +250,13 @@ def build_worker(
     signing_key: bytes | None = None,
     wrap_trainer: Callable[[Trainer], Trainer] | None = None,
     own_process: bool = False,
+    turns: HostTurns | None = None,
 ) -> WorkerService:
     """The worker of slot ``index``. ``own_process``: the worker is its process's only trainer (a
-    ``lorafleet worker``), which pins the allocator at :data:`TRAINING_MMAP_THRESHOLD_BYTES`; an
-    embedded run's lanes share the allocator with everything else in the process and leave it be."""
+    ``lorafleet worker``), which pins the allocator at :data:`TRAINING_MMAP_THRESHOLD_BYTES` and gives a
+    task's freed memory back after it; an embedded run's lanes share the allocator with everything else
+    in the process and leave it be. ``turns``: it trains only in one of the host's turns
+    (worker/host_turns.py)."""
     if own_process:
         pin_mmap_threshold(TRAINING_MMAP_THRESHOLD_BYTES)
     shard, held_out = device_rows(config, index, shards)
@@ -261,6 +274,8 @@ def build_worker(
         trainer = build_trainer(config, runtime, shard)
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)  # e.g. a poisoned device in the robustness benchmark
+    if turns is not None:
+        trainer = TakingTurns(trainer, turns, after=release_free_memory if own_process else None)
     profile = config.devices.profile_of(index)
     measured = config.device_times == "measured"
     emulator = None

@@ -1,0 +1,102 @@
+"""Workers that share one host's cores take turns at training: at most ``count`` of them train at once.
+
+Eight worker processes on a two-core host (``lorafleet run --broker``, or devices emulated by hand on
+one machine) that all train at once get a quarter of a core each: every step is four times slower,
+their caches evict one another, and all eight hold a training working set at the same moment (about
+330 MiB each on MiniLM: ``benchmarks/results/distributed_memory.md``). Taking turns, two train on a core
+each and six wait holding only their model and data; the round ends no later, since the cores do the
+same work, and the working sets are two, not eight. Flower's simulation does the same: as many clients
+at a time as the resources given to each allow.
+
+A turn is an exclusive ``flock`` on one of ``count`` files in a directory the workers share. The kernel
+drops the lock when its holder exits, however it exits, so a killed worker never keeps a turn.
+A worker waiting for a turn polls the files; turns are not handed out in order of arrival (each task is
+trained from its own seed, so the order changes no result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from torch import Tensor
+
+from schemas.errors import ConfigError
+from schemas.messages import TrainTask
+from worker.trainer import Trainer, TrainOutcome
+
+log = logging.getLogger(__name__)
+
+#: where the workers of one host (one user) keep their turns when not told otherwise
+DEFAULT_TURNS_DIR = Path(tempfile.gettempdir()) / f"lorafleet-turns-{os.getuid()}"
+#: seconds between two looks at the turns while every one is taken
+POLL_S = 0.02
+
+
+class HostTurns:
+    """``count`` turns, one lock file each under ``directory`` (made if missing)."""
+
+    def __init__(self, directory: Path, count: int, *, poll_s: float = POLL_S) -> None:
+        if count < 1:
+            raise ConfigError(f"turns: at least 1 worker must be able to train at a time, got {count}")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"turns directory {directory}: {exc.strerror}") from None
+        self.directory = directory
+        self.count = count
+        self.poll_s = poll_s
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"turn-{index}.lock"
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[int]:
+        """Hold a free turn (waiting for one) until the block ends; yields its index. Threads of one
+        process take turns as processes do (each lock is on a descriptor of its own)."""
+        fd, index = self._take()
+        try:
+            yield index
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _take(self) -> tuple[int, int]:
+        waited = time.monotonic()
+        while True:
+            for index in range(self.count):
+                fd = os.open(self.path(index), os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                log.debug("took turn %d after %.2f s", index, time.monotonic() - waited)
+                return fd, index
+            time.sleep(self.poll_s)
+
+
+class TakingTurns:
+    """A trainer that trains only in a turn of ``turns``; after each task ``after`` runs (a worker in
+    its own process gives the task's freed memory back to the OS there, while it waits for its next)."""
+
+    def __init__(
+        self, trainer: Trainer, turns: HostTurns, *, after: Callable[[], object] | None = None
+    ) -> None:
+        self.trainer = trainer
+        self.turns = turns
+        self.after = after
+
+    def train(self, task: TrainTask, start: dict[str, Tensor]) -> TrainOutcome:
+        try:
+            with self.turns.turn():
+                return self.trainer.train(task, start)
+        finally:
+            if self.after is not None:
+                self.after()
