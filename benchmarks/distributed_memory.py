@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -44,7 +45,15 @@ def role(process: psutil.Process) -> str:
     for name in ("orchestrator", "aggregator", "worker"):
         if name in argv:
             return name
+    if any("multiprocessing" in arg for arg in argv):
+        return "zygote"  # the forkserver (lorafleet/app/zygote.py) and its resource tracker
     return "launcher" if "run" in argv else "other"
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children and what they waited for (their descendants)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def sample(root: psutil.Process) -> dict[str, dict[str, float]]:
@@ -86,7 +95,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"The run: {run['rounds']} rounds, final accuracy {run['final_accuracy']:.4f}, run wall "
         f"{run['run_wall_s']:.1f} s (round 1 opened to the last round closed and evaluated), "
         f"{run['s_per_round_mean']:.1f} s per round ({run['s_per_round_range'][0]:.1f}-"
-        f"{run['s_per_round_range'][1]:.1f}); the command {doc['wall_s']:.1f} s.",
+        f"{run['s_per_round_range'][1]:.1f}); the command {doc['wall_s']:.1f} s and {doc['cpu_s']:.0f} CPU-s "
+        "(every process it started).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -126,7 +136,7 @@ def main() -> None:
         wait_for_broker(broker)
         command = [sys.executable, "-m", "lorafleet", "run", config, "--out", str(args.work), "-q"]
         command += ["--broker", broker, "--state", args.state, "--set", f"rounds.max_rounds={args.rounds}"]
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), children_cpu_s()
         launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         root = psutil.Process(launcher.pid)
         best: tuple[float, float, dict[str, dict[str, float]]] = (0.0, 0.0, {})
@@ -136,7 +146,7 @@ def main() -> None:
             if pss > best[0]:
                 best = (pss, time.monotonic() - started, totals)
             time.sleep(args.interval_s)
-        wall = time.monotonic() - started
+        wall, cpu = time.monotonic() - started, children_cpu_s() - cpu_before
     if launcher.returncode != 0:
         raise SystemExit(f"the run failed with {launcher.returncode}: {' '.join(command)}")
     doc = {
@@ -145,6 +155,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "interval_s": args.interval_s,
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_pss_mib": best[0],
         "peak_at_s": best[1],
         "peak": best[2],

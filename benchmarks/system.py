@@ -14,7 +14,8 @@ measures:
 
     .venv/bin/python benchmarks/system.py --rounds 10
 
-Writes ``benchmarks/results/system.{json,md,png}``.
+Writes ``benchmarks/results/system.{json,md,png}``. ``--summary`` puts every figure of issue 19 in one
+table (``system_summary.{json,md}``, see ``benchmarks/system_summary.py``).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def measure(lanes: int, rounds: int, out: Path) -> dict[str, Any]:
     command_s, cpu = time.perf_counter() - started, cpu_s() - cpu_before
     per_round = []
     for r in report["rounds"]:
-        lane_busy = defaultdict(float)
+        lane_busy: dict[int, float] = defaultdict(float)
         for index, seconds in compute[r["round"]].items():
             lane_busy[index % count] += seconds
         critical = max(lane_busy.values(), default=0.0)
@@ -210,7 +211,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--lanes", type=int, nargs="+", default=[0], help="model.lanes per run (0: auto)")
     parser.add_argument("--out", type=Path, default=Path("runs/system"))
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="every figure of issue 19 in one table (benchmarks/system_summary.py)",
+    )
+    parser.add_argument(
+        "--updates", type=int, default=1000, help="--summary: updates in the aggregation timing"
+    )
     args = parser.parse_args()
+    if args.summary:
+        from benchmarks.system_summary import write
+
+        print(write(FLOWER_JOB, args.updates, "python benchmarks/system.py " + " ".join(sys.argv[1:])))
+        return
     runs = [measure(lanes, args.rounds, args.out / f"lanes-{lanes}") for lanes in args.lanes]
     doc = {
         "command": "python benchmarks/system.py " + " ".join(sys.argv[1:]),
