@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,20 +49,18 @@ def role(process: psutil.Process) -> str:
     return "launcher" if "run" in argv else "other"
 
 
-def children_cpu_s() -> float:
-    """CPU seconds of this process's finished children and what they waited for (their descendants)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def sample(root: psutil.Process) -> dict[str, dict[str, float]]:
-    """PSS, USS and RSS in MiB summed per role over ``root`` and its descendants, and their count."""
+def sample(root: psutil.Process, cpu: dict[int, float]) -> dict[str, dict[str, float]]:
+    """PSS, USS and RSS in MiB summed per role over ``root`` and its descendants, and their count;
+    each process's CPU seconds so far go in ``cpu`` (by pid: the last sample of a process that exits
+    stands for it, up to one interval short)."""
     totals: dict[str, dict[str, float]] = {}
     for process in [root, *root.children(recursive=True)]:
         try:
             info = process.memory_full_info()
+            times = process.cpu_times()
         except psutil.Error:
             continue
+        cpu[process.pid] = times.user + times.system
         entry = totals.setdefault(role(process), {"processes": 0, "pss": 0.0, "uss": 0.0, "rss": 0.0})
         entry["processes"] += 1
         entry["pss"] += info.pss / MIB
@@ -96,7 +93,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{run['run_wall_s']:.1f} s (round 1 opened to the last round closed and evaluated), "
         f"{run['s_per_round_mean']:.1f} s per round ({run['s_per_round_range'][0]:.1f}-"
         f"{run['s_per_round_range'][1]:.1f}); the command {doc['wall_s']:.1f} s and {doc['cpu_s']:.0f} CPU-s "
-        "(every process it started).",
+        "(every process it started, as last sampled).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -136,17 +133,17 @@ def main() -> None:
         wait_for_broker(broker)
         command = [sys.executable, "-m", "lorafleet", "run", config, "--out", str(args.work), "-q"]
         command += ["--broker", broker, "--state", args.state, "--set", f"rounds.max_rounds={args.rounds}"]
-        started, cpu_before = time.monotonic(), children_cpu_s()
+        started, cpu_by_pid = time.monotonic(), dict[int, float]()
         launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         root = psutil.Process(launcher.pid)
         best: tuple[float, float, dict[str, dict[str, float]]] = (0.0, 0.0, {})
         while launcher.poll() is None:
-            totals = sample(root)
+            totals = sample(root, cpu_by_pid)
             pss = sum(entry["pss"] for entry in totals.values())
             if pss > best[0]:
                 best = (pss, time.monotonic() - started, totals)
             time.sleep(args.interval_s)
-        wall, cpu = time.monotonic() - started, children_cpu_s() - cpu_before
+        wall, cpu = time.monotonic() - started, sum(cpu_by_pid.values())
     if launcher.returncode != 0:
         raise SystemExit(f"the run failed with {launcher.returncode}: {' '.join(command)}")
     doc = {

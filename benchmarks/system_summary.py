@@ -127,7 +127,7 @@ def summary(job: dict[str, Any], updates: int, command: str) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "goals": goals,
         "embedded": embedded,
-        "distributed": {key: distributed[key] for key in ("command", "date", "peak_pss_mib", "run")},
+        "distributed": {key: distributed[key] for key in ("command", "date", "cpu_s", "peak_pss_mib", "run")},
         "scale": scale["rows"],
         "broker": broker["summary"],
         "aggregation": aggregation_per_update(job, updates),
@@ -156,12 +156,13 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| the Flower job | final accuracy | run wall s | s per round | peak summed PSS MiB |",
-        "|---|---|---|---|---|",
+        "| the Flower job | final accuracy | run wall s | s per round | CPU s | peak summed PSS MiB |",
+        "|---|---|---|---|---|---|",
         f"| embedded, {emb['lanes']} lanes x {emb['threads_per_lane']} thread | {emb['final_accuracy']:.4f} "
-        f"| {emb['run_wall_s']:.1f} | {emb['s_per_round_mean']:.1f} | {emb['peak_pss_mib']:.0f} |",
+        f"| {emb['run_wall_s']:.1f} | {emb['s_per_round_mean']:.1f} | {emb['cpu_s']:.0f} "
+        f"| {emb['peak_pss_mib']:.0f} |",
         f"| distributed, 8 worker processes | {run['final_accuracy']:.4f} | {run['run_wall_s']:.1f} "
-        f"| {run['s_per_round_mean']:.1f} | {dist['peak_pss_mib']:.0f} |",
+        f"| {run['s_per_round_mean']:.1f} | {dist['cpu_s']:.0f} | {dist['peak_pss_mib']:.0f} |",
         "",
         "| scale in one process | rounds | process wall s | CPU s | peak RSS MiB | RSS per device KiB |",
         "|---|---|---|---|---|---|",
