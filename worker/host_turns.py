@@ -24,12 +24,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from schemas.errors import ConfigError
-from schemas.messages import TrainTask
-from worker.trainer import Trainer, TrainOutcome
+
+if TYPE_CHECKING:  # a service that takes turns but trains nothing (the aggregator) need not load torch here
+    from torch import Tensor
+
+    from schemas.messages import TrainTask
+    from worker.trainer import Trainer, TrainOutcome
 
 log = logging.getLogger(__name__)
 

@@ -521,10 +521,10 @@ def worker(
 def _host_turns(count: int, directory: Path | None) -> HostTurns | None:
     """The host's ``count`` turns (worker/host_turns.py); None for 0 (no limit). Exits 2 when the
     folder cannot be made."""
-    from worker.host_turns import DEFAULT_TURNS_DIR, HostTurns
-
     if count == 0:
         return None
+    from worker.host_turns import DEFAULT_TURNS_DIR, HostTurns
+
     try:
         return HostTurns(directory or DEFAULT_TURNS_DIR, count)
     except ConfigError as exc:
