@@ -76,8 +76,8 @@ def _load(name: str) -> dict[str, Any]:
 
 def summary(job: dict[str, Any], updates: int, command: str) -> dict[str, Any]:
     """The figures and the goals they are held to."""
-    embedded = min(_load("system")["runs"], key=lambda row: row["run_wall_s"])
     system = _load("system")
+    embedded = min(system["runs"], key=lambda row: row["run_wall_s"])
     distributed = _load("distributed_flower_job")
     scale = _load("scale")
     broker = _load("broker_throughput")

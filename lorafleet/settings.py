@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="--metrics-port")
     log_format: str | None = Field(default=None, description="--log-format")
     log_level: str | None = Field(default=None, description="--log-level")
-    turns: int | None = Field(default=None, ge=0, description="worker --turns")
-    turns_dir: Path | None = Field(default=None, description="worker --turns-dir")
+    turns: int | None = Field(default=None, ge=0, description="worker and aggregator --turns")
+    turns_dir: Path | None = Field(default=None, description="worker and aggregator --turns-dir")
     cost_model: Path | None = Field(default=None, description="a pinned cost model JSON (benchmarks)")
     connect_timeout: float = Field(
         default=15.0, gt=0, description="seconds a command waits for the broker and Redis at start-up"

@@ -473,9 +473,9 @@ def worker(
 
     try:  # the device's data first: bad data ends the worker before it touches the broker
         shards = Shards.load(cfg, data)
-        host_turns = _host_turns(turns, turns_dir)
     except LorafleetError as exc:
         _fail(str(exc))
+    host_turns = _host_turns(turns, turns_dir)
     if cfg.data.source == "local":
         _reach(broker=broker)
     configure_torch_threads(threads)

@@ -6,6 +6,7 @@ lorafleet/app/connections.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,9 +125,7 @@ class RuntimeEvaluator:
         self.turns = turns
 
     def evaluate(self, spec: LoraSpec, tensors: Tensors) -> Evaluation:
-        if self.turns is None:
-            return evaluate(self.runtime, spec, tensors, self.encoded_eval)
-        with self.turns.turn():
+        with contextlib.nullcontext() if self.turns is None else self.turns.turn():
             return evaluate(self.runtime, spec, tensors, self.encoded_eval)
 
 
