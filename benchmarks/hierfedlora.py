@@ -6,11 +6,14 @@ shards and seeds. FedLoRA runs first, for ``--fedlora-rounds`` rounds: its final
 run's target and its virtual time the budget; every other strategy runs until that budget.
 ``hierfedlora`` is HierFedLoRA-style as configured by default (``hier.within_group: uniform``, one
 depth per group); ``hierfedlora_legend`` adds LEGEND-style depths within groups (``legend``), the
-combination; the ablations vary one thing from the ``hierfedlora`` row.
-Results: benchmarks/results/hierfedlora.{json,md,png}.
+combination; the ablations vary one thing from the ``hierfedlora`` row. Every pair's table also
+has the reference rows (benchmarks/references.py): centralized LoRA on the pooled rows (the ceiling)
+and each device alone (the floor). Results: benchmarks/results/NAME.{json,md,png} (``--name``,
+default ``hierfedlora``); each file's command says how it was made: ``hierfedlora`` is 21 devices,
+``hierfedlora-80`` the paper's scale (80 devices, ``hier.groups: auto``).
 
-    python benchmarks/hierfedlora.py              # the committed results
     python benchmarks/hierfedlora.py --quick      # tiny model, synthetic data: a smoke run
+    python benchmarks/hierfedlora.py --add-references   # the reference rows for a committed JSON
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from benchmarks.harness import (  # noqa: E402
     write_json,
 )
 from benchmarks.legend import pin_cost_model  # noqa: E402
+from benchmarks.references import bounds_table, reference_rows  # noqa: E402
 from schemas.config import merge_overrides  # noqa: E402
 
 #: benchmark row -> (strategy, configuration overrides)
@@ -100,6 +104,11 @@ def run_pair(
     }
     entry["strategies"]["fedlora"] = row_of(fed, entry)
     console.print(f"  target {target:.4f}, budget {budget:.1f} virtual s, wall {fed['bench_wall_s']:.0f} s")
+    if args.references:
+        entry["references"] = reference_rows(
+            base, args.fedlora_rounds, runs / "references", resume=args.resume
+        )
+        console.print("  references: " + _bounds_line(entry["references"]))
     for name in names:
         if name == "fedlora":
             continue
@@ -122,6 +131,34 @@ def run_pair(
     return entry
 
 
+def stem(args: argparse.Namespace) -> str:
+    """The results' file name without its suffix: ``--name``, with ``-quick`` for a smoke run."""
+    return f"{getattr(args, 'name', 'hierfedlora')}{'-quick' if args.quick else ''}"
+
+
+def _bounds_line(references: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {row['final_accuracy']:.4f}" for name, row in references.items())
+
+
+def add_references(args: argparse.Namespace, console: Console) -> None:
+    """Add the centralized and local-only rows to every pair of the committed JSON, from the setup it
+    records (nothing federated is trained again)."""
+    path = args.out / f"{stem(args)}.json"
+    result = json.loads(path.read_text(encoding="utf-8"))
+    setup = argparse.Namespace(**(vars(args) | result["setup"]))
+    for entry in result["runs"]:
+        base = base_config(setup, entry["dataset"], float(entry["alpha"]))
+        runs = args.runs / f"{entry['dataset']}-a{entry['alpha']}" / "references"
+        entry["references"] = reference_rows(base, int(setup.fedlora_rounds), runs, resume=True)
+        console.print(f"{entry['dataset']}, alpha {entry['alpha']}: " + _bounds_line(entry["references"]))
+    args.kept, args.started = [], time.perf_counter() - float(result.get("wall_s", 0.0))
+    args.cost_model = result.get("cost_model")
+    kept = {k: result[k] for k in ("setup", "ran_as") if k in result}
+    write_results(
+        args, result["runs"], partial=bool(result.get("partial")), command=result["command"], kept=kept
+    )
+
+
 def row_of(report: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     """A strategy's row: the harness summary at the run's target and budget, the virtual time and
     bytes to FedLoRA's best accuracy, and (hierarchical runs) the last global round's groups."""
@@ -135,7 +172,7 @@ def row_of(report: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
 
 def rebuild(args: argparse.Namespace) -> None:
     """Recompute the committed JSON's rows from the runs' report.json files (nothing is trained)."""
-    path = args.out / f"hierfedlora{'-quick' if args.quick else ''}.json"
+    path = args.out / f"{stem(args)}.json"
     result = json.loads(path.read_text(encoding="utf-8"))
     for entry in result["runs"]:
         runs = args.runs / f"{entry['dataset']}-a{entry['alpha']}"
@@ -179,6 +216,7 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
                         "(rows measured against different FedLoRA runs)"
                     )
             have["strategies"] |= entry["strategies"]
+            have["references"] = have.get("references", {}) | entry.get("references", {})
             have["command"] = entry.get("command") or have.get("command")
     for entry in pairs.values():
         entry["strategies"] = {n: entry["strategies"][n] for n in VARIANTS if n in entry["strategies"]}
@@ -256,7 +294,15 @@ def main() -> None:
     parser.add_argument(
         "--max-grad-norm", type=float, default=None, help="clip local gradients (off by default)"
     )
-    parser.add_argument("--groups", type=int, default=3)
+    parser.add_argument(
+        "--groups",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="hier.groups: a count, or auto (the most near-IID groups, the configuration's default)",
+    )
+    parser.add_argument(
+        "--name", default="hierfedlora", help="the results' file name (benchmarks/results/NAME.{json,md,png})"
+    )
     parser.add_argument("--max-frequency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fedlora-rounds", type=int, default=12)
@@ -270,6 +316,17 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--no-references",
+        dest="references",
+        action="store_false",
+        help="skip the centralized (ceiling) and local-only (floor) rows",
+    )
+    parser.add_argument(
+        "--add-references",
+        action="store_true",
+        help="add the reference rows to the committed JSON's pairs from its setup (no federated training)",
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -280,6 +337,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.rebuild:
         rebuild(args)
+        return
+    if args.add_references:
+        add_references(args, Console(stderr=True))
         return
     if args.merge:
         merged = merge_results([json.loads(p.read_text(encoding="utf-8")) for p in args.merge])
@@ -296,7 +356,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown strategies {unknown}; known: {sorted(VARIANTS)}")
     done: list[dict[str, Any]] = []
-    previous = args.out / f"hierfedlora{'-quick' if args.quick else ''}.json"
+    previous = args.out / f"{stem(args)}.json"
     if args.keep_others and previous.exists():  # runs of other (dataset, alpha) pairs stay
         wanted = {(d, float(a)) for d in args.datasets.split(",") for a in args.alphas.split(",")}
         kept = json.loads(previous.read_text(encoding="utf-8"))["runs"]
@@ -319,7 +379,6 @@ def write_results(
     """JSON, markdown and PNG, rewritten after every strategy (an interrupted run keeps what it did)."""
     command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
     runs = [*getattr(args, "kept", []), *runs]
-    suffix = "-quick" if args.quick else ""
     result = {
         "command": command,
         "partial": partial,
@@ -331,11 +390,13 @@ def write_results(
         ),
         "cost_model": args.cost_model,
         "setup": {
-            k: v for k, v in vars(args).items() if k not in ("cost_model", "started", "out", "runs", "kept")
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("cost_model", "started", "out", "runs", "kept", "add_references")
         },
         "runs": runs,
     } | (kept or {})
-    write_json(args.out / f"hierfedlora{suffix}.json", json.loads(json.dumps(result, default=str)))
+    write_json(args.out / f"{stem(args)}.json", json.loads(json.dumps(result, default=str)))
     parts = [f"# HierFedLoRA-style vs baselines under non-IID data\n\n`{command}`\n"]
     parts.append(f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n")
     for run in runs:
@@ -346,11 +407,13 @@ def write_results(
             + markdown_table(run["strategies"], "fedlora")
             + "\n\n"
             + best_table(run)
+            + "\n\n"
+            + bounds_table(run.get("references", {}), run["strategies"])
             + "\n"
         )
     text = "\n".join(parts)
-    (args.out / f"hierfedlora{suffix}.md").write_text(text, encoding="utf-8")
-    plot_runs(runs, args.out / f"hierfedlora{suffix}.png")
+    (args.out / f"{stem(args)}.md").write_text(text, encoding="utf-8")
+    plot_runs(runs, args.out / f"{stem(args)}.png")
     return text
 
 

@@ -34,6 +34,7 @@ from benchmarks.harness import (  # noqa: E402
     summarise,
     write_json,
 )
+from benchmarks.references import bounds_table, reference_rows  # noqa: E402
 
 STRATEGIES = ["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
 
@@ -84,10 +85,24 @@ def main() -> None:
     parser.add_argument("--no-cache", action="store_true", help="workers do not use the activation cache")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-references",
+        dest="references",
+        action="store_false",
+        help="skip the centralized (ceiling) and local-only (floor) rows",
+    )
+    parser.add_argument(
+        "--add-references",
+        action="store_true",
+        help="add the reference rows to the committed JSON from its setup (no federated training)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-legend"))
     args = parser.parse_args()
     console = Console(stderr=True)
+    if args.add_references:
+        add_references(args, console)
+        return
     cost_model = pin_cost_model(args.runs)
     base = base_config(args)
     names = args.strategies.split(",")
@@ -98,7 +113,10 @@ def main() -> None:
     fed_ttt = next((r["virtual_time_s"] for r in fed["rounds"] if (r["accuracy"] or 0) >= args.target), None)
     budget = args.budget_virtual_s or (args.budget_factor * fed_ttt if fed_ttt else fed["virtual_time_s"])
     rows["fedlora"] = summarise(fed, args.target, budget)
-    write_results(args, base, cost_model, budget, rows, started, partial=True)
+    references = (
+        reference_rows(base, args.fedlora_rounds, args.runs / "references") if args.references else {}
+    )
+    write_results(args, base, cost_model, budget, rows, started, partial=True, references=references)
     console.print(
         f"  time to target {fed_ttt}, budget {budget:.1f} virtual s, wall {fed['bench_wall_s']:.0f} s"
     )
@@ -108,14 +126,37 @@ def main() -> None:
         console.print(f"[bold]{name}[/bold]")
         report = run_strategy(base, name, args.runs, max_rounds=args.max_rounds, virtual_budget_s=budget)
         rows[name] = summarise(report, args.target, budget)
-        write_results(args, base, cost_model, budget, rows, started, partial=True)
+        write_results(args, base, cost_model, budget, rows, started, partial=True, references=references)
         r = rows[name]
         console.print(
             f"  to target {r['time_to_target_virtual_s']} virtual s, at budget {r['accuracy_at_budget']}, "
             f"{r['rounds']} rounds, wall {r['wall_s']:.0f} s"
         )
-    table = write_results(args, base, cost_model, budget, rows, started, partial=False)
+    table = write_results(args, base, cost_model, budget, rows, started, partial=False, references=references)
     console.print(table)
+
+
+def add_references(args: argparse.Namespace, console: Console) -> None:
+    """Add the centralized and local-only rows to the committed JSON, from the setup and FedLoRA
+    rounds its command records (nothing federated is trained again)."""
+    path = args.out / f"legend{'-quick' if args.quick else ''}.json"
+    result = json.loads(path.read_text(encoding="utf-8"))
+    words = shlex.split(result["command"])
+    rounds = int(words[words.index("--fedlora-rounds") + 1]) if "--fedlora-rounds" in words else 8
+    references = reference_rows(result["setup"], rounds, args.runs / "references", resume=True)
+    console.print(", ".join(f"{n} {r['final_accuracy']:.4f}" for n, r in references.items()))
+    args.target = result["target"]
+    write_results(
+        args,
+        result["setup"],
+        result["cost_model"],
+        result["budget_virtual_s"],
+        result["strategies"],
+        time.perf_counter() - float(result["wall_s"]),
+        partial=bool(result["partial"]),
+        references=references,
+        command=result["command"],  # the command that measured the federated rows
+    )
 
 
 def write_results(
@@ -127,9 +168,11 @@ def write_results(
     started: float,
     *,
     partial: bool,
+    references: dict[str, dict[str, Any]],
+    command: str | None = None,
 ) -> str:
     """Write JSON, markdown and PNG (after every strategy, so an interrupted run keeps what it did)."""
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
     suffix = "-quick" if args.quick else ""
     result = {
         "command": command,
@@ -146,12 +189,14 @@ def write_results(
         "cost_model": cost_model,
         "wall_s": time.perf_counter() - started,
         "strategies": rows,
+        "references": references,
     }
     write_json(args.out / f"legend{suffix}.json", result)
     table = markdown_table(rows, "fedlora")
     (args.out / f"legend{suffix}.md").write_text(
         f"# LEGEND-style vs baselines\n\n`{command}`\n\ntarget {args.target}, budget {budget:.1f} virtual s, "
-        f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n\n{table}\n",
+        f"benchmark wall time {result['wall_s']:.0f} s{' (partial)' if partial else ''}\n\n{table}\n\n"
+        f"{bounds_table(references, rows)}\n",
         encoding="utf-8",
     )
     plot(

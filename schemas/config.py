@@ -191,9 +191,10 @@ class HierConfig(_Section):
     """HierFedLoRA-style hierarchical runs (strategies ``hierfedlora`` and ``hier_*``).
 
     Devices are split into ``groups`` near-IID groups (``speed_weight`` trades label balance for
-    similar speeds within a group); ``groups: auto`` takes the most groups, up to ``max_groups``
-    and with at least ``min_group_size`` devices each, whose labels all stay within
-    ``warn_divergence`` of the fleet's (one group, a flat fleet, when no split does); each global
+    similar speeds within a group); ``groups: auto`` (the default) takes the most groups, up to
+    ``max_groups`` and with at least ``min_group_size`` devices each, whose labels all stay within
+    ``warn_divergence`` of the fleet's (one group, a flat fleet, when no split does), chosen again
+    every global round from the devices then alive (a fixed count stays available); each global
     round, every group runs its own number of intra-group rounds (``min_frequency``..
     ``max_frequency``) at its own depth, planned jointly;
     ``within_group: uniform`` (the default) keeps every member at its group's depth; ``legend`` lets
@@ -204,7 +205,7 @@ class HierConfig(_Section):
     the default.
     """
 
-    groups: Annotated[int, Field(ge=1, le=MAX_GROUPS)] | Literal["auto"] = 4
+    groups: Annotated[int, Field(ge=1, le=MAX_GROUPS)] | Literal["auto"] = "auto"
     max_groups: Annotated[int, Field(ge=1, le=MAX_GROUPS)] = 8  # the most groups `auto` tries
     min_group_size: Annotated[int, Field(ge=1)] = 2  # `auto`: no group smaller than this
     speed_weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.1

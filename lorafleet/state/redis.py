@@ -514,7 +514,8 @@ class RedisStateStore:
         if target.sentinels:
             # the pool asks the Sentinels for the primary on every new connection, and a connection to
             # a primary demoted in a failover fails (ReadOnlyError -> ConnectionError): both retried
-            sentinel = _QuorumSentinel(  # type: ignore[no-untyped-call]
+            # through Any: redis-py's Sentinel is untyped before 8.x and typed after, so no ignore fits both
+            sentinel: Any = cast(Any, _QuorumSentinel)(
                 target.sentinels,
                 sentinel_kwargs={
                     "socket_timeout": socket_connect_timeout,
@@ -526,7 +527,7 @@ class RedisStateStore:
                 socket_connect_timeout=socket_connect_timeout,
             )
             assert target.service is not None
-            client = sentinel.master_for(  # type: ignore[no-untyped-call]
+            client = sentinel.master_for(
                 target.service,
                 redis_class=redis.Redis,
                 connection_class=_DiscoveringConnection,

@@ -142,3 +142,41 @@ def test_hier_groups_auto_is_a_configuration() -> None:
     config = parse_run_config({"strategy": "hierfedlora", "hier": {"groups": "auto", "max_groups": 5}})
     assert config.hier.groups == "auto" and config.hier.most_groups == 5
     assert parse_run_config({"strategy": "hierfedlora", "hier": {"groups": 3}}).hier.most_groups == 3
+
+
+def test_by_default_the_group_count_follows_the_devices_alive_each_global_round() -> None:
+    from lorafleet.devices.costmodel import CostModel
+    from orchestrator.capacity import DeviceEstimate
+    from orchestrator.planners.context import PlanningContext
+    from orchestrator.planners.global_round import form_groups
+    from orchestrator.planners.legend import DeviceInput, SizeModel
+    from schemas.config import parse_run_config
+
+    # Given the default configuration of a hierarchical run (hier.groups: auto) ...
+    config = parse_run_config({"run_id": "auto-default", "strategy": "hierfedlora", "devices": {"count": 8}})
+    assert config.hier.groups == "auto"
+    cost = CostModel("test", 2, embed_s=0.0, prefix_block_s=0.0, train_block_s=1e-4, head_s=2e-5, step_s=5e-3)
+    ids = config.device_ids()
+    # ... devices of two classes, one class each, half of them per class
+    histograms = {d: [10, 0] if i % 2 == 0 else [0, 10] for i, d in enumerate(ids)}
+
+    def groups_of(alive: list[str]) -> list[list[str]]:
+        devices = [DeviceInput(d, 10, DeviceEstimate(1.0, 1e7, 1e7, 30.0)) for d in alive]
+        ctx = PlanningContext(
+            round_no=1,
+            devices=devices,
+            num_blocks=2,
+            config=config,
+            cost=cost,
+            sizes=SizeModel({0: 1, 1: 1}, 1),
+        )
+        return form_groups(ctx, {d: histograms[d] for d in alive})[0]
+
+    # When four devices are alive, then two balanced groups (min_group_size 2) ...
+    four = groups_of(ids[:4])
+    assert len(four) == 2 and all(sorted(histograms[d][0] > 0 for d in g) == [False, True] for g in four)
+    # ... when four more join, four groups of one device of each class
+    assert len(groups_of(ids)) == 4
+    # ... and when a class's devices leave but one, no split is near-IID: one flat group
+    lopsided = ids[:1] + [d for i, d in enumerate(ids) if i % 2 == 1][:1] + [ids[2], ids[4], ids[6]]
+    assert len(groups_of(lopsided)) == 1
