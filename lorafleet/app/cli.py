@@ -694,14 +694,20 @@ def restore_command(
     run_id: Annotated[str, typer.Argument(help="The run to restore (its run_id)")],
     out: Annotated[Path, typer.Option("--out", help="The aggregator's output directory (state/ snapshots)")],
     state: StateOpt,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace the run even though the store still holds it (rolls it back)"),
+    ] = False,
 ) -> None:
     """Put a run the state store lost back from the aggregator's latest snapshot of it.
 
     For a store whose services may not do it themselves (Redis ACL users kept to their own keys):
     run it as a user that may write every key of the run (lf-admin), then start the services again.
+    A run the store still holds is left alone (restoring it would roll it back) unless ``--force``.
     """
     _reach(state=state)
     from lorafleet.app.connections import open_state
+    from lorafleet.run.epoch import EPOCH_FIELD
     from lorafleet.run.recovery import latest_snapshot, restore
 
     snapshot = latest_snapshot(out, run_id)
@@ -709,6 +715,14 @@ def restore_command(
         _fail(f"no snapshot of run {run_id!r} in {out / 'state'}", code=1)
     store = open_state(state)
     try:
+        held = store.get_run_fields(run_id)
+        if EPOCH_FIELD in held and not force:
+            _fail(
+                f"run {run_id!r} is still in the state store (epoch {held[EPOCH_FIELD]}): restoring its "
+                f"snapshot of round {snapshot.round_no} would roll it back; nothing was changed "
+                "(--force replaces it)",
+                code=1,
+            )
         restore(store, snapshot, out)
     except LorafleetError as exc:
         _fail(str(exc), code=1)

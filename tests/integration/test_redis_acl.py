@@ -196,6 +196,19 @@ def test_a_lost_run_is_restored_by_an_operator_not_by_a_service_user(
         fields = admin.get_run_fields(cleanup)
         assert fields[EPOCH_FIELD] == epoch and fields["status"] == "running"  # as after round 1
         assert admin.get_counters(cleanup)["state_restored"] == 1
+        # ... and, the run back in the store and going on, a second restore refuses to roll it back
+        admin.put_run_field(cleanup, "status", "finished")
+        again = subprocess.run(
+            [sys.executable, "-m", "lorafleet", "restore", cleanup, "--out", str(tmp_path)]
+            + ["--state", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 1
+        assert f"run {cleanup!r} is still in the state store" in again.stderr and "--force" in again.stderr
+        assert admin.get_run_fields(cleanup)["status"] == "finished"
+        assert admin.get_counters(cleanup)["state_restored"] == 1
     finally:
         for store in (orchestrator, aggregator, admin):
             store.close()
