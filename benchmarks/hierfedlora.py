@@ -106,7 +106,11 @@ def run_pair(
     console.print(f"  target {target:.4f}, budget {budget:.1f} virtual s, wall {fed['bench_wall_s']:.0f} s")
     if args.references:
         entry["references"] = reference_rows(
-            base, args.fedlora_rounds, runs / "references", resume=args.resume
+            base,
+            args.fedlora_rounds,
+            runs / "references",
+            resume=args.resume,
+            local_devices=args.local_devices,
         )
         console.print("  references: " + _bounds_line(entry["references"]))
     for name in names:
@@ -146,10 +150,15 @@ def add_references(args: argparse.Namespace, console: Console) -> None:
     path = args.out / f"{stem(args)}.json"
     result = json.loads(path.read_text(encoding="utf-8"))
     setup = argparse.Namespace(**(vars(args) | result["setup"]))
+    wanted = {(d, float(a)) for d in args.datasets.split(",") for a in args.alphas.split(",")}
     for entry in result["runs"]:
+        if (entry["dataset"], float(entry["alpha"])) not in wanted:
+            continue
         base = base_config(setup, entry["dataset"], float(entry["alpha"]))
         runs = args.runs / f"{entry['dataset']}-a{entry['alpha']}" / "references"
-        entry["references"] = reference_rows(base, int(setup.fedlora_rounds), runs, resume=True)
+        entry["references"] = reference_rows(
+            base, int(setup.fedlora_rounds), runs, resume=True, local_devices=args.local_devices
+        )
         console.print(f"{entry['dataset']}, alpha {entry['alpha']}: " + _bounds_line(entry["references"]))
     args.kept, args.started = [], time.perf_counter() - float(result.get("wall_s", 0.0))
     args.cost_model = result.get("cost_model")
@@ -322,9 +331,16 @@ def main() -> None:
         help="skip the centralized (ceiling) and local-only (floor) rows",
     )
     parser.add_argument(
+        "--local-devices",
+        type=int,
+        default=None,
+        help="the local-only floor over a seeded sample of this many devices (default: every device)",
+    )
+    parser.add_argument(
         "--add-references",
         action="store_true",
-        help="add the reference rows to the committed JSON's pairs from its setup (no federated training)",
+        help="add the reference rows to the pairs of --datasets x --alphas of the committed JSON, from its "
+        "setup (no federated training)",
     )
     parser.add_argument(
         "--merge",

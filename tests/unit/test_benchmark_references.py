@@ -70,6 +70,18 @@ def test_centralized_pools_every_device_row_and_local_only_trains_each_device_al
     assert local["min_accuracy"] <= local["final_accuracy"] <= local["best_accuracy"]
 
 
+def test_a_seeded_sample_of_devices_can_stand_for_the_floor(tmp_path: Path) -> None:
+    # When the local-only floor is taken over 2 of the 3 devices
+    local = reference_rows(BASE | {"seed": 5}, 1, tmp_path, local_devices=2)["local_only"]
+    # Then two devices, the same two for the seed, trained alone, and the row says it was a sample
+    assert local["fleet"] == 3 and len(local["devices"]) == 2 == len(local["device_accuracies"])
+    assert sorted(p.stem for p in (tmp_path / "local").glob("*.jsonl")) == [
+        f"device-{d:04d}" for d in local["devices"]
+    ]
+    refs = {"local_only": local | {"steps_per_row": 2}}
+    assert "mean of 2 devices (a seeded sample of the 3)" in bounds_table(refs, {})
+
+
 def test_the_bounds_table_says_where_the_best_federated_row_sits() -> None:
     refs = {
         "centralized": {"final_accuracy": 0.8, "best_accuracy": 0.8, "rows": 10, "steps_per_row": 4},
