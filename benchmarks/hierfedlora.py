@@ -231,6 +231,8 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         entry["strategies"] = {n: entry["strategies"][n] for n in VARIANTS if n in entry["strategies"]}
         if entry.get("command"):  # the pair's rows again, from the runs directory with --resume
             entry["command"] = _with_strategies(entry["command"], list(entry["strategies"]))
+            if entry.get("references"):  # a process measured them: the pair's command makes them too
+                entry["command"] = _without_flag(entry["command"], "--no-references")
     runs = sorted(pairs.values(), key=lambda e: (e["dataset"] != "20newsgroups", e["dataset"], e["alpha"]))
     # a cut-short process writes only the rows it finished, so the rows alone say what is missing
     # (a partial file completed by the processes that ran its missing rows is complete)
@@ -247,6 +249,8 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     datasets = ",".join(dict.fromkeys(e["dataset"] for e in runs))
     alphas = ",".join(dict.fromkeys(str(e["alpha"]) for e in sorted(runs, key=lambda e: e["alpha"])))
     command = _with_strategies(results[0]["command"], None)
+    if any(e.get("references") for e in runs):
+        command = _without_flag(command, "--no-references")
     command = _with_option(_with_option(command, "--alphas", alphas), "--datasets", datasets)
     names = [n for n in VARIANTS if any(n in e["strategies"] for e in runs)]
     setup = results[0].get("setup", {}) | {  # the merged result's, not the first process's
@@ -273,6 +277,11 @@ def _with_option(command: str, flag: str, value: str | None) -> str:
     if value is not None:
         words[2:2] = [flag, value]  # after "python benchmarks/hierfedlora.py"
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _without_flag(command: str, flag: str) -> str:
+    """``command`` without the option ``flag`` (one that takes no value)."""
+    return " ".join(shlex.quote(w) for w in shlex.split(command) if w != flag)
 
 
 def _with_strategies(command: str, names: list[str] | None) -> str:

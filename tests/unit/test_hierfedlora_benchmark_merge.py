@@ -98,3 +98,19 @@ def test_rows_measured_against_different_fedlora_runs_are_refused() -> None:
         merge_results(
             [result("sst2", 0.1, {"fedlora": 0.7}), result("sst2", 0.1, {"legend": 0.8}, target=0.3)]
         )
+
+
+def test_reference_rows_from_one_process_join_the_rows_of_the_others() -> None:
+    # Given the federated rows measured without references and the references by a third process
+    rows = result("20newsgroups", 0.1, {"fedlora": 0.1, "legend": 0.2}, out="a")
+    rows["command"] += " --no-references"
+    rows["runs"][0]["command"] += " --no-references"
+    refs = result("20newsgroups", 0.1, {"fedlora": 0.1}, out="r")
+    refs["runs"][0]["references"] = {"centralized": {"final_accuracy": 0.5}}
+    # When they are merged, either way round
+    for merged in (merge_results([rows, refs]), merge_results([refs, rows])):
+        [entry] = merged["runs"]
+        # Then the pair has both, and no command says the references were skipped
+        assert entry["references"] == {"centralized": {"final_accuracy": 0.5}}
+        assert list(entry["strategies"]) == ["fedlora", "legend"]
+        assert "--no-references" not in entry["command"] and "--no-references" not in merged["command"]
