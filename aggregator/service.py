@@ -386,9 +386,7 @@ class AggregatorService:
             elif isinstance(message, TaskFailed):
                 stored = b""  # the device reported: it counts toward the quorum, adds no tensors
             else:
-                raise Rejected(
-                    "unexpected_kind", f"the aggregator does not consume {type(message).__name__}"
-                )
+                raise Rejected("unexpected_kind", f"the aggregator does not consume {type(message).__name__}")
             self._record(message, stored)
             delivery.ack()
         except MessageRefused as exc:

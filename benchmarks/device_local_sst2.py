@@ -65,9 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="lf-device-local-"))
     devices = [f"dev-{i:04d}" for i in range(args.devices)]
     n = args.rows_per_device
-    files = {
-        d: _write_jsonl(work / f"{d}.jsonl", train[i * n : (i + 1) * n]) for i, d in enumerate(devices)
-    }
+    files = {d: _write_jsonl(work / f"{d}.jsonl", train[i * n : (i + 1) * n]) for i, d in enumerate(devices)}
     eval_path = _write_jsonl(work / "dev.jsonl", _tsv_rows(data_dir / "dev.tsv"))
     run_id = f"device-local-{int(time.time())}"
     config_path = work / "run.yaml"

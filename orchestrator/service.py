@@ -57,9 +57,7 @@ from schemas.tensors import encode_tensors, tensors_from_bytes, tensors_to_bytes
 log = logging.getLogger(__name__)
 
 Phase = Literal["registering", "running", "finishing", "finished"]
-FinishReason = Literal[
-    "max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted", "stopped"
-]
+FinishReason = Literal["max_rounds", "target_accuracy", "time_budget", "virtual_budget", "aborted", "stopped"]
 
 
 class OrchestratorService:

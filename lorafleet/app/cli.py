@@ -61,6 +61,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
+
 ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML), e.g. examples/quickstart.yaml")]
 BrokerOpt = Annotated[
     str,

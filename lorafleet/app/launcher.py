@@ -155,7 +155,12 @@ def run_distributed(
                 f"worker-{d}",
                 [
                     *service_command(
-                        "worker", config_path, broker=broker, state=None, out_dir=None, device=d,
+                        "worker",
+                        config_path,
+                        broker=broker,
+                        state=None,
+                        out_dir=None,
+                        device=d,
                         threads=worker_threads,
                     ),
                     *taking_turns,

@@ -978,7 +978,6 @@ class RedisStateStore:
             self._r.connection_pool.disconnect()
 
 
-
 def probe_state(url: str, timeout_s: float) -> None:
     """First contact: PING the Redis of ``url`` (through its Sentinels for a Sentinel URL) within
     ``timeout_s``, retrying refused or timed-out connections with backoff meanwhile. Separate from
@@ -1007,6 +1006,7 @@ def probe_state(url: str, timeout_s: float) -> None:
                 raise StateStoreError(f"{type(exc).__name__}: {exc}") from None
     finally:
         store.close()
+
 
 if TYPE_CHECKING:
 

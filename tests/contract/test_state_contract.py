@@ -434,7 +434,6 @@ def test_redis_expire_run_sets_a_ttl_on_every_key(redis_url: str, run_id: str) -
         client.close()
 
 
-
 # -- concurrency (threads) ------------------------------------------------------------------------------
 def _run_threads(n: int, target: Callable[[int], None]) -> None:
     barrier = threading.Barrier(n)

@@ -23,8 +23,20 @@ from schemas.errors import (
 
 @pytest.mark.parametrize(
     "error",
-    [ConfigError, DataError, TransportError, TransportClosed, QueueNotFound, AccessRefused, StateStoreError,
-     NoFreeSlot, MessageRefused, DecodeError, Rejected, StartAdapterGone],
+    [
+        ConfigError,
+        DataError,
+        TransportError,
+        TransportClosed,
+        QueueNotFound,
+        AccessRefused,
+        StateStoreError,
+        NoFreeSlot,
+        MessageRefused,
+        DecodeError,
+        Rejected,
+        StartAdapterGone,
+    ],
 )
 def test_every_error_is_a_lorafleet_error(error: type[Exception]) -> None:
     assert issubclass(error, LorafleetError)
