@@ -3,7 +3,7 @@
 * **centralized** (the ceiling): one device holding the pooled rows of every device of the benchmark's
   fleet, FedLoRA's LoRA (every block, full rank), for as many rounds of ``training.local_epochs`` as
   FedLoRA ran: every row takes the same number of gradient steps as under FedLoRA, with no
-  heterogeneity and no averaging.
+  heterogeneity and no averaging; the ceiling is its best evaluated round.
 * **local-only** (the floor): each device alone on its own rows, the same steps (FedLoRA's rounds x
   local epochs, as one round), evaluated on the same evaluation rows; the row gives the mean over the
   devices (and the spread): what a device gets without federating. With ``local_devices`` a seeded
@@ -135,9 +135,9 @@ def bounds_table(references: dict[str, dict[str, Any]], federated: dict[str, dic
     local = references.get("local_only")
     if central:
         lines.append(
-            f"| centralized (ceiling) | {central['final_accuracy']:.4f} | {central['rows']} pooled rows, one "
-            f"device, every block, {central['steps_per_row']} passes over each row (best "
-            f"{central['best_accuracy']:.4f}) |"
+            f"| centralized (ceiling) | {_ceiling(central):.4f} | {central['rows']} pooled rows, one device, "
+            f"every block, {central['steps_per_row']} passes over each row; its best round (final "
+            f"{central['final_accuracy']:.4f}) |"
         )
     if local:
         n = len(local["device_accuracies"])
@@ -151,7 +151,7 @@ def bounds_table(references: dict[str, dict[str, Any]], federated: dict[str, dic
     if federated and central and local:
         name, row = max(federated.items(), key=lambda kv: kv[1]["accuracy_at_budget"])
         acc = row["accuracy_at_budget"]
-        low, high = local["final_accuracy"], central["final_accuracy"]
+        low, high = local["final_accuracy"], _ceiling(central)
         where = (
             "within the bounds"
             if low <= acc <= high
@@ -159,8 +159,16 @@ def bounds_table(references: dict[str, dict[str, Any]], federated: dict[str, dic
         )
         share = (
             f", {(acc - low) / (high - low):.0%} of the way from the floor to the ceiling"
-            if high > low
+            if low <= acc <= high and high > low
             else ""
         )
         lines.append(f"\nBest federated at the budget: {name} {acc:.4f}, {where}{share}.")
     return "\n".join(lines)
+
+
+def _ceiling(central: dict[str, Any]) -> float:
+    """The centralized run's best evaluated round: with the same steps, centralized training that keeps
+    its best epoch (its final one can be past it: 12 AdamW epochs over SST-2's pooled rows ended 6.4
+    points below their best)."""
+    best = central.get("best_accuracy")
+    return float(central["final_accuracy"] if best is None else best)

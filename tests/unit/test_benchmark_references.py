@@ -101,3 +101,8 @@ def test_the_bounds_table_says_where_the_best_federated_row_sits() -> None:
     assert "above the ceiling" in above
     assert "below the floor" in bounds_table(refs, {"fedlora": {"accuracy_at_budget": 0.2}})
     assert bounds_table({}, {"fedlora": {"accuracy_at_budget": 0.2}}) == ""
+    # the ceiling is the centralized run's best round, not its last (which can be past its best)
+    past = refs | {"centralized": refs["centralized"] | {"final_accuracy": 0.6}}
+    table = bounds_table(past, {"fedlora": {"accuracy_at_budget": 0.7}})
+    assert "| centralized (ceiling) | 0.8000 |" in table and "final 0.6000" in table
+    assert "within the bounds, 75% of the way" in table
