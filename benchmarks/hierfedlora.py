@@ -159,6 +159,7 @@ def add_references(args: argparse.Namespace, console: Console) -> None:
         entry["references"] = reference_rows(
             base, int(setup.fedlora_rounds), runs, resume=True, local_devices=args.local_devices
         )
+        entry["references_command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         console.print(f"{entry['dataset']}, alpha {entry['alpha']}: " + _bounds_line(entry["references"]))
     args.kept, args.started = [], time.perf_counter() - float(result.get("wall_s", 0.0))
     args.cost_model = result.get("cost_model")
@@ -432,9 +433,12 @@ def write_results(
             + markdown_table(run["strategies"], "fedlora")
             + "\n\n"
             + best_table(run)
-            + "\n\n"
-            + bounds_table(run.get("references", {}), run["strategies"])
             + "\n"
+            + "".join(
+                "\n" + table + "\n"
+                for table in [bounds_table(run.get("references", {}), run["strategies"])]
+                if table
+            )
         )
     text = "\n".join(parts)
     (args.out / f"{stem(args)}.md").write_text(text, encoding="utf-8")

@@ -156,6 +156,7 @@ def add_references(args: argparse.Namespace, console: Console) -> None:
         partial=bool(result["partial"]),
         references=references,
         command=result["command"],  # the command that measured the federated rows
+        references_command="python " + " ".join(shlex.quote(a) for a in sys.argv),
     )
 
 
@@ -170,6 +171,7 @@ def write_results(
     partial: bool,
     references: dict[str, dict[str, Any]],
     command: str | None = None,
+    references_command: str | None = None,
 ) -> str:
     """Write JSON, markdown and PNG (after every strategy, so an interrupted run keeps what it did)."""
     command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -190,7 +192,7 @@ def write_results(
         "wall_s": time.perf_counter() - started,
         "strategies": rows,
         "references": references,
-    }
+    } | ({"references_command": references_command} if references_command else {})
     write_json(args.out / f"legend{suffix}.json", result)
     table = markdown_table(rows, "fedlora")
     (args.out / f"legend{suffix}.md").write_text(
