@@ -704,7 +704,7 @@ def restore_command(
 
     For a store whose services may not do it themselves (Redis ACL users kept to their own keys):
     run it as a user that may write every key of the run (lf-admin), then start the services again.
-    A run the store still holds is left alone (restoring it would roll it back) unless ``--force``.
+    A run the store still holds is left alone (restoring it would roll it back) unless --force.
     """
     _reach(state=state)
     from lorafleet.app.connections import open_state
