@@ -39,7 +39,7 @@ from benchmarks.harness import (  # noqa: E402
     write_json,
 )
 from benchmarks.legend import pin_cost_model  # noqa: E402
-from benchmarks.references import bounds_table, reference_rows  # noqa: E402
+from benchmarks.references import add_skip_option, bounds_table, reference_rows  # noqa: E402
 from schemas.config import merge_overrides  # noqa: E402
 
 #: benchmark row -> (strategy, configuration overrides)
@@ -334,12 +334,7 @@ def main() -> None:
         "--resume", action="store_true", help="reuse finished runs whose configuration is unchanged"
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--no-references",
-        dest="references",
-        action="store_false",
-        help="skip the centralized (ceiling) and local-only (floor) rows",
-    )
+    add_skip_option(parser)
     parser.add_argument(
         "--local-devices",
         type=int,

@@ -34,7 +34,7 @@ from benchmarks.harness import (  # noqa: E402
     summarise,
     write_json,
 )
-from benchmarks.references import bounds_table, reference_rows  # noqa: E402
+from benchmarks.references import add_skip_option, bounds_table, reference_rows  # noqa: E402
 
 STRATEGIES = ["fedlora", "legend", "legend_uniform_rank", "legend_fixed_depth", "hetlora", "fedra"]
 
@@ -85,12 +85,7 @@ def main() -> None:
     parser.add_argument("--no-cache", action="store_true", help="workers do not use the activation cache")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--no-references",
-        dest="references",
-        action="store_false",
-        help="skip the centralized (ceiling) and local-only (floor) rows",
-    )
+    add_skip_option(parser)
     parser.add_argument(
         "--add-references",
         action="store_true",

@@ -16,6 +16,7 @@ partition, so the reference sees exactly the rows the federated devices held.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -29,6 +30,16 @@ from schemas.config import merge_overrides, parse_run_config
 
 #: the reference rows' names, in table order (ceiling first)
 REFERENCES = ("centralized", "local_only")
+
+
+def add_skip_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-references`` (``args.references`` False): a benchmark run without the reference rows."""
+    parser.add_argument(
+        "--no-references",
+        dest="references",
+        action="store_false",
+        help="skip the centralized (ceiling) and local-only (floor) rows",
+    )
 
 
 def write_rows(path: Path, rows: TextDataset, names: list[str]) -> Path:

@@ -184,13 +184,7 @@ def test_a_lost_run_is_restored_by_an_operator_not_by_a_service_user(
             restore(aggregator, snapshot, tmp_path)
         assert admin.get_run_fields(cleanup) == {}
         # Then `lorafleet restore`, as a user that may write every key, puts the run back
-        done = subprocess.run(
-            [sys.executable, "-m", "lorafleet", "restore", cleanup, "--out", str(tmp_path)]
-            + ["--state", redis_url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = _restore_command(cleanup, tmp_path, redis_url)
         assert done.returncode == 0, done.stderr
         assert f"{cleanup}: restored from its snapshot after round 1" in done.stdout
         fields = admin.get_run_fields(cleanup)
@@ -198,13 +192,7 @@ def test_a_lost_run_is_restored_by_an_operator_not_by_a_service_user(
         assert admin.get_counters(cleanup)["state_restored"] == 1
         # ... and, the run back in the store and going on, a second restore refuses to roll it back
         admin.put_run_field(cleanup, "status", "finished")
-        again = subprocess.run(
-            [sys.executable, "-m", "lorafleet", "restore", cleanup, "--out", str(tmp_path)]
-            + ["--state", redis_url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        again = _restore_command(cleanup, tmp_path, redis_url)
         assert again.returncode == 1
         assert f"run {cleanup!r} is still in the state store" in again.stderr and "--force" in again.stderr
         assert admin.get_run_fields(cleanup)["status"] == "finished"
@@ -212,6 +200,16 @@ def test_a_lost_run_is_restored_by_an_operator_not_by_a_service_user(
     finally:
         for store in (orchestrator, aggregator, admin):
             store.close()
+
+
+def _restore_command(run_id: str, out: Path, url: str) -> subprocess.CompletedProcess[str]:
+    """``lorafleet restore RUN_ID --out OUT --state URL`` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet", "restore", run_id, "--out", str(out), "--state", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 # --------------------------------------------------------------------------- and no more
