@@ -40,6 +40,7 @@ from lorafleet.run.recovery import (
     write_snapshot,
 )
 from lorafleet.run.report import build_report, write_report
+from lorafleet.run.retention import expire_finished_run
 from lorafleet.run.start_adapter import StartAdapterGone, start_adapter
 from lorafleet.security.signing import verify
 from lorafleet.state.base import StateStore
@@ -658,9 +659,6 @@ class AggregatorService:
             write_report(report, self.out_dir)
             if (self.out_dir / "adapter").is_dir():
                 write_model_card(self.out_dir / "adapter", report)
-        try:
-            self.state.expire_run(self.run_id, self.config.state.retention_s)  # the last writer of the run
-        except StateStoreError as exc:  # a Redis ACL without SCAN/PEXPIRE for this service
-            log.warning("aggregator: cannot set the run's retention: %s", exc)
+        expire_finished_run(self.state, self.run_id, self.config.state.retention_s, "aggregator")
         self.finished = True
         log.info("aggregator: run finished; final adapter is round %d", final_round)

@@ -22,6 +22,7 @@ from lorafleet.run.progress import RunReporter
 from lorafleet.run.recovery import WAIT_S as RESTORE_WAIT_S
 from lorafleet.run.recovery import restore_at_start, state_changed, wait_restored
 from lorafleet.run.report import build_report, write_report
+from lorafleet.run.retention import expire_finished_run
 from lorafleet.run.start_adapter import start_adapter
 from lorafleet.run.stopping import stop_requested
 from lorafleet.state.base import StateStore
@@ -589,5 +590,6 @@ class OrchestratorService:
         self.report = build_report(self.config, self.state)
         if self.out_dir is not None:
             write_report(self.report, self.out_dir)
+        expire_finished_run(self.state, self.run_id, self.config.state.retention_s, "orchestrator")
         self.phase = "finished"
         self.reporter.finished(reason, final_round, accuracy, wall)

@@ -902,14 +902,22 @@ class RedisStateStore:
 
     @_translated
     def expire_run(self, run_id: str, ttl_s: float) -> None:
-        """PEXPIRE every key of the run (SCAN, pipelined); 0 or less deletes them."""
+        """PEXPIRE every key of the run this user may write, pipelined; 0 or less deletes them all.
+
+        The keys are listed from the run's round indexes, not by SCAN, which the services' ACL users
+        may not send. Under those users each service may write only its part of the run: a key
+        refused (NOPERM) is the other service's, which sets it when it finishes (each calls this).
+        """
         if ttl_s <= 0:
             self.delete_run(run_id)
             return
+        names = self._listed_keys(run_id)
         pipe = self._r.pipeline(transaction=False)
-        for name in self._run_keys(run_id):
+        for name in names:
             pipe.pexpire(name, int(ttl_s * 1000))
-        pipe.execute()
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception) and not isinstance(result, redis.exceptions.NoPermissionError):
+                raise result
 
     @_translated
     def list_runs(self) -> list[str]:

@@ -161,6 +161,10 @@ def test_each_service_runs_its_part_of_the_state_store(
     try:
         listed = {name for name, _, _ in json.loads(admin.export_run(cleanup))["keys"]}
         assert listed == {name.decode() for name in admin._run_keys(cleanup)}
+        # and the finished run expires after state.retention_s: each service set the keys it may write
+        retention_ms = config.state.retention_s * 1000
+        ttls = {name: admin._r.pttl(name) for name in sorted(listed)}
+        assert all(retention_ms - 600_000 < ttl <= retention_ms for ttl in ttls.values()), ttls
     finally:
         admin.close()
 
@@ -418,6 +422,7 @@ def test_no_service_user_administers_enumerates_or_scripts(private_redis: int, r
         ("UNLINK", meta),
         ("RENAME", meta, f"lf:{{{run_id}}}:x"),
         ("EXPIRE", meta, "1"),
+        ("PEXPIRE", "not-lorafleet", "1000"),
         ("HSET", f"lf:{{{run_id}}}:unknown", "a", "b"),
     ]
     for service in SERVICES:
