@@ -12,6 +12,13 @@ A turn is an exclusive ``flock`` on one of ``count`` files in a directory the wo
 drops the lock when its holder exits, however it exits, so a killed worker never keeps a turn.
 A worker waiting for a turn polls the files; turns are not handed out in order of arrival (each task is
 trained from its own seed, so the order changes no result).
+
+A stopped holder (SIGSTOP, a suspended terminal job, a debugger) keeps its lock but uses no core: its
+turn is lent. The holder writes its pid and start time into the turn's file; a worker that finds every
+turn taken and one holder stopped (``/proc/PID/stat`` state ``T`` or ``t``, the same start time, so a
+reused pid or another pid namespace never matches) trains in its place, holding the turn's second lock
+(``turn-N.lent.lock``) so that one worker at a time does. When the holder continues, one more than
+``count`` may train until the borrower's task ends.
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ class HostTurns:
     def path(self, index: int) -> Path:
         return self.directory / f"turn-{index}.lock"
 
+    def lent_path(self, index: int) -> Path:
+        """The lock of a worker training in the place of turn ``index``'s stopped holder."""
+        return self.directory / f"turn-{index}.lent.lock"
+
     @contextlib.contextmanager
     def turn(self) -> Iterator[int]:
         """Hold a free turn (waiting for one) until the block ends; yields its index. Threads of one
@@ -74,15 +85,59 @@ class HostTurns:
         waited = time.monotonic()
         while True:
             for index in range(self.count):
-                fd = os.open(self.path(index), os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
+                fd = _locked(self.path(index))
+                if fd is not None:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()} {_start_time(os.getpid())}".encode(), 0)
+                    log.debug("took turn %d after %.2f s", index, time.monotonic() - waited)
+                    return fd, index
+            for index in range(self.count):
+                pid = _stopped_holder(self.path(index))
+                if pid is None:
                     continue
-                log.debug("took turn %d after %.2f s", index, time.monotonic() - waited)
-                return fd, index
+                fd = _locked(self.lent_path(index))
+                if fd is not None:
+                    log.warning("turn %d: its holder (pid %d) is stopped; training in its place", index, pid)
+                    return fd, index
             time.sleep(self.poll_s)
+
+
+def _locked(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its exclusive lock, or None while another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), None if unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[-1].split()
+
+
+def _start_time(pid: int) -> str:
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else "?"  # stat field 22, in clock ticks
+
+
+def _stopped_holder(path: Path) -> int | None:
+    """The pid of the holder written into the turn's file when that process is stopped, else None."""
+    try:
+        pid_text, started = path.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    fields = _proc_stat(pid)
+    if not fields or len(fields) <= 19 or fields[19] != started or started == "?":
+        return None
+    return pid if fields[0] in ("T", "t") else None
 
 
 class TakingTurns:

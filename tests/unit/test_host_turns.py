@@ -104,6 +104,64 @@ def test_a_killed_worker_gives_its_turn_back(tmp_path: Path) -> None:
     assert took == [0], "the turn of a killed worker was never given back"
 
 
+def test_a_stopped_worker_lends_its_turn_to_one_waiting_worker_at_a_time(tmp_path: Path) -> None:
+    turns = HostTurns(tmp_path / "turns", 1)
+    marker = tmp_path / "took"
+    holder = _holder(tmp_path, 1, marker)
+    try:
+        assert _wait_for(marker, 30.0), "the holder never took its turn"
+        holder.send_signal(signal.SIGSTOP)  # it keeps the lock, and uses no core
+        took: list[int] = []
+        entered = threading.Event()
+        release = threading.Event()
+
+        def borrow() -> None:
+            with turns.turn() as index:
+                took.append(index)
+                entered.set()
+                release.wait(30.0)
+
+        first = threading.Thread(target=borrow, daemon=True)
+        first.start()
+        assert entered.wait(5.0), "no worker trained in the place of the stopped one"
+        # while one worker trains in its place, a second waits
+        entered.clear()
+        second = threading.Thread(target=borrow, daemon=True)
+        second.start()
+        assert not entered.wait(0.5), "two workers trained in the place of one stopped worker"
+        release.set()
+        first.join(5.0)
+        assert entered.wait(5.0), "the lent turn was not lent again after the first borrower's task"
+        second.join(5.0)
+        assert took == [0, 0]
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+
+
+def test_a_running_holder_or_a_stale_record_lends_nothing(tmp_path: Path) -> None:
+    turns = HostTurns(tmp_path / "turns", 1)
+    marker = tmp_path / "took"
+    holder = _holder(tmp_path, 1, marker)
+    try:
+        assert _wait_for(marker, 30.0), "the holder never took its turn"
+        pid, started = turns.path(0).read_text().split()
+        assert int(pid) == holder.pid
+        # the same pid with another start time (a reused pid, another namespace): not the holder
+        turns.path(0).write_text(f"{pid} {int(started) + 1}")
+        holder.send_signal(signal.SIGSTOP)
+        took: list[int] = []
+        waiter = threading.Thread(target=lambda: took.append(turns.turn().__enter__()), daemon=True)
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert took == [], "a worker trained in the place of a holder it could not name"
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+
+
 class _Inner:
     """A trainer that records whether a turn was held while it trained."""
 
