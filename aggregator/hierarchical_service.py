@@ -166,7 +166,7 @@ class HierarchicalAggregator(AggregatorService):
                 for g, rs in sorted(trained.items())
                 if (c := self._group_contribution(g, rs[-1])) is not None
             ]
-            merged = merge_groups(current, contributions, self.config.aggregation_coverage)
+            merged = merge_groups(current, contributions, self.config.coverage)
             self.state.put_global_adapter(self.run_id, global_round, tensors_to_bytes(merged))
         if self.out_dir is not None and self.write_checkpoint is not None:
             self.write_checkpoint(self._global_spec(), merged, checkpoint_dir(self.out_dir, global_round))

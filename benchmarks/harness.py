@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.app.embedded import run_embedded
-from schemas.config import merge_overrides, parse_run_config
+from schemas.config import RunConfig, merge_overrides, parse_run_config
+from schemas.errors import ConfigError
 
 #: three device tiers: 1x, 2.5x and 6x slower than this host, 20/5/1 Mbit/s up and 20/10/2 down
 TIERS: list[dict[str, Any]] = [
@@ -56,13 +57,26 @@ def run_strategy(
     previous = out_dir / strategy / "report.json"
     if resume and previous.exists():
         report: dict[str, Any] = json.loads(previous.read_text(encoding="utf-8"))
-        if _comparable(report.get("config")) == _comparable(config.model_dump(mode="json")):
+        if _comparable(_settled(report.get("config"))) == _comparable(_settled(config)):
             report["bench_wall_s"] = report.get("wall_time_s")
             return report
     started = time.perf_counter()
     report = run_embedded(config, out_dir / strategy, quiet=True)
     report["bench_wall_s"] = time.perf_counter() - started
     return report
+
+
+def _settled(config: RunConfig | dict[str, Any] | None) -> dict[str, Any] | None:
+    """A configuration as JSON with its ``auto`` merge coverage settled: a run recorded before the
+    setting was ``auto`` (0 then) equals a run of today's default that means the same."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        try:
+            config = parse_run_config(config, source="a finished run's report.json")
+        except ConfigError:  # recorded under a schema since changed: not today's run
+            return config
+    return config.model_dump(mode="json") | {"aggregation_coverage": config.coverage}
 
 
 def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:

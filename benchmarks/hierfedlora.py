@@ -6,11 +6,14 @@ shards and seeds. FedLoRA runs first, for ``--fedlora-rounds`` rounds: its final
 run's target and its virtual time the budget; every other strategy runs until that budget.
 ``hierfedlora`` is HierFedLoRA-style as configured by default (``hier.within_group: uniform``, one
 depth per group); ``hierfedlora_legend`` adds LEGEND-style depths within groups (``legend``), the
-combination; the ablations vary one thing from the ``hierfedlora`` row. Every pair's table also
-has the reference rows (benchmarks/references.py): centralized LoRA on the pooled rows (the ceiling)
-and each device alone (the floor). Results: benchmarks/results/NAME.{json,md,png} (``--name``,
-default ``hierfedlora``); each file's command says how it was made: ``hierfedlora`` is 21 devices,
-``hierfedlora-80`` the paper's scale (80 devices, ``hier.groups: auto``).
+combination; ``hierfedlora_contributor_only`` is the ``hierfedlora`` row merged with
+``aggregation_coverage: 0`` (the default, ``auto``, is 1 for hierarchical strategies) and
+``legend_coverage`` the ``legend`` row with 1; the ablations vary one thing from the ``hierfedlora``
+row. Every pair's table also has the reference rows (benchmarks/references.py): centralized LoRA on
+the pooled rows (the ceiling) and each device alone (the floor). Results:
+benchmarks/results/NAME.{json,md,png} (``--name``, default ``hierfedlora``); each file's command says
+how it was made: ``hierfedlora`` is 21 devices, ``hierfedlora-80`` the paper's scale (80 devices,
+``hier.groups: auto``).
 
     python benchmarks/hierfedlora.py --quick      # tiny model, synthetic data: a smoke run
     python benchmarks/hierfedlora.py --add-references   # the reference rows for a committed JSON
@@ -48,6 +51,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "legend": ("legend", {}),
     "hierfedlora": ("hierfedlora", {"hier": {"within_group": "uniform"}}),
     "hierfedlora_legend": ("hierfedlora", {"hier": {"within_group": "legend"}}),
+    # the hierfedlora row merged contributor-only (aggregation_coverage 0, the default before it was
+    # auto): how the committed tables up to 2026-12-04 measured every hierarchical row
+    "hierfedlora_contributor_only": (
+        "hierfedlora",
+        {"hier": {"within_group": "uniform"}, "aggregation_coverage": 0.0},
+    ),
+    # flat LEGEND-style with the coverage-weighted merge the hierarchical rows have by default: is a
+    # hierarchical row's lead the hierarchy's or the merge's?
+    "legend_coverage": ("legend", {"aggregation_coverage": 1.0}),
     "hier_no_grouping": ("hier_no_grouping", {}),
     "hier_fixed_frequency": ("hier_fixed_frequency", {}),
     "hier_fixed_depth": ("hier_fixed_depth", {}),

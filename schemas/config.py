@@ -468,9 +468,9 @@ class RunConfig(_Section):
     aggregation: Annotated[AggregationName, Field(strict=False)] = AggregationName.AUTO
     # rank_wise only: a block (a rank index) trained by devices holding a share s of the merge's
     # samples moves s ** aggregation_coverage of the way to their mean (aggregator/merge/rankwise.py);
-    # 0 (the default): the whole way (contributor-only averaging); 1: as in FedAvg where devices that
-    # did not train it send it back unchanged
-    aggregation_coverage: Annotated[float, Field(ge=0.0, le=4.0)] = 0.0
+    # 0: the whole way (contributor-only averaging); 1: as in FedAvg where devices that did not train
+    # it send it back unchanged; auto (the default): see RunConfig.coverage
+    aggregation_coverage: Annotated[float, Field(ge=0.0, le=4.0)] | Literal["auto"] = "auto"
     activation_cache: bool = (
         True  # workers reuse frozen-prefix activations (and the virtual clock counts that)
     )
@@ -517,7 +517,7 @@ class RunConfig(_Section):
                 "model.task causal_lm trains on prompt/response rows: data.dataset jsonl, or synthetic or "
                 f"sst2 asked as questions, not {self.data.dataset}"
             )
-        if self.aggregation_coverage and (
+        if self.aggregation_coverage not in ("auto", 0.0) and (
             self.merge_rule is not AggregationName.RANK_WISE or self.robust.method != "none"
         ):
             rule = (
@@ -554,6 +554,19 @@ class RunConfig(_Section):
         if self.aggregation is not AggregationName.AUTO:
             return self.aggregation
         return default_aggregation(self.strategy)
+
+    @property
+    def coverage(self) -> float:
+        """The ``aggregation_coverage`` in force. ``auto``: 1 for the hierarchical strategies with the
+        plain rank-wise merge, 0 otherwise. A block that only some groups trained (the deeper ones, by
+        the groups planned deeper) then moves their share of the samples of the way, not all of it:
+        with 0, one skewed group alone set those blocks every global round, and an unclipped run
+        collapsed (``benchmarks/results/coverage.md``). Flat strategies average over many devices a
+        round and keep 0 (``benchmarks/results/legend.md`` was measured so)."""
+        if self.aggregation_coverage != "auto":
+            return float(self.aggregation_coverage)
+        plain = self.merge_rule is AggregationName.RANK_WISE and self.robust.method == "none"
+        return 1.0 if self.hierarchical and plain else 0.0
 
     def deployed(self, *, distributed: bool) -> RunConfig:
         """This configuration as a deployment runs it: ``security.require_signatures`` settled (unset:

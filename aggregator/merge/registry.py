@@ -36,6 +36,6 @@ def merge(config: RunConfig, current: Tensors, updates: Iterable[WeightedUpdate]
         updates = (clip_update(current, update, clip_norm) for update in updates)
     if robust.method != "none":
         return aggregate_robust(current, list(updates), method=robust.method, trim=robust.trim)
-    if config.aggregation_coverage:  # rank_wise only (RunConfig checks)
-        return aggregate(current, updates, coverage=config.aggregation_coverage)
+    if config.coverage:  # rank_wise only (RunConfig checks)
+        return aggregate(current, updates, coverage=config.coverage)
     return MERGES[config.merge_rule](current, updates)

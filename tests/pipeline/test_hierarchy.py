@@ -74,7 +74,7 @@ def expected_from_plan(config: RunConfig, report: dict[str, Any]) -> dict[str, n
     round; the global merge takes, per tensor, the mean over the groups that trained it weighted by
     their samples, and moves (their samples / every contributing group's) ** aggregation_coverage of
     the way there."""
-    coverage = config.aggregation_coverage
+    coverage = config.coverage
     current = {
         k: v.numpy().astype(np.float64) for k, v in initial_adapter(global_spec(config, NUM_BLOCKS)).items()
     }
@@ -462,9 +462,13 @@ def test_a_hierarchical_run_the_store_lost_gets_it_back_from_the_snapshot(
     check_exact_adapter(state, config, report, 3)
 
 
-def test_the_global_merge_applies_aggregation_coverage(run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Given aggregation_coverage 1, and the global merge watched
-    config = hier_config(run_id, rounds=3).model_copy(update={"aggregation_coverage": 1.0})
+@pytest.mark.parametrize(("setting", "coverage"), [("auto", 1.0), (0.0, 0.0), (2.0, 2.0)])
+def test_the_global_merge_applies_aggregation_coverage(
+    run_id: str, monkeypatch: pytest.MonkeyPatch, setting: float | str, coverage: float
+) -> None:
+    # Given aggregation_coverage (auto, the default: 1 for a hierarchical run), and the global merge watched
+    config = hier_config(run_id, rounds=3).model_copy(update={"aggregation_coverage": setting})
+    assert hier_config(run_id, rounds=3).aggregation_coverage == "auto"
     seen: list[float] = []
 
     def watched(current: Any, groups: Any, coverage: float = 0.0) -> Any:
@@ -478,7 +482,7 @@ def test_the_global_merge_applies_aggregation_coverage(run_id: str, monkeypatch:
     pipeline.drive()
     report = build_report(config, state)
     # Then every global merge got the setting, and the adapter is the independent computation with it
-    assert seen == [1.0] * 3
+    assert seen == [coverage] * 3
     got = tensors_from_bytes(state.get_global_adapter(run_id)[1])  # type: ignore[index]
     for key, value in expected_from_plan(config, report).items():
         np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-5, err_msg=key)

@@ -319,6 +319,22 @@ def test_eval_data_names_the_aggregators_evaluation_file() -> None:
     ],
 )
 def test_aggregation_coverage_needs_the_rank_wise_merge(extra: dict[str, Any], named: str) -> None:
-    assert parse_run_config({"aggregation_coverage": 1.0}).aggregation_coverage == 1.0
+    assert parse_run_config({"aggregation_coverage": 1.0}).coverage == 1.0
     with pytest.raises(ConfigError, match=f"aggregation_coverage applies to the rank_wise merge, {named}"):
         parse_run_config({"aggregation_coverage": 1.0, **extra})
+    # auto under another merge is no error: it means 0 there, for a hierarchical strategy too
+    assert parse_run_config({"strategy": "hierfedlora", **extra}).coverage == 0.0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "coverage"),
+    [("fedlora", 0.0), ("legend", 0.0), ("hierfedlora", 1.0), ("hier_fixed_depth", 1.0)],
+)
+def test_aggregation_coverage_is_auto_by_default_one_for_the_hierarchical_strategies(
+    strategy: str, coverage: float
+) -> None:
+    config = parse_run_config({"strategy": strategy})
+    assert config.aggregation_coverage == "auto" and config.coverage == coverage
+    # a set value wins, 0 included
+    assert parse_run_config({"strategy": strategy, "aggregation_coverage": 0}).coverage == 0.0
+    assert parse_run_config({"strategy": strategy, "aggregation_coverage": 0.5}).coverage == 0.5
