@@ -8,7 +8,8 @@ run's target and its virtual time the budget; every other strategy runs until th
 depth per group); ``hierfedlora_legend`` adds LEGEND-style depths within groups (``legend``), the
 combination; ``hierfedlora_contributor_only`` is the ``hierfedlora`` row merged with
 ``aggregation_coverage: 0`` (the default, ``auto``, is 1 for hierarchical strategies) and
-``legend_coverage`` the ``legend`` row with 1; the ablations vary one thing from the ``hierfedlora``
+``legend_coverage`` the ``legend`` row with 1, ``hierfedlora_unclipped`` the ``hierfedlora`` row
+without ``--max-grad-norm``; the ablations vary one thing from the ``hierfedlora``
 row. Every pair's table also has the reference rows (benchmarks/references.py): centralized LoRA on
 the pooled rows (the ceiling) and each device alone (the floor). Results:
 benchmarks/results/NAME.{json,md,png} (``--name``, default ``hierfedlora``); each file's command says
@@ -56,6 +57,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hierfedlora_contributor_only": (
         "hierfedlora",
         {"hier": {"within_group": "uniform"}, "aggregation_coverage": 0.0},
+    ),
+    # the hierfedlora row without the benchmark's gradient clipping: stable without it?
+    "hierfedlora_unclipped": (
+        "hierfedlora",
+        {"hier": {"within_group": "uniform"}, "training": {"max_grad_norm": None}},
     ),
     # flat LEGEND-style with the coverage-weighted merge the hierarchical rows have by default: is a
     # hierarchical row's lead the hierarchy's or the merge's?
