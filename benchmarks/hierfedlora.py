@@ -84,6 +84,7 @@ def base_config(args: argparse.Namespace, dataset: str, alpha: float) -> dict[st
             "partition": "dirichlet",
             "alpha": alpha,
         },
+        "aggregation_coverage": args.coverage,
         "lora": {"rank": 8, "target_modules": ["query", "value"]},
         "legend": {"top_ranks": [4, 8]},
         # the ablations vary one thing from the hierfedlora row (one depth per group, the
@@ -336,6 +337,13 @@ def main() -> None:
         type=lambda v: v if v == "auto" else int(v),
         default="auto",
         help="hier.groups: a count, or auto (the most near-IID groups, the configuration's default)",
+    )
+    parser.add_argument(
+        "--coverage",
+        type=lambda v: v if v == "auto" else float(v),
+        default="auto",
+        help="aggregation_coverage of every row (auto, the configuration's default: 1 for the hierarchical "
+        "strategies, 0 for the flat ones; 0 is how the tables before 2026-12-04 measured)",
     )
     parser.add_argument(
         "--name", default="hierfedlora", help="the results' file name (benchmarks/results/NAME.{json,md,png})"
