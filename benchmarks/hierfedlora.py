@@ -454,6 +454,8 @@ def write_results(
             + markdown_table(run["strategies"], "fedlora")
             + "\n\n"
             + best_table(run)
+            + "\n\n"
+            + held_table(run)
             + "\n"
             + "".join(
                 "\n" + table + "\n"
@@ -490,6 +492,37 @@ def best_table(run: dict[str, Any]) -> str:
         speed_text = "n/a" if speed is None else f"{speed:.2f}x"
         mb_text = "n/a" if b is None else f"{b / 1e6:.1f}"
         lines.append(f"| {name} | {t_text} | {speed_text} | {mb_text} |")
+    return "\n".join(lines)
+
+
+def held_from(curve: list[list[float]], target: float) -> float | None:
+    """The virtual time of the first evaluation from which every later one is at or above ``target``
+    (None if the last is below it). Near chance a first crossing can be one lucky evaluation; this
+    is when a strategy got there for good."""
+    held = None
+    for t, accuracy in curve:
+        if accuracy < target:
+            held = None
+        elif held is None:
+            held = t
+    return held
+
+
+def held_table(run: dict[str, Any]) -> str:
+    """Virtual time from which each strategy stays at or above the target, and its speedup."""
+    target = run["target"]
+    base = held_from(run["strategies"]["fedlora"]["curve"], target)
+    lines = [
+        f"At or above the target ({target:.4f}) from then on:",
+        "",
+        "| strategy | virtual s | speedup |",
+        "|---|---|---|",
+    ]
+    for name, row in run["strategies"].items():
+        t = held_from(row["curve"], target)
+        t_text = "n/a" if t is None else f"{t:.1f}"
+        speed_text = f"{base / t:.2f}x" if t and base else "n/a"
+        lines.append(f"| {name} | {t_text} | {speed_text} |")
     return "\n".join(lines)
 
 

@@ -114,3 +114,13 @@ def test_reference_rows_from_one_process_join_the_rows_of_the_others() -> None:
         assert entry["references"] == {"centralized": {"final_accuracy": 0.5}}
         assert list(entry["strategies"]) == ["fedlora", "legend"]
         assert "--no-references" not in entry["command"] and "--no-references" not in merged["command"]
+
+
+def test_held_from_is_when_a_curve_stays_at_or_above_the_target() -> None:
+    from benchmarks.hierfedlora import held_from
+
+    curve = [[1.0, 0.10], [2.0, 0.08], [3.0, 0.12], [4.0, 0.10], [5.0, 0.30]]
+    assert held_from(curve, 0.10) == 3.0  # the crossing at 1.0 fell back below
+    assert held_from(curve, 0.05) == 1.0
+    assert held_from(curve, 0.31) is None
+    assert held_from([[1.0, 0.2], [2.0, 0.05]], 0.1) is None  # ended below it
