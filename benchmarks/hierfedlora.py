@@ -545,6 +545,7 @@ def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
                 marker="o",
                 markersize=2,
                 label=name,
+                color=f"C{list(VARIANTS).index(name) % 10}",  # one colour per strategy in every panel
             )
         ax.axhline(run["target"], color="grey", linestyle="--", linewidth=1)
         ax.axvline(run["budget_virtual_s"], color="grey", linestyle=":", linewidth=1)

@@ -1,6 +1,6 @@
 """Copies of the processes' result files with rows renamed to what they ran under today's defaults.
 
-    python benchmarks/results/hierfedlora-80-inputs/rename.py FILE... (prints the copies' paths)
+python benchmarks/results/hierfedlora-80-inputs/rename.py FILE... (prints the copies' paths)
 """
 
 import json
