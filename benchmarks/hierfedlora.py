@@ -483,16 +483,16 @@ def best_table(run: dict[str, Any]) -> str:
     ]
     for name, row in run["strategies"].items():
         t, b = row.get("time_to_fedlora_best_virtual_s"), row.get("bytes_to_fedlora_best")
-        speed = (
-            base.get("time_to_fedlora_best_virtual_s") / t
-            if t and base.get("time_to_fedlora_best_virtual_s")
-            else None
-        )
-        t_text = "n/a" if t is None else f"{t:.1f}"
-        speed_text = "n/a" if speed is None else f"{speed:.2f}x"
+        t_text, speed_text = _time_cells(t, base.get("time_to_fedlora_best_virtual_s"))
         mb_text = "n/a" if b is None else f"{b / 1e6:.1f}"
         lines.append(f"| {name} | {t_text} | {speed_text} | {mb_text} |")
     return "\n".join(lines)
+
+
+def _time_cells(t: float | None, fedlora_t: float | None) -> tuple[str, str]:
+    """A row's virtual seconds and its speedup over FedLoRA's (``n/a`` where either is missing)."""
+    t_text = "n/a" if t is None else f"{t:.1f}"
+    return t_text, f"{fedlora_t / t:.2f}x" if t and fedlora_t else "n/a"
 
 
 def held_from(curve: list[list[float]], target: float) -> float | None:
@@ -519,9 +519,7 @@ def held_table(run: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for name, row in run["strategies"].items():
-        t = held_from(row["curve"], target)
-        t_text = "n/a" if t is None else f"{t:.1f}"
-        speed_text = f"{base / t:.2f}x" if t and base else "n/a"
+        t_text, speed_text = _time_cells(held_from(row["curve"], target), base)
         lines.append(f"| {name} | {t_text} | {speed_text} |")
     return "\n".join(lines)
 

@@ -232,9 +232,10 @@ class StateStore(Protocol):
         ...
 
     def expire_run(self, run_id: str, ttl_s: float) -> None:
-        """Let every record of a run expire ``ttl_s`` seconds from now (0 or less: now); a record
-        written after the call does not expire. The in-memory twin, which lives as long as its
-        process, forgets a run at 0 only."""
+        """Let every record of a run that this client may write expire ``ttl_s`` seconds from now (0
+        or less: delete them all now); a record written after the call does not expire. Under the
+        Redis ACL users each service may write only its part (lorafleet/run/retention.py). The
+        in-memory twin, which lives as long as its process, forgets a run at 0 only."""
         ...
 
     def list_runs(self) -> list[str]:

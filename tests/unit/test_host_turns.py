@@ -4,6 +4,7 @@ a killed holder's turn comes back, a worker in its own process gives a task's fr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,20 @@ def _holder(tmp_path: Path, count: int, marker: Path) -> subprocess.Popen[bytes]
     return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path / "turns"), str(count), str(marker)], env=env
     )
+
+
+@contextlib.contextmanager
+def _one_turn_held_by_another_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The only turn of ``tmp_path/turns``, taken by a holder process (continued and killed after)."""
+    marker = tmp_path / "took"
+    holder = _holder(tmp_path, 1, marker)
+    try:
+        assert _wait_for(marker, 30.0), "the holder never took its turn"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
 
 
 def _wait_for(path: Path, timeout_s: float) -> bool:
@@ -106,10 +122,7 @@ def test_a_killed_worker_gives_its_turn_back(tmp_path: Path) -> None:
 
 def test_a_stopped_worker_lends_its_turn_to_one_waiting_worker_at_a_time(tmp_path: Path) -> None:
     turns = HostTurns(tmp_path / "turns", 1)
-    marker = tmp_path / "took"
-    holder = _holder(tmp_path, 1, marker)
-    try:
-        assert _wait_for(marker, 30.0), "the holder never took its turn"
+    with _one_turn_held_by_another_process(tmp_path) as holder:
         holder.send_signal(signal.SIGSTOP)  # it keeps the lock, and uses no core
         took: list[int] = []
         entered = threading.Event()
@@ -134,18 +147,11 @@ def test_a_stopped_worker_lends_its_turn_to_one_waiting_worker_at_a_time(tmp_pat
         assert entered.wait(5.0), "the lent turn was not lent again after the first borrower's task"
         second.join(5.0)
         assert took == [0, 0]
-    finally:
-        holder.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
 
 
-def test_a_running_holder_or_a_stale_record_lends_nothing(tmp_path: Path) -> None:
+def test_a_stale_holder_record_lends_nothing(tmp_path: Path) -> None:
     turns = HostTurns(tmp_path / "turns", 1)
-    marker = tmp_path / "took"
-    holder = _holder(tmp_path, 1, marker)
-    try:
-        assert _wait_for(marker, 30.0), "the holder never took its turn"
+    with _one_turn_held_by_another_process(tmp_path) as holder:
         pid, started = turns.path(0).read_text().split()
         assert int(pid) == holder.pid
         # the same pid with another start time (a reused pid, another namespace): not the holder
@@ -156,10 +162,6 @@ def test_a_running_holder_or_a_stale_record_lends_nothing(tmp_path: Path) -> Non
         waiter.start()
         waiter.join(timeout=1.0)
         assert took == [], "a worker trained in the place of a holder it could not name"
-    finally:
-        holder.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
 
 
 class _Inner:
