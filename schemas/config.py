@@ -184,7 +184,11 @@ class LegendConfig(_Section):
     )
 
 
-MAX_GROUPS = 99  # the most groups a hierarchical run can have (group ids 0..MAX_GROUPS - 1)
+# The limits of a hierarchical run, as its round numbers lay them out (lorafleet/run/round_numbers.py)
+MAX_GROUPS = 100  # the most groups a hierarchical run can have (group ids 0..MAX_GROUPS - 1)
+MAX_INTRA_ROUNDS = 99  # the most intra-group rounds of one group in one global round
+# global round numbers stay below the first intra-group one (global round 1, group 0: 10_000)
+MAX_GLOBAL_ROUNDS = MAX_GROUPS * (MAX_INTRA_ROUNDS + 1) - 1  # 9_999
 
 
 class HierConfig(_Section):
@@ -209,8 +213,8 @@ class HierConfig(_Section):
     max_groups: Annotated[int, Field(ge=1, le=MAX_GROUPS)] = 8  # the most groups `auto` tries
     min_group_size: Annotated[int, Field(ge=1)] = 2  # `auto`: no group smaller than this
     speed_weight: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.1
-    min_frequency: Annotated[int, Field(ge=1, le=99)] = 1
-    max_frequency: Annotated[int, Field(ge=1, le=99)] = 4
+    min_frequency: Annotated[int, Field(ge=1, le=MAX_INTRA_ROUNDS)] = 1
+    max_frequency: Annotated[int, Field(ge=1, le=MAX_INTRA_ROUNDS)] = 4
     skew_frequency: bool = True  # groups more label-skewed than average aggregate once more
     within_group: Literal["uniform", "legend"] = "uniform"
     # warn when a group's labels diverge from the fleet's by more than this KL (fewer groups help):
@@ -218,7 +222,7 @@ class HierConfig(_Section):
     warn_divergence: Annotated[float, Field(gt=0.0)] = 0.075
     depths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] | None = None
     fixed_depth: Annotated[int, Field(ge=1)] = 3  # the hier_fixed_depth ablation
-    fixed_frequency: Annotated[int, Field(ge=1, le=99)] = 2  # the hier_fixed_frequency ablation
+    fixed_frequency: Annotated[int, Field(ge=1, le=MAX_INTRA_ROUNDS)] = 2  # the hier_fixed_frequency ablation
 
     @property
     def most_groups(self) -> int:
@@ -528,10 +532,10 @@ class RunConfig(_Section):
             raise ValueError(f"aggregation_coverage applies to the rank_wise merge, not {rule}")
         if not causal and self.data.dataset == "jsonl":
             raise ValueError("data.dataset jsonl holds prompt/response rows: it needs model.task causal_lm")
-        if self.hierarchical and self.rounds.max_rounds > 99_999:
+        if self.hierarchical and self.rounds.max_rounds > MAX_GLOBAL_ROUNDS:
             raise ValueError(
-                f"rounds.max_rounds ({self.rounds.max_rounds}) exceeds 99999, the most global rounds "
-                "a hierarchical strategy can number"
+                f"rounds.max_rounds ({self.rounds.max_rounds}) exceeds {MAX_GLOBAL_ROUNDS}, the most global "
+                "rounds a hierarchical strategy can number"
             )
         return self
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-INTRA_BASE = 10_000
-MAX_GROUPS = 100
-MAX_STEPS = 99
-MAX_GLOBAL_ROUNDS = 99_999  # intra_round stays within schemas.messages.Round
+from schemas.config import MAX_GLOBAL_ROUNDS, MAX_GROUPS
+from schemas.config import MAX_INTRA_ROUNDS as MAX_STEPS
+
+GROUP_SLOT = MAX_STEPS + 1  # 100: a group's intra-group rounds within one global round
+INTRA_BASE = MAX_GROUPS * GROUP_SLOT  # 10_000: one global round's intra-group numbers
 
 
 class IntraRound(NamedTuple):
@@ -38,7 +39,7 @@ def intra_round(global_round: int, group: int, step: int) -> int:
         raise ValueError(f"group {group} outside 0..{MAX_GROUPS - 1}")
     if not 1 <= step <= MAX_STEPS:
         raise ValueError(f"intra-group round {step} outside 1..{MAX_STEPS}")
-    return global_round * INTRA_BASE + group * 100 + step
+    return global_round * INTRA_BASE + group * GROUP_SLOT + step
 
 
 def parse_round(round_no: int) -> IntraRound | None:
@@ -46,4 +47,4 @@ def parse_round(round_no: int) -> IntraRound | None:
     if round_no < INTRA_BASE:
         return None
     rest = round_no % INTRA_BASE
-    return IntraRound(round_no // INTRA_BASE, rest // 100, rest % 100)
+    return IntraRound(round_no // INTRA_BASE, rest // GROUP_SLOT, rest % GROUP_SLOT)
