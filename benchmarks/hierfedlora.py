@@ -9,9 +9,10 @@ depth per group); ``hierfedlora_legend`` adds LEGEND-style depths within groups 
 combination; ``hierfedlora_contributor_only`` is the ``hierfedlora`` row merged with
 ``aggregation_coverage: 0`` (the default, ``auto``, is 1 for hierarchical strategies) and
 ``legend_coverage`` the ``legend`` row with 1, ``hierfedlora_unclipped`` the ``hierfedlora`` row
-without ``--max-grad-norm``; the ablations vary one thing from the ``hierfedlora``
-row. Every pair's table also has the reference rows (benchmarks/references.py): centralized LoRA on
-the pooled rows (the ceiling) and each device alone (the floor). Results:
+without ``--max-grad-norm`` (``legend_unclipped`` and ``legend_coverage_unclipped`` the flat ones);
+the ablations vary one thing from the ``hierfedlora`` row. Every pair's table also has the reference
+rows (benchmarks/references.py): centralized LoRA on the pooled rows (the ceiling) and each device
+alone (the floor). Results:
 benchmarks/results/NAME.{json,md,png} (``--name``, default ``hierfedlora``); each file's command says
 how it was made: ``hierfedlora`` is 21 devices, ``hierfedlora-80`` the paper's scale (80 devices,
 ``hier.groups: auto``).
@@ -66,6 +67,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # flat LEGEND-style with the coverage-weighted merge the hierarchical rows have by default: is a
     # hierarchical row's lead the hierarchy's or the merge's?
     "legend_coverage": ("legend", {"aggregation_coverage": 1.0}),
+    # the two flat LEGEND-style rows without clipping: beside hierfedlora_unclipped, the comparison
+    # in the regime where the hierarchy needs no clipping
+    "legend_unclipped": ("legend", {"training": {"max_grad_norm": None}}),
+    "legend_coverage_unclipped": (
+        "legend",
+        {"aggregation_coverage": 1.0, "training": {"max_grad_norm": None}},
+    ),
     "hier_no_grouping": ("hier_no_grouping", {}),
     "hier_fixed_frequency": ("hier_fixed_frequency", {}),
     "hier_fixed_depth": ("hier_fixed_depth", {}),
