@@ -482,18 +482,21 @@ def best_table(run: dict[str, Any]) -> str:
     best = run.get("fedlora_best")
     if best is None:
         return ""
-    base = run["strategies"]["fedlora"]
-    lines = [
-        f"FedLoRA's best accuracy {best:.4f}:",
-        "",
-        "| strategy | virtual s to it | speedup | MB to it |",
-        "|---|---|---|---|",
-    ]
+    base = run["strategies"]["fedlora"].get("time_to_fedlora_best_virtual_s")
+    cells = []
     for name, row in run["strategies"].items():
-        t, b = row.get("time_to_fedlora_best_virtual_s"), row.get("bytes_to_fedlora_best")
-        t_text, speed_text = _time_cells(t, base.get("time_to_fedlora_best_virtual_s"))
+        b = row.get("bytes_to_fedlora_best")
         mb_text = "n/a" if b is None else f"{b / 1e6:.1f}"
-        lines.append(f"| {name} | {t_text} | {speed_text} | {mb_text} |")
+        cells.append([name, *_time_cells(row.get("time_to_fedlora_best_virtual_s"), base), mb_text])
+    return _captioned_table(
+        f"FedLoRA's best accuracy {best:.4f}:", ["strategy", "virtual s to it", "speedup", "MB to it"], cells
+    )
+
+
+def _captioned_table(caption: str, columns: list[str], cells: list[list[str]]) -> str:
+    """A caption line, then a Markdown table of ``columns`` with one row per entry of ``cells``."""
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -520,16 +523,12 @@ def held_table(run: dict[str, Any]) -> str:
     """Virtual time from which each strategy stays at or above the target, and its speedup."""
     target = run["target"]
     base = held_from(run["strategies"]["fedlora"]["curve"], target)
-    lines = [
-        f"At or above the target ({target:.4f}) from then on:",
-        "",
-        "| strategy | virtual s | speedup |",
-        "|---|---|---|",
+    cells = [
+        [name, *_time_cells(held_from(row["curve"], target), base)] for name, row in run["strategies"].items()
     ]
-    for name, row in run["strategies"].items():
-        t_text, speed_text = _time_cells(held_from(row["curve"], target), base)
-        lines.append(f"| {name} | {t_text} | {speed_text} |")
-    return "\n".join(lines)
+    return _captioned_table(
+        f"At or above the target ({target:.4f}) from then on:", ["strategy", "virtual s", "speedup"], cells
+    )
 
 
 def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
