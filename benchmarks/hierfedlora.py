@@ -74,6 +74,32 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "legend",
         {"aggregation_coverage": 1.0, "training": {"max_grad_norm": None}},
     ),
+    # the combination (each member as deep as its share of the period allows) without clipping: the
+    # hierarchy's depth is what the flat unclipped rows lead on (mean depth 3.96 against 1.67)
+    "hierfedlora_legend_unclipped": (
+        "hierfedlora",
+        {"hier": {"within_group": "legend"}, "training": {"max_grad_norm": None}},
+    ),
+    # groups of similar speed (speed_weight 1 and 3 against the default 0.1), unclipped: a group
+    # moves at its slowest member's pace, so only speed-similar groups let fast groups aggregate more
+    "hierfedlora_speed1_unclipped": (
+        "hierfedlora",
+        {"hier": {"within_group": "uniform", "speed_weight": 1.0}, "training": {"max_grad_norm": None}},
+    ),
+    "hierfedlora_speed3_unclipped": (
+        "hierfedlora",
+        {"hier": {"within_group": "uniform", "speed_weight": 3.0}, "training": {"max_grad_norm": None}},
+    ),
+    "hierfedlora_speed3": ("hierfedlora", {"hier": {"within_group": "uniform", "speed_weight": 3.0}}),
+    # speed-similar groups planned deeper (the depth utility's decay 0.9 against 0.7), unclipped
+    "hierfedlora_speed3_deep_unclipped": (
+        "hierfedlora",
+        {
+            "hier": {"within_group": "uniform", "speed_weight": 3.0},
+            "legend": {"decay": 0.9},
+            "training": {"max_grad_norm": None},
+        },
+    ),
     "hier_no_grouping": ("hier_no_grouping", {}),
     "hier_fixed_frequency": ("hier_fixed_frequency", {}),
     "hier_fixed_depth": ("hier_fixed_depth", {}),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import pytest
 
-from benchmarks.hierfedlora import VARIANTS, merge_results
+from benchmarks.hierfedlora import VARIANTS, base_config, merge_results
+from schemas.config import merge_overrides, parse_run_config
 
 FLAGS = "--devices 21 --resume --runs runs/r"
 
@@ -124,3 +126,20 @@ def test_held_from_is_when_a_curve_stays_at_or_above_the_target() -> None:
     assert held_from(curve, 0.05) == 1.0
     assert held_from(curve, 0.31) is None
     assert held_from([[1.0, 0.2], [2.0, 0.05]], 0.1) is None  # ended below it
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_is_a_valid_run_configuration(name: str) -> None:
+    """A row's overrides name real fields (a typo would fail only hours into a benchmark)."""
+    args = argparse.Namespace(
+        seed=0, quick=True, threads=1, samples_per_device=10, eval_samples=40, max_seq_len=64,
+        coverage="auto", groups="auto", max_frequency=3, lr=0.5, optimizer="sgd", local_epochs=1,
+        max_grad_norm=1.0, devices=80,
+    )  # fmt: skip
+    strategy, overrides = VARIANTS[name]
+    config = parse_run_config(
+        merge_overrides(base_config(args, "sst2", 0.1), overrides | {"strategy": strategy})
+    )
+    assert config.strategy.value == strategy
+    if "training" in overrides:  # the unclipped rows really are unclipped
+        assert config.training.max_grad_norm is None
