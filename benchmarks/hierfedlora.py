@@ -577,13 +577,16 @@ def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
     for ax, run in zip(axes.ravel(), runs, strict=False):
         for name, row in run["strategies"].items():
+            # one (colour, line style) per strategy in every panel: ten colours, then dashed, dotted
+            index = list(VARIANTS).index(name)
             ax.plot(
                 [p[0] for p in row["curve"]],
                 [p[1] for p in row["curve"]],
                 marker="o",
                 markersize=2,
                 label=name,
-                color=f"C{list(VARIANTS).index(name) % 10}",  # one colour per strategy in every panel
+                color=f"C{index % 10}",
+                linestyle=("-", "--", ":")[index // 10 % 3],
             )
         ax.axhline(run["target"], color="grey", linestyle="--", linewidth=1)
         ax.axvline(run["budget_virtual_s"], color="grey", linestyle=":", linewidth=1)
