@@ -5,15 +5,18 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 
 from orchestrator.planners.grouping import (
     GroupingDevice,
+    auto_group_devices,
     divergence,
     far_from_iid,
     group_devices,
     group_objective,
 )
+from schemas.config import HierConfig
 
 
 def _dev(name: str, hist: list[int], slowdown: float | None = None) -> GroupingDevice:
@@ -180,3 +183,29 @@ def test_by_default_the_group_count_follows_the_devices_alive_each_global_round(
     # ... and when a class's devices leave but one, no split is near-IID: one flat group
     lopsided = ids[:1] + [d for i, d in enumerate(ids) if i % 2 == 1][:1] + [ids[2], ids[4], ids[6]]
     assert len(groups_of(lopsided)) == 1
+
+
+def _mixed_tier_groups(groups: list[list[str]], tier: dict[str, int]) -> int:
+    return sum(len({tier[m] for m in g}) > 1 for g in groups)
+
+
+def test_the_default_speed_weight_keeps_groups_to_one_speed_tier_more_than_the_old_one() -> None:
+    """The configuration's default (3) against the one before it (0.1), on a fleet like the 80-device
+    benchmark's: label-skewed devices (Dirichlet 0.3 over 6 classes, 10 rows) in three speed tiers."""
+    rng = np.random.default_rng(0)
+    devices = [
+        GroupingDevice(
+            f"d{i:02d}",
+            tuple(int(x) for x in rng.multinomial(10, rng.dirichlet([0.3] * 6))),
+            (1.0, 2.5, 6.0)[i % 3] * rng.uniform(0.9, 1.1),
+        )
+        for i in range(48)
+    ]
+    tier = {d.device_id: i % 3 for i, d in enumerate(devices)}
+    mixed = {}
+    for weight in (HierConfig().speed_weight, 0.1):
+        grouping = auto_group_devices(devices, 8, threshold=0.075, speed_weight=weight)
+        assert max(grouping.divergence) <= 0.075  # near-IID either way
+        mixed[weight] = _mixed_tier_groups(grouping.groups, tier)
+    # a group moves at its slowest member's pace: the default mixes tiers in fewer groups
+    assert mixed[HierConfig().speed_weight] < mixed[0.1]
